@@ -1,0 +1,26 @@
+"""Shared fixtures: the real MNIST subset beside the checkout, cut small for speed."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MNIST_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mnist_subset'
+
+
+@pytest.fixture(scope='session')
+def mnist():
+  """The full real subset (22,699 train+val, 10k test), loaded once."""
+  if not MNIST_DIR.is_dir():
+    pytest.skip(f'real MNIST files not found at {MNIST_DIR}')
+  from dropnet_jax.input_pipeline import load_dataset
+  return load_dataset('mnist', str(MNIST_DIR))
+
+
+@pytest.fixture(scope='session')
+def mnist_small(mnist):
+  """2,000 train / 500 val / 1,000 test real MNIST images as DeviceData."""
+  from dropnet_jax.train import DeviceData
+  return DeviceData(mnist.train_images[:2000], mnist.train_labels[:2000].astype(np.int32),
+                    mnist.val_images[:500], mnist.val_labels[:500].astype(np.int32),
+                    mnist.test_images[:1000], mnist.test_labels[:1000].astype(np.int32))
