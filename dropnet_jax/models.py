@@ -2,8 +2,9 @@
 
 Every model takes the node/filter masks as an explicit input of `__call__`
 (a tuple with one float vector per masked layer, 1 = kept, 0 = dropped) and
-returns `(logits, stats)`. `stats` holds, per masked layer, the per-example
-post-activation statistics that scoring needs, so no second "activation model"
+returns `(logits, stats)`; `train=True` switches layers that behave
+differently in training (batch norm) and is ignored by the others. `stats`
+holds, per masked layer, the per-example post-activation statistics that scoring needs, so no second "activation model"
 is ever built:
 
   * `abs_mean[b, u]`: mean |a| of unit u on example b (for conv filters the
@@ -67,7 +68,8 @@ class MLP(nn.Module):
   num_classes: int = 10
 
   @nn.compact
-  def __call__(self, images: jax.Array, masks: Masks):
+  def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
+    del train  # no batch norm or dropout in this model
     x = to_float(images).reshape((images.shape[0], -1))
     stats = []
     for width, mask in zip(self.widths, masks, strict=True):
@@ -87,7 +89,8 @@ class ConvNet(nn.Module):
   num_classes: int = 10
 
   @nn.compact
-  def __call__(self, images: jax.Array, masks: Masks):
+  def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
+    del train  # no batch norm or dropout in this model
     x = to_float(images)
     stats = []
     for width, mask in zip(self.widths, masks, strict=True):
@@ -112,7 +115,8 @@ class ModelC(nn.Module):
   num_classes: int = 10
 
   @nn.compact
-  def __call__(self, images: jax.Array, masks: Masks):
+  def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
+    del train  # no batch norm or dropout in this model
     if len(self.widths) % 2:
       raise ValueError(f'ModelC needs an even number of conv widths (pairs before each pool), got {self.widths}')
     x = to_float(images)
