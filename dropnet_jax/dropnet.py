@@ -106,6 +106,14 @@ def train_cycle(trainer: Trainer, params0, masks: Masks, data: DeviceData, shuff
   """Trains `masks` from θ0 with early stopping and measures the result."""
   start = time.perf_counter()
   state = trainer.fit(trainer.init_fit(params0, masks, shuffle_key), data, on_epoch)
+  return measure_cycle(trainer, state, data, score_from, time.perf_counter() - start)
+
+
+def measure_cycle(trainer: Trainer, state: FitState, data: DeviceData, score_from: str,
+                  seconds_so_far: float = 0.0) -> CycleOutcome:
+  """Evaluates a finished training run; the record of one cycle."""
+  start = time.perf_counter()
+  masks = state.masks
   best, last = state.best_params, state.params
   train = trainer.evaluate(best, masks, data.train_images, data.train_labels)
   val = trainer.evaluate(best, masks, data.val_images, data.val_labels)
@@ -128,7 +136,7 @@ def train_cycle(trainer: Trainer, params0, masks: Masks, data: DeviceData, shuff
       'diverged': bool(state.diverged),
       'mask': mask_to_strings(masks),
   }
-  record['seconds'] = time.perf_counter() - start
+  record['seconds'] = seconds_so_far + time.perf_counter() - start
   return CycleOutcome(state, record, sums)
 
 
@@ -152,47 +160,192 @@ def should_stop(record: dict[str, Any], dense_val_accuracy: float, config: DropN
   return None
 
 
-def run_seed(model, dataset_image_shape, data: DeviceData, seed: int, config: DropNetConfig,
-             trainer: Trainer | None = None,
-             on_record: Callable[[dict[str, Any]], None] | None = None,
-             log: Callable[[str], None] = print, log_epochs: bool = True) -> list[dict[str, Any]]:
-  """All metrics of one seed; returns the records in the order they were made."""
+
+# -- the experiment driver: a resumable loop over seeds x metrics x cycles ----
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where an experiment stands; everything needed to continue it exactly.
+
+  The next unit of work is training `masks` for (seeds[seed_index], metric,
+  cycle), where metric_index -1 is the seed's shared dense cycle. `fit` is a
+  partly trained state when a checkpoint was taken mid-cycle.
+  """
+  records: list[dict[str, Any]]
+  seed_index: int = 0
+  metric_index: int = -1
+  cycle: int = 0
+  masks: Masks | None = None
+  params0: Any = None
+  dense_record: dict[str, Any] | None = None
+  dense_sums: pruning.StatSums | None = None
+  fit: FitState | None = None
+  cycle_seconds: float = 0.0  # time spent on the current cycle before `fit` was saved
+  finished: bool = False
+
+
+def _key_data(state: FitState) -> FitState:
+  return state._replace(key=jax.random.key_data(state.key))
+
+
+def _wrap_key(state: FitState) -> FitState:
+  return state._replace(key=jax.random.wrap_key_data(state.key))
+
+
+def progress_to_checkpoint(p: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(arrays, meta) for `Checkpointer.save`. Pytrees are stored as leaf lists; the
+  restore side rebuilds their structure from the model, so no Python classes are pickled."""
+  arrays = {'params0': jax.tree.leaves(p.params0), 'masks': list(p.masks)}
+  if p.dense_sums is not None:
+    arrays['dense_sums'] = jax.tree.leaves(p.dense_sums)
+  if p.fit is not None:
+    arrays['fit'] = jax.tree.leaves(_key_data(p.fit))
+  meta = {'version': 1, 'records': p.records, 'seed_index': p.seed_index, 'metric_index': p.metric_index,
+          'cycle': p.cycle, 'dense_record': p.dense_record, 'cycle_seconds': p.cycle_seconds,
+          'finished': p.finished, 'has_dense_sums': p.dense_sums is not None, 'has_fit': p.fit is not None}
+  return arrays, meta
+
+
+def progress_from_checkpoint(checkpointer, model, image_shape, trainer: Trainer) -> Progress | None:
+  meta = checkpointer.restore_meta()
+  if meta is None:
+    return None
+  params_t = init_params(model, jax.random.key(0), image_shape)
+  masks_t = full_masks(model)
+  sums_t = pruning.StatSums(tuple(jnp.zeros_like(m) for m in masks_t), tuple(jnp.zeros_like(m) for m in masks_t),
+                            jnp.zeros((), jnp.float32))
+  fit_t = _key_data(trainer.init_fit(params_t, masks_t, jax.random.key(0)))
+  template = {'params0': jax.tree.leaves(params_t), 'masks': list(masks_t)}
+  if meta['has_dense_sums']:
+    template['dense_sums'] = jax.tree.leaves(sums_t)
+  if meta['has_fit']:
+    template['fit'] = jax.tree.leaves(fit_t)
+  arrays = checkpointer.restore_arrays(template)
+  unflatten = lambda t, leaves: jax.tree.unflatten(jax.tree.structure(t), [jnp.asarray(x) for x in leaves])
+  return Progress(
+      records=meta['records'], seed_index=meta['seed_index'], metric_index=meta['metric_index'],
+      cycle=meta['cycle'], masks=tuple(jnp.asarray(m) for m in arrays['masks']),
+      params0=unflatten(params_t, arrays['params0']), dense_record=meta['dense_record'],
+      dense_sums=unflatten(sums_t, arrays['dense_sums']) if meta['has_dense_sums'] else None,
+      fit=_wrap_key(unflatten(fit_t, arrays['fit'])) if meta['has_fit'] else None,
+      cycle_seconds=meta['cycle_seconds'], finished=meta['finished'])
+
+
+def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], config: DropNetConfig,
+                   trainer: Trainer | None = None, checkpointer=None, checkpoint_every_epochs: int = 0,
+                   on_record: Callable[[list[dict[str, Any]]], None] | None = None,
+                   log: Callable[[str], None] = print, log_epochs: bool = True) -> list[dict[str, Any]]:
+  """Algorithm 1 for every seed and metric; returns all records.
+
+  With a `checkpointer`, the state is saved after every cycle and every
+  `checkpoint_every_epochs` epochs (0: only after cycles), and a run finds its
+  newest checkpoint and continues from it, producing the same records (up to
+  wall-clock `seconds`) as an uninterrupted run. `on_record` gets the full
+  list of records whenever it grows (and once on resume).
+  """
   trainer = trainer or Trainer(model, config.train)
-  keys = SeedKeys.for_seed(seed)
-  params0 = init_params(model, keys.init, dataset_image_shape)
-  records: list[dict[str, Any]] = []
+  seeds = list(seeds)
+  p = progress_from_checkpoint(checkpointer, model, image_shape, trainer) if checkpointer else None
+  if p is not None:
+    log(f'resuming: {len(p.records)} records so far, seed {seeds[p.seed_index] if not p.finished else "-"} '
+        f'metric {p.metric_index} cycle {p.cycle}' + (f' epoch {int(p.fit.epoch)}' if p.fit is not None else ''))
+    if on_record and p.records:
+      on_record(p.records)
+  else:
+    p = Progress(records=[])
 
-  def progress(metric, cycle):
-    if not log_epochs:
-      return None
+  def save():
+    if checkpointer is not None:
+      checkpointer.save(*progress_to_checkpoint(p))
 
-    def on_epoch(s: FitState):
-      log(f'seed {seed} {metric:>12} cycle {cycle:2d} epoch {int(s.epoch):3d} '
-          f'train_loss {float(s.train_loss):.4f} val_loss {float(s.val_loss):.4f} '
-          f'val_acc {float(s.val_accuracy):.4f}' + (' (stop)' if bool(s.done) else ''))
-    return on_epoch
+  def start_seed():
+    keys = SeedKeys.for_seed(seeds[p.seed_index])
+    p.params0 = init_params(model, keys.init, image_shape)
+    p.metric_index, p.cycle, p.masks = -1, 0, full_masks(model)
+    p.dense_record = p.dense_sums = p.fit = None
+    p.cycle_seconds = 0.0
 
-  dense = train_cycle(trainer, params0, full_masks(model), data, keys.shuffle_key(0), config.score_from,
-                      progress('dense', 0))
-  for metric in config.metrics:
-    outcome, cycle, masks = dense, 0, full_masks(model)
+  if p.params0 is None and not p.finished:
+    start_seed()
+    save()
+
+  while not p.finished:
+    seed = seeds[p.seed_index]
+    keys = SeedKeys.for_seed(seed)
+    metric = 'dense' if p.metric_index < 0 else config.metrics[p.metric_index]
+
+    # Train the pending cycle (continuing a mid-cycle state if there is one).
+    started = time.perf_counter()
+    state = p.fit if p.fit is not None else trainer.init_fit(p.params0, p.masks, keys.shuffle_key(p.cycle))
+    while not bool(state.done):
+      state = trainer.epoch_step(state, data)
+      if log_epochs:
+        log(f'seed {seed} {metric:>12} cycle {p.cycle:2d} epoch {int(state.epoch):3d} '
+            f'train_loss {float(state.train_loss):.4f} val_loss {float(state.val_loss):.4f} '
+            f'val_acc {float(state.val_accuracy):.4f}' + (' (stop)' if bool(state.done) else ''))
+      if checkpoint_every_epochs and not bool(state.done) and int(state.epoch) % checkpoint_every_epochs == 0:
+        p.fit, p.cycle_seconds = state, p.cycle_seconds + time.perf_counter() - started
+        started = time.perf_counter()
+        save()
+    outcome = measure_cycle(trainer, state, data, config.score_from,
+                            p.cycle_seconds + time.perf_counter() - started)
+    p.fit, p.cycle_seconds = None, 0.0
+    if outcome.record['diverged']:
+      log(f'seed {seed} {metric} cycle {p.cycle}: non-finite loss at epoch {outcome.record["epochs_trained"]}; '
+          'recording it and stopping this trial')
+
+    if p.metric_index < 0:  # the dense cycle: shared by every metric of this seed
+      p.dense_record, p.dense_sums = outcome.record, outcome.sums
+      p.metric_index = 0
+      p.masks = full_masks(model)
+
+    # Record the cycle(s) and find the next work. A metric's cycle 0 is the shared dense
+    # outcome, so entering a metric can finish it (and the next) without any training.
     while True:
-      record = {'seed': seed, 'metric': metric, 'cycle': cycle, **outcome.record}
-      stop = should_stop(record, dense.record['val_accuracy'], config)
+      metric = config.metrics[p.metric_index]
+      if p.cycle == 0:
+        outcome = CycleOutcome(None, p.dense_record, p.dense_sums)
+      record = {'seed': seed, 'metric': metric, 'cycle': p.cycle, **outcome.record}
+      stop = should_stop(record, p.dense_record['val_accuracy'], config)
       if not stop:
-        new_masks = next_masks(masks, outcome.sums, metric, config.fraction, keys.mask_key(metric, cycle))
+        new_masks = next_masks(p.masks, outcome.sums, metric, config.fraction, keys.mask_key(metric, p.cycle))
         if pruning.units_per_layer(new_masks) == record['units']:
           stop = 'nothing left to drop'
       record['stop_reason'] = stop
-      records.append(record)
-      if on_record:
-        on_record(record)
-      log(f'seed {seed} {metric:>12} cycle {cycle:2d} fraction {record["fraction_remaining"]:.3f} '
+      p.records.append(record)
+      log(f'seed {seed} {metric:>12} cycle {p.cycle:2d} fraction {record["fraction_remaining"]:.3f} '
           f'units {record["units"]} test_acc {record["test_accuracy"]:.4f} '
           f'epoch {record["early_stop_epoch"]} ({record["seconds"]:.1f}s)' + (f' stop: {stop}' if stop else ''))
-      if stop:
+      if not stop:
+        p.masks, p.cycle = new_masks, p.cycle + 1
         break
-      masks, cycle = new_masks, cycle + 1
-      outcome = train_cycle(trainer, params0, masks, data, keys.shuffle_key(cycle), config.score_from,
-                            progress(metric, cycle))
-  return records
+      if p.metric_index + 1 < len(config.metrics):
+        p.metric_index, p.cycle, p.masks = p.metric_index + 1, 0, full_masks(model)
+        continue
+      if p.seed_index + 1 < len(seeds):
+        p.seed_index += 1
+        start_seed()
+      else:
+        p.finished = True
+      break
+    save()
+    if on_record:
+      on_record(p.records)
+  return p.records
+
+
+def run_seed(model, image_shape, data: DeviceData, seed: int, config: DropNetConfig,
+             trainer: Trainer | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
+             log: Callable[[str], None] = print, log_epochs: bool = True) -> list[dict[str, Any]]:
+  """All metrics of one seed, without checkpoints; `on_record` gets each new record."""
+  seen = 0
+
+  def each(records):
+    nonlocal seen
+    for r in records[seen:]:
+      on_record(r)
+    seen = len(records)
+
+  return run_experiment(model, image_shape, data, [seed], config, trainer, on_record=each if on_record else None,
+                        log=log, log_epochs=log_epochs)

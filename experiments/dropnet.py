@@ -16,8 +16,9 @@ import time
 
 from absl import app, flags, logging
 
-from dropnet_jax import pruning, reporting
-from dropnet_jax.dropnet import DropNetConfig, run_seed
+from dropnet_jax import reporting
+from dropnet_jax.checkpoint import Checkpointer
+from dropnet_jax.dropnet import DropNetConfig, run_experiment
 from dropnet_jax.input_pipeline import DATASETS, DataError, load_dataset
 from dropnet_jax.models import MODELS, create_model
 from dropnet_jax.train import DeviceData, TrainConfig, Trainer
@@ -41,6 +42,11 @@ flags.DEFINE_enum('score_from', 'data', ['data', 'epoch'],
 flags.DEFINE_integer('split_seed', 0, 'Seed of the stratified validation split.')
 flags.DEFINE_string('out', None, 'Output directory.', required=True)
 flags.DEFINE_bool('verbose_epochs', True, 'Log every epoch (else only every cycle).')
+flags.DEFINE_integer('checkpoint_every_epochs', 10, 'Also checkpoint every N epochs inside a cycle (0: only after cycles).')
+flags.DEFINE_integer('max_checkpoints', 3, 'Checkpoints kept in <out>/checkpoints.')
+
+# Settings that may differ between a run and its resumption (they do not change results).
+RESUMABLE_DIFFERENCES = ('data_dir', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints')
 
 
 def parse_widths(values) -> tuple[int, ...] | None:
@@ -67,44 +73,65 @@ def build_config() -> DropNetConfig:
   return config
 
 
+def config_mismatch(saved: dict, current: dict) -> list[str]:
+  """The settings that differ between a saved configuration and this run."""
+  keys = sorted(set(saved) | set(current))
+  return [f'{k}: saved {saved.get(k)!r}, now {current.get(k)!r}' for k in keys
+          if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k)]
+
+
 def main(argv):
   del argv
   try:
     widths = parse_widths(FLAGS.widths)
     config = build_config()
+    if FLAGS.checkpoint_every_epochs < 0 or FLAGS.max_checkpoints < 1:
+      raise ValueError('--checkpoint_every_epochs must be >= 0 and --max_checkpoints >= 1')
+    model = create_model(FLAGS.model, widths, 10)  # validates widths before any data is read
+    settings = {'model': FLAGS.model, 'widths': list(model.widths), 'dataset': FLAGS.dataset,
+                'data_dir': FLAGS.data_dir, 'seeds': FLAGS.seeds, 'split_seed': FLAGS.split_seed,
+                'metrics': list(config.metrics), 'fraction': config.fraction, 'floor': config.floor,
+                'kappa': config.kappa, 'score_from': config.score_from, 'lr': config.train.lr,
+                'batch_size': config.train.batch_size, 'max_epochs': config.train.max_epochs,
+                'patience': config.train.patience}
+    config_path = os.path.join(FLAGS.out, 'config.json')
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        try:
+          saved = json.load(f)
+        except json.JSONDecodeError as e:
+          raise ValueError(f'{config_path} is not valid JSON ({e}); move it away to start afresh') from None
+      differences = config_mismatch(saved, settings)
+      if differences:
+        raise ValueError(f'{FLAGS.out} holds a run with a different configuration ({"; ".join(differences)}); '
+                         'use another --out or the same settings to resume')
+    elif os.path.exists(os.path.join(FLAGS.out, 'results.jsonl')):
+      raise ValueError(f'{FLAGS.out} has results.jsonl but no config.json; refusing to mix runs')
     dataset = load_dataset(FLAGS.dataset, FLAGS.data_dir, split_seed=FLAGS.split_seed)
-    model = create_model(FLAGS.model, widths, dataset.num_classes)
+    if dataset.num_classes != 10:
+      model = create_model(FLAGS.model, widths, dataset.num_classes)
   except (ValueError, DataError) as e:  # DataError is a ValueError; named for the reader
     sys.exit(f'error: {e}')
 
   os.makedirs(FLAGS.out, exist_ok=True)
-  settings = {'model': FLAGS.model, 'widths': list(model.widths), 'dataset': FLAGS.dataset,
-              'data_dir': FLAGS.data_dir, 'seeds': FLAGS.seeds, 'split_seed': FLAGS.split_seed,
-              'metrics': list(config.metrics), 'fraction': config.fraction, 'floor': config.floor,
-              'kappa': config.kappa, 'score_from': config.score_from, 'lr': config.train.lr,
-              'batch_size': config.train.batch_size, 'max_epochs': config.train.max_epochs,
-              'patience': config.train.patience}
-  reporting.atomic_write_text(os.path.join(FLAGS.out, 'config.json'), json.dumps(settings, indent=2))
+  reporting.atomic_write_text(config_path, json.dumps(settings, indent=2))
   logging.info('%s: train %d, val %d, test %d, image %s', FLAGS.dataset, len(dataset.train_labels),
                len(dataset.val_labels), len(dataset.test_labels), dataset.image_shape)
 
   data = DeviceData.from_dataset(dataset)
   trainer = Trainer(model, config.train)
   results_path = os.path.join(FLAGS.out, 'results.jsonl')
-  records: list[dict] = []
-
-  def on_record(record):
-    records.append(record)
-    reporting.write_jsonl(results_path, records)
-
+  checkpointer = Checkpointer(os.path.join(FLAGS.out, 'checkpoints'), FLAGS.max_checkpoints)
   start = time.perf_counter()
-  for seed in range(FLAGS.seeds):
-    run_seed(model, dataset.image_shape, data, seed, config, trainer, on_record, logging.info,
-             FLAGS.verbose_epochs)
+  records = run_experiment(model, dataset.image_shape, data, list(range(FLAGS.seeds)), config, trainer,
+                           checkpointer, FLAGS.checkpoint_every_epochs,
+                           on_record=lambda rs: reporting.write_jsonl(results_path, rs),
+                           log=logging.info, log_epochs=FLAGS.verbose_epochs)
+  checkpointer.close()
   wall = time.perf_counter() - start
   figures = reporting.save_figures(records, FLAGS.out, title=f'{FLAGS.model} {list(model.widths)} on {FLAGS.dataset}')
   print(reporting.summary_table(records, 'test_accuracy'))
-  print(f'wall time {wall:.1f}s; results: {results_path}; figures: {", ".join(figures)}')
+  print(f'wall time {wall:.1f}s (this invocation); results: {results_path}; figures: {", ".join(figures)}')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,147 @@
+"""Checkpoints and exact resume: interrupted runs give the same records as uninterrupted ones."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax.numpy as jnp
+import pytest
+
+from dropnet_jax import dropnet, models, reporting
+from dropnet_jax.checkpoint import Checkpointer
+from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = ('seconds',)
+
+
+def comparable(records):
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+class Crash(Exception):
+  pass
+
+
+@pytest.fixture(scope='module')
+def setup(mnist_small):
+  data = DeviceData(*(jnp.asarray(a[:600]) for a in mnist_small))
+  model = models.MLP(widths=(8, 6), num_classes=10)
+  config = dropnet.DropNetConfig(metrics=('min', 'random_layer'), fraction=0.3, floor=0.45,
+                                 train=TrainConfig(max_epochs=4, patience=2))
+  trainer = Trainer(model, config.train)
+  reference = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, log=lambda s: None)
+  return model, config, trainer, data, reference
+
+
+def test_reference_run_is_nontrivial(setup):
+  *_, reference = setup
+  assert {r['seed'] for r in reference} == {0, 1}
+  assert max(r['cycle'] for r in reference) >= 2
+
+
+@pytest.mark.parametrize('crash_at', [('epoch', 3), ('epoch', 9), ('record', 2), ('record', 5), ('epoch', 17)])
+def test_crash_and_resume_gives_identical_records(setup, tmp_path, crash_at):
+  model, config, trainer, data, reference = setup
+  kind, n = crash_at
+  count = {'epoch': 0, 'record': 0}
+
+  def log(line):
+    if ' epoch ' in line and 'train_loss' in line:
+      count['epoch'] += 1
+      if kind == 'epoch' and count['epoch'] == n:
+        raise Crash()
+
+  def on_record(records):
+    count['record'] += 1
+    if kind == 'record' and count['record'] == n:
+      raise Crash()
+
+  ckpt_dir = str(tmp_path / 'ckpt')
+  with pytest.raises(Crash):
+    dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2,
+                           on_record, log)
+  partial = Checkpointer(ckpt_dir).restore_meta()
+  assert partial is not None and not partial['finished']
+  lines = []
+  resumed = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2,
+                                   log=lines.append)
+  assert lines[0].startswith('resuming')
+  assert comparable(resumed) == comparable(reference)
+  # A finished run resumes to the same records without training anything.
+  lines = []
+  again = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2,
+                                 log=lines.append)
+  assert comparable(again) == comparable(reference)
+  assert not any('train_loss' in l for l in lines)
+
+
+def test_mid_cycle_checkpoint_holds_the_training_state(setup, tmp_path):
+  model, config, trainer, data, _ = setup
+  count = {'n': 0}
+
+  def log(line):
+    if 'train_loss' in line:
+      count['n'] += 1
+      if count['n'] == 3:
+        raise Crash()
+
+  ckpt = Checkpointer(str(tmp_path / 'c'))
+  with pytest.raises(Crash):
+    dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, ckpt, 2, log=log)
+  p = dropnet.progress_from_checkpoint(Checkpointer(str(tmp_path / 'c')), model, (28, 28, 1), trainer)
+  assert p.fit is not None and int(p.fit.epoch) == 2  # saved at epoch 2, killed in epoch 3
+  theta0 = models.init_params(model, dropnet.SeedKeys.for_seed(0).init, (28, 28, 1))
+  chex.assert_trees_all_equal(p.params0, theta0)  # θ0 survives the checkpoint bit for bit
+
+
+CLI = [sys.executable, '-m', 'experiments.dropnet', '--dataset=digits', '--widths=8,8', '--metrics=min,max_layer',
+       '--max_epochs=5', '--patience=2', '--floor=0.3', '--seeds=2', '--checkpoint_every_epochs=1',
+       '--verbose_epochs=false']
+
+
+def test_sigkill_and_resume_via_cli(tmp_path):
+  """A real SIGKILL at several points, then a resume, against an uninterrupted run."""
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+  ref = tmp_path / 'ref'
+  subprocess.run(CLI + [f'--out={ref}'], cwd=REPO, env=env, check=True, capture_output=True)
+  reference = reporting.read_jsonl(ref / 'results.jsonl')
+  out = tmp_path / 'killed'
+  ckpt = out / 'checkpoints'
+  kills = 0
+  for wait_for_step in (4, 15, 30):
+    proc = subprocess.Popen(CLI + [f'--out={out}'], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+      steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if ckpt.exists() else []
+      if steps and max(steps) >= wait_for_step:
+        proc.send_signal(signal.SIGKILL)
+        kills += 1
+        break
+      time.sleep(0.05)
+    proc.wait()
+    if (out / 'results.jsonl').exists():  # whatever is on disk is whole, never truncated
+      reporting.read_jsonl(out / 'results.jsonl')
+  assert kills >= 2
+  done = subprocess.run(CLI + [f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert comparable(reporting.read_jsonl(out / 'results.jsonl')) == comparable(reference)
+
+
+def test_refuses_to_resume_a_different_configuration(tmp_path):
+  out = tmp_path / 'run'
+  first = subprocess.run(CLI + [f'--out={out}', '--seeds=1', '--max_epochs=1'], cwd=REPO, capture_output=True,
+                         text=True)
+  assert first.returncode == 0, first.stderr[-2000:]
+  before = (out / 'results.jsonl').read_bytes()
+  other = subprocess.run(CLI + [f'--out={out}', '--seeds=1', '--max_epochs=1', '--fraction=0.5',
+                                '--widths=8,9'], cwd=REPO, capture_output=True, text=True)
+  assert other.returncode != 0
+  assert 'different configuration' in other.stderr
+  assert 'fraction' in other.stderr and 'widths' in other.stderr and 'metrics' not in other.stderr
+  assert (out / 'results.jsonl').read_bytes() == before
