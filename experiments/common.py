@@ -1,0 +1,161 @@
+"""Flags and plumbing shared by the experiment entry points (kept thin: the work is in dropnet_jax)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from absl import flags, logging
+
+from dropnet_jax import reporting
+from dropnet_jax.checkpoint import Checkpointer
+from dropnet_jax.dropnet import DropNetConfig, run_experiment
+from dropnet_jax.input_pipeline import DATASETS, Dataset, load_dataset
+from dropnet_jax.models import MODELS, create_model
+from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('model', 'fc', sorted(MODELS), 'Model: fc (Model A), conv (Model B), modelc (Model C).')
+flags.DEFINE_list('widths', None, 'Units/filters per masked layer, e.g. 40,40 (default: the model\'s).')
+flags.DEFINE_enum('dataset', 'digits', DATASETS, 'digits is bundled with scikit-learn (offline default).')
+flags.DEFINE_string('data_dir', None, 'Local data files (for mnist: a directory of the four IDX files).')
+flags.DEFINE_list('metrics', 'min,max,random,min_layer,max_layer,random_layer', 'Metrics to run.')
+flags.DEFINE_integer('seeds', 1, 'Number of seeds, run as 0..N-1.')
+flags.DEFINE_float('fraction', 0.2, 'p: fraction of remaining units dropped per cycle, in (0, 1].')
+flags.DEFINE_float('floor', 0.1, 'Stop once the fraction of units remaining is <= floor, in (0, 1).')
+flags.DEFINE_float('kappa', None, 'Stop once val accuracy <= kappa * dense val accuracy, in (0, 1].')
+flags.DEFINE_integer('max_epochs', 100, 'Maximum epochs per training run.')
+flags.DEFINE_integer('patience', 5, 'Early-stopping patience on validation loss.')
+flags.DEFINE_integer('batch_size', 32, 'SGD batch size.')
+flags.DEFINE_float('lr', 0.1, 'SGD learning rate.')
+flags.DEFINE_enum('score_from', 'data', ['data', 'epoch'],
+                  'data: score with a pass over all training samples (paper); epoch: from the best epoch\'s running sums.')
+flags.DEFINE_integer('split_seed', 0, 'Seed of the stratified validation split.')
+flags.DEFINE_string('out', None, 'Output directory.', required=True)
+flags.DEFINE_bool('verbose_epochs', True, 'Log every epoch (else only every cycle).')
+flags.DEFINE_integer('checkpoint_every_epochs', 10, 'Also checkpoint every N epochs inside a cycle (0: only after cycles).')
+flags.DEFINE_integer('max_checkpoints', 3, 'Checkpoints kept in <out>/checkpoints.')
+
+# Settings that may differ between a run and its resumption (they do not change results).
+RESUMABLE_DIFFERENCES = ('data_dir', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints')
+
+
+def parse_widths(values) -> tuple[int, ...] | None:
+  if not values:
+    return None
+  try:
+    widths = tuple(int(v) for v in values)
+  except ValueError:
+    raise ValueError(f'--widths must be positive integers, got {",".join(values)}') from None
+  if any(w <= 0 for w in widths):
+    raise ValueError(f'--widths must be positive integers, got {",".join(values)}')
+  return widths
+
+
+def build_config() -> DropNetConfig:
+  config = DropNetConfig(
+      metrics=tuple(FLAGS.metrics), fraction=FLAGS.fraction, floor=FLAGS.floor, kappa=FLAGS.kappa,
+      score_from=FLAGS.score_from,
+      train=TrainConfig(lr=FLAGS.lr, batch_size=FLAGS.batch_size, max_epochs=FLAGS.max_epochs,
+                        patience=FLAGS.patience))
+  config.validate()
+  if FLAGS.seeds < 1:
+    raise ValueError(f'--seeds must be >= 1, got {FLAGS.seeds}')
+  return config
+
+
+def config_mismatch(saved: dict, current: dict) -> list[str]:
+  """The settings that differ between a saved configuration and this run."""
+  keys = sorted(set(saved) | set(current))
+  return [f'{k}: saved {saved.get(k)!r}, now {current.get(k)!r}' for k in keys
+          if k not in RESUMABLE_DIFFERENCES and saved.get(k) != current.get(k)]
+
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything an experiment needs, built from the flags and validated before any long work."""
+  model: Any
+  dataset: Dataset
+  config: DropNetConfig
+  settings: dict[str, Any]
+  seeds: list[int]
+
+  @property
+  def data(self) -> DeviceData:
+    if not hasattr(self, '_data'):
+      self._data = DeviceData.from_dataset(self.dataset)
+    return self._data
+
+  def with_config(self, **changes) -> 'Setup':
+    """The same setup with some DropNetConfig fields replaced (for studies)."""
+    config = dataclasses.replace(self.config, **changes)
+    config.validate()
+    settings = {**self.settings, **{k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}}
+    return dataclasses.replace(self, config=config, settings=settings)
+
+
+def setup_from_flags(**config_changes) -> Setup:
+  """Validates the flags, then loads the data; raises ValueError (DataError) naming the problem."""
+  widths = parse_widths(FLAGS.widths)
+  config = dataclasses.replace(build_config(), **config_changes)
+  config.validate()
+  if FLAGS.checkpoint_every_epochs < 0 or FLAGS.max_checkpoints < 1:
+    raise ValueError('--checkpoint_every_epochs must be >= 0 and --max_checkpoints >= 1')
+  create_model(FLAGS.model, widths, 10)  # validates --model/--widths before any data is read
+  check_out_dir(FLAGS.out, None)
+  dataset = load_dataset(FLAGS.dataset, FLAGS.data_dir, split_seed=FLAGS.split_seed)
+  model = create_model(FLAGS.model, widths, dataset.num_classes)
+  settings = {'model': FLAGS.model, 'widths': list(model.widths), 'dataset': FLAGS.dataset,
+              'data_dir': FLAGS.data_dir, 'seeds': FLAGS.seeds, 'split_seed': FLAGS.split_seed,
+              'metrics': list(config.metrics), 'fraction': config.fraction, 'floor': config.floor,
+              'kappa': config.kappa, 'score_from': config.score_from, 'lr': config.train.lr,
+              'batch_size': config.train.batch_size, 'max_epochs': config.train.max_epochs,
+              'patience': config.train.patience}
+  logging.info('%s: train %d, val %d, test %d, image %s', FLAGS.dataset, len(dataset.train_labels),
+               len(dataset.val_labels), len(dataset.test_labels), dataset.image_shape)
+  return Setup(model, dataset, config, settings, list(range(FLAGS.seeds)))
+
+
+def check_out_dir(out: str, settings: dict[str, Any] | None) -> None:
+  """Refuses an output directory that holds another configuration's run (or stray results)."""
+  config_path = os.path.join(out, 'config.json')
+  if os.path.exists(config_path):
+    if settings is None:
+      return
+    with open(config_path) as f:
+      try:
+        saved = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{config_path} is not valid JSON ({e}); move it away to start afresh') from None
+    differences = config_mismatch(saved, settings)
+    if differences:
+      raise ValueError(f'{out} holds a run with a different configuration ({"; ".join(differences)}); '
+                       'use another --out or the same settings to resume')
+  elif os.path.exists(os.path.join(out, 'results.jsonl')):
+    raise ValueError(f'{out} has results.jsonl but no config.json; refusing to mix runs')
+
+
+def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]:
+  """Runs (or resumes) DropNet into `out`: config.json, results.jsonl, checkpoints/, figures."""
+  check_out_dir(out, setup.settings)
+  os.makedirs(out, exist_ok=True)
+  reporting.atomic_write_text(os.path.join(out, 'config.json'), json.dumps(setup.settings, indent=2))
+  results_path = os.path.join(out, 'results.jsonl')
+  checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
+  start = time.perf_counter()
+  records = run_experiment(setup.model, setup.dataset.image_shape, setup.data, setup.seeds, setup.config,
+                           Trainer(setup.model, setup.config.train), checkpointer, FLAGS.checkpoint_every_epochs,
+                           on_record=lambda rs: reporting.write_jsonl(results_path, rs),
+                           log=logging.info, log_epochs=FLAGS.verbose_epochs)
+  checkpointer.close()
+  logging.info('%s: %d records, %.1fs in this invocation', out, len(records), time.perf_counter() - start)
+  reporting.save_figures(records, out, title=title or default_title(setup))
+  return records
+
+
+def default_title(setup: Setup) -> str:
+  return f'{setup.settings["model"]} {setup.settings["widths"]} on {setup.settings["dataset"]}'
