@@ -349,3 +349,22 @@ def run_seed(model, image_shape, data: DeviceData, seed: int, config: DropNetCon
 
   return run_experiment(model, image_shape, data, [seed], config, trainer, on_record=each if on_record else None,
                         log=log, log_epochs=log_epochs)
+
+
+def random_init_key(seed: int, cycle: int) -> jax.Array:
+  """The fresh initialisation for the random re-initialisation baseline: new per (seed, cycle), never θ0's."""
+  return jax.random.fold_in(jax.random.fold_in(SeedKeys.for_seed(seed).init, 0x5EED), cycle)
+
+
+def retrain_from_random_init(trainer: Trainer, model, image_shape, data: DeviceData, record: dict[str, Any],
+                             score_from: str = 'data') -> dict[str, Any]:
+  """The paper's "randominit": the record's mask retrained from a fresh random init, not θ0.
+
+  Only the initialisation differs from the θ0 run: same mask, same shuffle order.
+  """
+  seed, cycle = record['seed'], record['cycle']
+  params = init_params(model, random_init_key(seed, cycle), image_shape)
+  outcome = train_cycle(trainer, params, masks_from_strings(record['mask']), data,
+                        SeedKeys.for_seed(seed).shuffle_key(cycle), score_from)
+  return {'seed': seed, 'metric': f'{record["metric"]}_randominit', 'cycle': cycle, **outcome.record,
+          'stop_reason': record['stop_reason']}

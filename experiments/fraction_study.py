@@ -1,0 +1,42 @@
+r"""Pruning-fraction study: DropNet with the min metric for several p.
+
+  python -m experiments.fraction_study --dataset=mnist --data_dir=../shared/data/mnist_subset \
+      --fractions=0.2,0.3,0.4,0.5,0.9 --seeds=3 --out=runs/fraction
+
+One resumable DropNet run per p in <out>/p<p>/, then combined figures and a
+table in <out>, with each p as its own line ("min p=0.2", ...).
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+from dropnet_jax import reporting
+from experiments import common
+
+flags.DEFINE_list('fractions', '0.2,0.3,0.4,0.5,0.9', 'Values of p to compare.')
+flags.FLAGS.set_default('metrics', ['min'])  # the paper's study; any metrics may be given
+
+
+def main(argv):
+  del argv
+  try:
+    fractions = [float(p) for p in flags.FLAGS.fractions]
+    base = common.setup_from_flags()
+    setups = {p: base.with_config(fraction=p) for p in fractions}  # validates every p up front
+    for p, s in setups.items():
+      common.check_out_dir(os.path.join(common.FLAGS.out, f'p{p}'), s.settings)
+  except ValueError as e:
+    sys.exit(f'error: --fractions/flags: {e}')
+  combined = []
+  for p, setup in setups.items():
+    records = common.run_dropnet(os.path.join(common.FLAGS.out, f'p{p}'), setup)
+    combined += [{**r, 'metric': f'{r["metric"]} p={p}'} for r in records]
+  reporting.write_jsonl(os.path.join(common.FLAGS.out, 'results.jsonl'), combined)
+  reporting.save_figures(combined, common.FLAGS.out, title=f'pruning fraction p: {common.default_title(base)}')
+  print(reporting.summary_table(combined, 'test_accuracy'))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,65 @@
+"""The study entry points and the random re-initialisation baseline."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax.numpy as jnp
+import pytest
+
+from dropnet_jax import dropnet, models, reporting
+from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_random_init_is_fresh_and_keeps_mask_and_order(mnist_small):
+  model = models.MLP(widths=(8,), num_classes=10)
+  data = DeviceData(*(jnp.asarray(a[:400]) for a in mnist_small))
+  trainer = Trainer(model, TrainConfig(max_epochs=2))
+  theta0 = models.init_params(model, dropnet.SeedKeys.for_seed(3).init, (28, 28, 1))
+  inits = [models.init_params(model, dropnet.random_init_key(3, c), (28, 28, 1)) for c in range(3)]
+  for params in inits:
+    with pytest.raises(AssertionError):
+      chex.assert_trees_all_close(params, theta0)
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_close(inits[0], inits[1])
+  record = {'seed': 3, 'metric': 'min', 'cycle': 2, 'mask': ['10110111'], 'stop_reason': None}
+  out = dropnet.retrain_from_random_init(trainer, model, (28, 28, 1), data, record)
+  assert out['metric'] == 'min_randominit' and out['cycle'] == 2 and out['mask'] == ['10110111']
+  assert out['units'] == [6]
+  # It is exactly a θ0-style cycle trained from the fresh init.
+  same = dropnet.train_cycle(trainer, inits[2], dropnet.masks_from_strings(['10110111']), data,
+                             dropnet.SeedKeys.for_seed(3).shuffle_key(2))
+  assert out['test_accuracy'] == same.record['test_accuracy']
+
+
+def run(module, out, *args):
+  proc = subprocess.run([sys.executable, '-m', module, '--widths=6,6', '--max_epochs=2', '--floor=0.5',
+                         '--verbose_epochs=false', f'--out={out}', *args], cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_fraction_study_runs_each_p_with_min(tmp_path):
+  run('experiments.fraction_study', tmp_path / 'f', '--fractions=0.3,0.9')
+  records = reporting.read_jsonl(tmp_path / 'f' / 'results.jsonl')
+  assert {r['metric'] for r in records} == {'min p=0.3', 'min p=0.9'}
+  p9 = [r for r in records if r['metric'] == 'min p=0.9']
+  assert sum(p9[1]['units']) == 12 - int(0.9 * 12)  # one cycle of p=0.9 from 12 units
+  assert (tmp_path / 'f' / 'test_accuracy.png').exists()
+
+
+def test_bad_fraction_list_is_rejected(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'experiments.fraction_study', '--fractions=0.2,1.5',
+                         f'--out={tmp_path / "x"}'], cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode != 0 and 'fraction' in proc.stderr and not (tmp_path / 'x').exists()
+
+
+def test_randominit_study_pairs_every_cycle(tmp_path):
+  run('experiments.randominit_study', tmp_path / 'r', '--metrics=min')
+  theta0 = reporting.read_jsonl(tmp_path / 'r' / 'theta0' / 'results.jsonl')
+  reinit = reporting.read_jsonl(tmp_path / 'r' / 'randominit.jsonl')
+  assert [(r['cycle'], r['mask']) for r in theta0] == [(r['cycle'], r['mask']) for r in reinit]
+  assert all(r['metric'] == 'min_randominit' for r in reinit)
