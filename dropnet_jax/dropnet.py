@@ -22,11 +22,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from dropnet_jax import pruning
+from dropnet_jax import oracle, pruning
 from dropnet_jax.models import Masks, full_masks, init_params
 from dropnet_jax.train import DeviceData, FitState, TrainConfig, Trainer
 
 SCORE_SOURCES = ('data', 'epoch')
+# The paper's oracle baseline: greedy by training loss with the trained params (dropnet_jax.oracle),
+# not a function of activation statistics, so it is handled here rather than in pruning.METRICS.
+ORACLE = 'oracle'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +39,16 @@ class DropNetConfig:
   floor: float = 0.1  # stop once the fraction of units remaining is <= floor
   kappa: float | None = None  # stop once val accuracy <= kappa * dense val accuracy
   score_from: str = 'data'  # 'data': a full pass over the training set; 'epoch': the best epoch's running sums
+  oracle_examples: int | None = None  # training examples the oracle's loss uses (None: all)
   train: TrainConfig = TrainConfig()
 
   def validate(self) -> None:
     """Raises ValueError naming the offending setting."""
     for m in self.metrics:
-      pruning.check_metric(m)
+      if m != ORACLE:
+        pruning.check_metric(m)
+    if self.oracle_examples is not None and self.oracle_examples < 1:
+      raise ValueError(f'oracle_examples must be positive, got {self.oracle_examples}')
     if not self.metrics:
       raise ValueError('metrics: at least one metric is needed')
     if len(set(self.metrics)) != len(self.metrics):
@@ -180,6 +187,7 @@ class Progress:
   params0: Any = None
   dense_record: dict[str, Any] | None = None
   dense_sums: pruning.StatSums | None = None
+  dense_params: Any = None  # the dense cycle's trained params, kept only for the oracle
   fit: FitState | None = None
   cycle_seconds: float = 0.0  # time spent on the current cycle before `fit` was saved
   finished: bool = False
@@ -201,9 +209,12 @@ def progress_to_checkpoint(p: Progress) -> tuple[dict[str, Any], dict[str, Any]]
     arrays['dense_sums'] = jax.tree.leaves(p.dense_sums)
   if p.fit is not None:
     arrays['fit'] = jax.tree.leaves(_key_data(p.fit))
+  if p.dense_params is not None:
+    arrays['dense_params'] = jax.tree.leaves(p.dense_params)
   meta = {'version': 1, 'records': p.records, 'seed_index': p.seed_index, 'metric_index': p.metric_index,
           'cycle': p.cycle, 'dense_record': p.dense_record, 'cycle_seconds': p.cycle_seconds,
-          'finished': p.finished, 'has_dense_sums': p.dense_sums is not None, 'has_fit': p.fit is not None}
+          'finished': p.finished, 'has_dense_sums': p.dense_sums is not None, 'has_fit': p.fit is not None,
+          'has_dense_params': p.dense_params is not None}
   return arrays, meta
 
 
@@ -221,6 +232,8 @@ def progress_from_checkpoint(checkpointer, model, image_shape, trainer: Trainer)
     template['dense_sums'] = jax.tree.leaves(sums_t)
   if meta['has_fit']:
     template['fit'] = jax.tree.leaves(fit_t)
+  if meta.get('has_dense_params'):
+    template['dense_params'] = jax.tree.leaves(params_t)
   arrays = checkpointer.restore_arrays(template)
   unflatten = lambda t, leaves: jax.tree.unflatten(jax.tree.structure(t), [jnp.asarray(x) for x in leaves])
   return Progress(
@@ -229,6 +242,7 @@ def progress_from_checkpoint(checkpointer, model, image_shape, trainer: Trainer)
       params0=unflatten(params_t, arrays['params0']), dense_record=meta['dense_record'],
       dense_sums=unflatten(sums_t, arrays['dense_sums']) if meta['has_dense_sums'] else None,
       fit=_wrap_key(unflatten(fit_t, arrays['fit'])) if meta['has_fit'] else None,
+      dense_params=unflatten(params_t, arrays['dense_params']) if meta.get('has_dense_params') else None,
       cycle_seconds=meta['cycle_seconds'], finished=meta['finished'])
 
 
@@ -263,7 +277,7 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
     keys = SeedKeys.for_seed(seeds[p.seed_index])
     p.params0 = init_params(model, keys.init, image_shape)
     p.metric_index, p.cycle, p.masks = -1, 0, full_masks(model)
-    p.dense_record = p.dense_sums = p.fit = None
+    p.dense_record = p.dense_sums = p.dense_params = p.fit = None
     p.cycle_seconds = 0.0
 
   if p.params0 is None and not p.finished:
@@ -297,6 +311,8 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
 
     if p.metric_index < 0:  # the dense cycle: shared by every metric of this seed
       p.dense_record, p.dense_sums = outcome.record, outcome.sums
+      if ORACLE in config.metrics:
+        p.dense_params = state.best_params
       p.metric_index = 0
       p.masks = full_masks(model)
 
@@ -306,10 +322,15 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
       metric = config.metrics[p.metric_index]
       if p.cycle == 0:
         outcome = CycleOutcome(None, p.dense_record, p.dense_sums)
+      trained_params = p.dense_params if p.cycle == 0 else outcome.state.best_params
       record = {'seed': seed, 'metric': metric, 'cycle': p.cycle, **outcome.record}
       stop = should_stop(record, p.dense_record['val_accuracy'], config)
       if not stop:
-        new_masks = next_masks(p.masks, outcome.sums, metric, config.fraction, keys.mask_key(metric, p.cycle))
+        if metric == ORACLE:
+          new_masks = oracle.oracle_mask(model.apply, trained_params, p.masks, data.train_images,
+                                         data.train_labels, config.fraction, max_examples=config.oracle_examples)
+        else:
+          new_masks = next_masks(p.masks, outcome.sums, metric, config.fraction, keys.mask_key(metric, p.cycle))
         if pruning.units_per_layer(new_masks) == record['units']:
           stop = 'nothing left to drop'
       record['stop_reason'] = stop

@@ -311,6 +311,7 @@ _YLABELS = {
     'val_accuracy': 'validation accuracy',
     'test_accuracy': 'test accuracy',
     'early_stop_epoch': 'early-stopping epoch',
+    'oracle_similarity': 'fraction of kept units shared with the oracle',
 }
 
 
@@ -350,6 +351,12 @@ def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
   if title:
     fig.suptitle(title)
   return fig
+
+
+def save_figure(records: Iterable[Mapping[str, Any]], path: str, keys: Sequence[str], title: str = '') -> str:
+  """One figure of `keys` vs fraction remaining (paper conventions), written atomically to `path`."""
+  _save_png(make_figure(list(records), keys, title=title), os.fspath(path))
+  return os.fspath(path)
 
 
 def _save_png(fig: Any, path: str) -> None:

@@ -63,3 +63,38 @@ def test_randominit_study_pairs_every_cycle(tmp_path):
   reinit = reporting.read_jsonl(tmp_path / 'r' / 'randominit.jsonl')
   assert [(r['cycle'], r['mask']) for r in theta0] == [(r['cycle'], r['mask']) for r in reinit]
   assert all(r['metric'] == 'min_randominit' for r in reinit)
+
+
+def test_oracle_study_and_resume_with_oracle(tmp_path, mnist_small):
+  proc = run('experiments.oracle_study', tmp_path / 'o', '--oracle_examples=300')
+  records = reporting.read_jsonl(tmp_path / 'o' / 'results.jsonl')
+  assert {r['metric'] for r in records} == {'oracle', 'min', 'max', 'random_layer'}
+  similarity = reporting.read_jsonl(tmp_path / 'o' / 'similarity.jsonl')
+  assert all(0 <= s['oracle_similarity'] <= 1 for s in similarity)
+  assert all(s['oracle_similarity'] == 1 for s in similarity if s['cycle'] == 0)
+  assert (tmp_path / 'o' / 'similarity.png').exists() and 'oracle_similarity' in proc.stdout
+
+
+def test_oracle_metric_resumes_exactly(tmp_path, mnist_small):
+  from dropnet_jax.checkpoint import Checkpointer
+  model = models.MLP(widths=(6, 5), num_classes=10)
+  data = DeviceData(*(jnp.asarray(a[:300]) for a in mnist_small))
+  config = dropnet.DropNetConfig(metrics=('min', 'oracle'), fraction=0.3, floor=0.5, oracle_examples=200,
+                                 train=TrainConfig(max_epochs=2))
+  trainer = Trainer(model, config.train)
+  reference = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, log=lambda s: None)
+  calls = []
+
+  def crash(records):
+    calls.append(1)
+    if len(calls) == 2:  # during min's cycles: the oracle's cycle 0 will need the checkpointed dense params
+      raise RuntimeError('crash')
+
+  with pytest.raises(RuntimeError):
+    dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, Checkpointer(str(tmp_path)), 0,
+                           crash, lambda s: None)
+  resumed = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, Checkpointer(str(tmp_path)),
+                                   0, log=lambda s: None)
+  strip = lambda rs: [{k: v for k, v in r.items() if k != 'seconds'} for r in rs]
+  assert strip(resumed) == strip(reference)
+  assert any(r['metric'] == 'oracle' and r['cycle'] > 0 for r in reference)
