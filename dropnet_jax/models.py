@@ -144,6 +144,8 @@ def create_model(name: str, widths: Sequence[int] | None, num_classes: int) -> n
   widths = tuple(DEFAULT_WIDTHS[name] if not widths else widths)
   if not widths or any(int(w) != w or w <= 0 for w in widths):
     raise ValueError(f'widths must be positive integers, got {widths}')
+  if name == 'resnet18':
+    large_models.check_resnet18_widths(widths)
   return MODELS[name](widths=widths, num_classes=num_classes)
 
 
@@ -156,3 +158,10 @@ def init_params(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) ->
   """θ0: the model's initial parameters for one seed."""
   dummy = jnp.zeros((1, *image_shape), jnp.uint8)
   return model.init(key, dummy, full_masks(model))['params']
+
+
+# The paper's large models live in their own module, which builds on the helpers above.
+from dropnet_jax import large_models  # noqa: E402  (imports this module)
+
+MODELS.update(large_models.LARGE_MODELS)
+DEFAULT_WIDTHS.update({'resnet18': large_models.resnet18_widths(), 'vgg19': large_models.VGG19_WIDTHS})

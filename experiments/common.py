@@ -18,7 +18,7 @@ from dropnet_jax.models import MODELS, create_model
 from dropnet_jax.train import DeviceData, TrainConfig, Trainer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('model', 'fc', sorted(MODELS), 'Model: fc (Model A), conv (Model B), modelc (Model C).')
+flags.DEFINE_enum('model', 'fc', sorted(MODELS), 'Model: fc (Model A), conv (Model B), modelc (Model C), resnet18, vgg19.')
 flags.DEFINE_list('widths', None, 'Units/filters per masked layer, e.g. 40,40 (default: the model\'s).')
 flags.DEFINE_enum('dataset', 'digits', DATASETS, 'digits is bundled with scikit-learn (offline default).')
 flags.DEFINE_string('data_dir', None, 'Local data files (for mnist: a directory of the four IDX files).')
