@@ -4,26 +4,58 @@ One epoch is one compiled program (`lax.scan` over shuffled batches of the
 device-resident uint8 data). Early stopping lives in `FitState`, a pytree, and
 `epoch_step` advances it by one epoch; a finished state (early-stopped or
 diverged) passes through unchanged. That makes the same function usable for
-one trial (a Python loop that stops when `done`) and, vmapped, for many trials
-at once, and lets a caller checkpoint between any two epochs.
+one trial (a Python loop that stops when `done`) and for many trials at once
+(`Trainer.batched_epoch_step`: every state leaf has a leading trial axis, one
+compiled program advances all trials, finished ones are not recomputed; used
+by `dropnet_jax.batched`), and lets a caller checkpoint between any two epochs.
 
 The masks are an input of every step, never a Python value baked into the
 trace, so changing the mask between DropNet cycles does not recompile.
+
+Data parallelism: every step gathers its batch from the (replicated) dataset
+and constrains it to be split over the 'data' axis of `Trainer.mesh` (all
+local devices by default); parameters and optimiser state stay replicated, so
+XLA inserts one gradient all-reduce per step. With one device the constraints
+are left out and the programs are exactly the single-device ones. Batched
+trials are instead split over the devices by trial when their count allows
+(no per-step communication at all).
+
+Batch norm: θ may be a plain params tree (models without batch norm) or a
+Flax variables dict `{'params': ..., 'batch_stats': ...}` (e.g. from
+`large_models.init_variables` or `init_theta`). With 'batch_stats', training
+applies the model with `train=True, mutable=['batch_stats']` and carries the
+running statistics inside θ (so `FitState.params`/`best_params` are variables
+dicts, and θ0 includes the initial statistics); evaluation uses
+`train=False`. Only 'params' is optimised. In training the last, partial
+batch of an epoch is run at its true size (not padded), so padding never
+enters the batch statistics.
+
+Speed (per step, everything stays on the device): the epoch's shuffled
+training images are gathered once per epoch as whole rows (small datasets)
+or per step; the shuffle is `jax.random.permutation`'s exact order computed
+with cheaper sorts (`shuffle_order`); the loss, accuracy and unit statistics
+accumulate elementwise per batch row and are reduced once per pass; on CPU,
+convolution and max-pool gradients are rewritten into forms XLA:CPU runs
+fast inside loops (`with_fast_grads`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.extend
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dropnet_jax.models import Masks
 from dropnet_jax.pruning import StatSums
+
+DATA_AXIS = 'data'
 
 
 class DeviceData(NamedTuple):
@@ -36,9 +68,12 @@ class DeviceData(NamedTuple):
   test_labels: jax.Array
 
   @classmethod
-  def from_dataset(cls, ds) -> 'DeviceData':
-    return cls(*(jnp.asarray(a) for a in (ds.train_images, ds.train_labels, ds.val_images,
-                                          ds.val_labels, ds.test_images, ds.test_labels)))
+  def from_dataset(cls, ds, sharding: jax.sharding.Sharding | None = None) -> 'DeviceData':
+    """Copies a host Dataset to the device once (replicated over `sharding`'s devices if given)."""
+    arrays = (ds.train_images, ds.train_labels, ds.val_images, ds.val_labels, ds.test_images, ds.test_labels)
+    if sharding is not None:
+      return cls(*(jax.device_put(np.asarray(a), sharding) for a in arrays))
+    return cls(*(jnp.asarray(a) for a in arrays))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +93,11 @@ class EvalResult(NamedTuple):
 
 
 class FitState(NamedTuple):
-  """Everything one training run carries from epoch to epoch."""
+  """Everything one training run carries from epoch to epoch.
+
+  `params`/`best_params` are θ in the form given to `init_fit`: a params tree,
+  or a variables dict with 'batch_stats' for batch-norm models.
+  """
   params: Any
   opt_state: Any
   best_params: Any
@@ -77,19 +116,72 @@ class FitState(NamedTuple):
   val_accuracy: jax.Array
 
 
+# -- θ: a params tree, or a variables dict with batch statistics --------------------------------
+
+
+def is_variables(theta) -> bool:
+  """True for a Flax variables dict ({'params'} or {'params', 'batch_stats'}), False for a params tree."""
+  return isinstance(theta, Mapping) and 'params' in theta and set(theta) <= {'params', 'batch_stats'}
+
+
+def split_theta(theta) -> tuple[Any, Any]:
+  """(params, batch_stats or None)."""
+  if is_variables(theta):
+    return theta['params'], theta.get('batch_stats')
+  return theta, None
+
+
+def _join_theta(like, params, batch_stats):
+  """θ in the same form as `like` (plain dicts, so pytree structures always match)."""
+  if not is_variables(like):
+    return params
+  out = {'params': params}
+  if batch_stats is not None:
+    out['batch_stats'] = batch_stats
+  return out
+
+
+def _normalise_theta(theta):
+  return _join_theta(theta, *split_theta(theta)) if is_variables(theta) else theta
+
+
+def init_theta(model, key: jax.Array, image_shape: Sequence[int], masks: Masks) -> Any:
+  """θ0 for one seed: `model.init(...)['params']` (exactly `models.init_params`'s result) for
+  models without batch norm, else the variables dict {'params', 'batch_stats'}."""
+  variables = model.init(key, jnp.zeros((1, *image_shape), jnp.uint8), tuple(masks))
+  if 'batch_stats' in variables:
+    return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  return variables['params']
+
+
+# -- per-batch terms -------------------------------------------------------------------------------
+
+
 def _zero_sums(masks: Masks) -> StatSums:
   return StatSums(tuple(jnp.zeros_like(m) for m in masks), tuple(jnp.zeros_like(m) for m in masks),
                   jnp.zeros((), jnp.float32))
 
 
 def _batch_terms(apply_fn, params, masks, images, labels, weights):
-  """Weighted cross-entropy sum, correct count and stat sums of one batch."""
+  """Weighted cross-entropy sum, correct count and stat sums of one batch (models without batch norm)."""
   logits, stats = apply_fn({'params': params}, images, masks)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  ce = cross_entropy(logits, labels)
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   sums = StatSums(tuple(weights @ s.abs_mean for s in stats), tuple(weights @ s.zero_frac for s in stats),
                   weights.sum())
   return (weights * ce).sum(), (weights * correct).sum(), sums
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy with integer labels.
+
+  logsumexp minus the label's logit picked by a one-hot product: the same
+  value as optax's version, but the gradient is elementwise (softmax - one
+  hot) instead of a gather/scatter pair, which is cheaper inside a scan step.
+  """
+  logits = logits.astype(jnp.float32)
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(one_hot * logits, axis=-1)
 
 
 def _padded_batches(order: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -110,75 +202,448 @@ def _add_sums(a: StatSums, b: StatSums) -> StatSums:
   return jax.tree.map(jnp.add, a, b)
 
 
-class Trainer:
-  """Compiled train/eval programs for one model, optimiser and data shape."""
+def shuffle_order(key: jax.Array, n: int) -> jax.Array:
+  """Exactly `jax.random.permutation(key, n)` (int32), about 3x faster on CPU.
 
-  def __init__(self, model, config: TrainConfig):
+  jax shuffles by sorting with fresh random uint32 keys a few times (a stable
+  sort of the current order by each round's keys). XLA's CPU sort is fast for
+  one operand of a primitive type but calls a generated comparator for
+  key/value pairs, so each stable key/value sort here is done as two
+  single-operand uint32 sorts (LSD radix on the 16-bit halves, the position
+  packed into the low 16 bits), which gives the same order. Needs n <= 2^16;
+  larger n use jax.random.permutation itself. Tested against it.
+  """
+  if n > 1 << 16:
+    return jax.random.permutation(key, n)
+  pos = jnp.arange(n, dtype=jnp.uint32)
+
+  def stable_argsort(keys):
+    by_low = jnp.sort(((keys & 0xFFFF) << 16) | pos) & 0xFFFF
+    by_high = jnp.sort(((keys[by_low] >> 16) << 16) | pos) & 0xFFFF
+    return by_low[by_high]
+
+  x = jnp.arange(n, dtype=jnp.int32)
+  num_rounds = int(np.ceil(3 * np.log(max(1, n)) / np.log(np.iinfo(np.uint32).max)))  # as jax's _shuffle
+  for _ in range(num_rounds):
+    key, subkey = jax.random.split(key)
+    x = x[stable_argsort(jax.random.bits(subkey, (n,), jnp.uint32))]
+  return x
+
+
+def _take(a: jax.Array, idx: jax.Array) -> jax.Array:
+  """a[idx] along axis 0 for in-range indices, as whole rows of a 2-D view.
+
+  Row gathers of the flattened array, with 'clip' instead of the default
+  mode's bounds handling, run many times faster on XLA:CPU than the
+  element-wise gather of a[idx] on the N-d array.
+  """
+  rows = jnp.take(a.reshape(a.shape[0], -1), idx, axis=0, mode='clip')
+  return rows.reshape(idx.shape + a.shape[1:])
+
+
+class _RowSums(NamedTuple):
+  """Per-row accumulators of a pass: row r sums the weighted terms of the r-th example of every
+  batch. Adding elementwise each step fuses with the producers (no per-step reductions); the
+  rows are summed once at the end of the pass."""
+  loss: jax.Array  # (B,)
+  correct: jax.Array  # (B,)
+  abs_sum: tuple[jax.Array, ...]  # (B, units) per layer
+  zero_sum: tuple[jax.Array, ...]
+
+  @classmethod
+  def zeros(cls, rows: int, masks: Masks) -> '_RowSums':
+    z = lambda: tuple(jnp.zeros((rows, m.shape[-1]), jnp.float32) for m in masks)
+    return cls(jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32), z(), z())
+
+  def add(self, w, ce, logits, labels, stats) -> '_RowSums':
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    wc = w[:, None]
+    return _RowSums(self.loss + w * ce, self.correct + w * correct,
+                    tuple(a + wc * s.abs_mean for a, s in zip(self.abs_sum, stats)),
+                    tuple(z + wc * s.zero_frac for z, s in zip(self.zero_sum, stats)))
+
+  def totals(self):
+    """(loss sum, correct sum, per-unit abs sums, per-unit zero sums)."""
+    return (self.loss.sum(), self.correct.sum(), tuple(a.sum(0) for a in self.abs_sum),
+            tuple(z.sum(0) for z in self.zero_sum))
+
+
+# -- gradients that XLA:CPU runs fast inside loops ---------------------------------------------
+
+_NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs, out specs of Flax's 2-D convs
+
+
+def _conv_handled(eqn) -> bool:
+  """Whether a conv_general_dilated equation is one `_conv_fast_grads` handles."""
+  p = eqn.params
+  dn = p['dimension_numbers']
+  lhs, rhs = (v.aval for v in eqn.invars)
+  if (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != _NHWC_HWIO or lhs.ndim != 4:
+    return False
+  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or p['preferred_element_type'] not in (None, jnp.float32):
+    return False
+  if p['feature_group_count'] != 1 or p['batch_group_count'] != 1:
+    return False
+  if any(v != 1 for v in (*p['window_strides'], *p['lhs_dilation'], *p['rhs_dilation'])):
+    return False
+  return all(0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(p['padding'], rhs.shape[:2]))
+
+
+def _conv_fast_grads(params):
+  """The convolution of `params` (stride 1, NHWC/HWIO) with gradients written as plain forward
+  convolutions on explicitly transposed operands.
+
+  Autodiff's own gradient convolutions have transposed dimension labels
+  (f01b_i01o->01bf for the kernel, b01f_01oi->b01f for the input); inside a
+  while loop (the epoch's scan) XLA:CPU runs those tens of times slower than
+  forward-style b01f_01io->b01f convolutions, which it runs outside loops.
+  The values are the same up to float rounding.
+  """
+  padding = tuple(tuple(p) for p in params['padding'])
+  precision = params['precision']
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  @jax.custom_vjp
+  def conv(x, w):
+    return jax.lax.conv_general_dilated_p.bind(x, w, **params)
+
+  def fwd(x, w):
+    return conv(x, w), (x, w)
+
+  def bwd(res, g):
+    x, w = res
+    kernel = w.shape[:2]
+    # d/dx: the output gradient convolved with the flipped kernel, its in/out features swapped.
+    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    pad_t = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kernel))
+    dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), pad_t, dimension_numbers=dn, precision=precision)
+    # d/dw: features of x as the batch, examples as the contracted input features.
+    dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), padding,
+                                      dimension_numbers=dn, precision=precision)
+    return dx, dw.transpose(1, 2, 0, 3)
+
+  conv.defvjp(fwd, bwd)
+  return conv
+
+
+def _pool_handled(eqn) -> bool:
+  """Whether a reduce_window_max equation is a non-overlapping NHWC max pool (`_max_pool_fast_grads`)."""
+  p = eqn.params
+  x = eqn.invars[0].aval
+  win = tuple(p['window_dimensions'])
+  return (x.ndim == 4 and jnp.issubdtype(x.dtype, jnp.floating) and win[0] == win[3] == 1
+          and tuple(p['window_strides']) == win and all(lo == hi == 0 for lo, hi in p['padding'])
+          and all(d == 1 for d in (*p['base_dilation'], *p['window_dilation']))
+          and x.shape[1] % win[1] == 0 and x.shape[2] % win[2] == 0)
+
+
+def _max_pool_fast_grads(params):
+  """Non-overlapping max pooling as a max over reshaped windows; the gradient goes to the first
+  maximum of each window in row-major order, as autodiff's select-and-scatter does, but with
+  elementwise code instead of XLA:CPU's slow variadic reduce-window and scatter."""
+  _, kh, kw, _ = params['window_dimensions']
+
+  def windows(x):
+    b, h, w, c = x.shape
+    return x.reshape(b, h // kh, kh, w // kw, kw, c)
+
+  @jax.custom_vjp
+  def pool(x):
+    return windows(x).max(axis=(2, 4))
+
+  def fwd(x):
+    y = pool(x)
+    return y, (x, y)
+
+  def bwd(res, g):
+    x, y = res
+    xw = windows(x)
+    is_max = xw == y[:, :, None, :, None, :]
+    taken = jnp.zeros_like(y, dtype=bool)
+    rows = []
+    for i in range(kh):
+      cols = []
+      for j in range(kw):
+        first = is_max[:, :, i, :, j, :] & ~taken
+        taken = taken | first
+        cols.append(jnp.where(first, g, jnp.zeros_like(g)))
+      rows.append(jnp.stack(cols, axis=3))  # (b, h', w', kw, c)
+    dx = jnp.stack(rows, axis=2)  # (b, h', kh, w', kw, c)
+    return (dx.reshape(x.shape),)
+
+  pool.defvjp(fwd, bwd)
+  return pool
+
+
+_REWRITES = {'conv_general_dilated': (_conv_handled, _conv_fast_grads),
+             'reduce_window_max': (_pool_handled, _max_pool_fast_grads)}
+_CALLS = ('pjit', 'jit', 'closed_call')
+
+
+def _has_rewrite(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in _REWRITES and _REWRITES[name][0](eqn):
+      return True
+    if name in _CALLS and 'jaxpr' in eqn.params and _has_rewrite(eqn.params['jaxpr'].jaxpr):
+      return True
+  return False
+
+
+def _eval_with_fast_grads(jaxpr, consts, *args):
+  """Evaluates a jaxpr (like jax.core.eval_jaxpr), swapping in the `_REWRITES` for the equations
+  they handle, including those inside nested jit calls (which are inlined)."""
+  env = {}
+  read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name in _REWRITES and _REWRITES[name][0](eqn):
+      outvals = [_REWRITES[name][1](eqn.params)(*invals)]
+    elif name in _CALLS and 'jaxpr' in eqn.params:
+      sub = eqn.params['jaxpr']
+      outvals = _eval_with_fast_grads(sub.jaxpr, sub.consts, *invals)
+    else:
+      with eqn.ctx.manager:
+        outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+      if not eqn.primitive.multiple_results:
+        outvals = [outvals]
+    for v, x in zip(eqn.outvars, outvals):
+      env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def with_fast_grads(fun: Callable) -> Callable:
+  """`fun` (positional array arguments) with the gradients of its stride-1 NHWC convolutions and
+  non-overlapping max pools computed by code XLA:CPU runs fast inside loops (see
+  `_conv_fast_grads`, `_max_pool_fast_grads`); the same values up to float rounding. `fun`
+  itself when it has neither, so e.g. MLPs compile exactly as before."""
+  def wrapped(*args):
+    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
+    if not _has_rewrite(closed.jaxpr):
+      return fun(*args)
+    out = _eval_with_fast_grads(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+  return wrapped
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh with axis 'data' over `devices` (default: all local devices)."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+class Trainer:
+  """Compiled train/eval programs for one model, optimiser and data shape.
+
+  `devices`: the devices each batch (or, for batched trials, the set of
+  trials) is split over (default: all local
+  devices; `config.batch_size` must be a multiple of their number). `unroll`:
+  scan steps unrolled per loop iteration of the training epoch.
+  `gather_per_epoch`: gather the shuffled training images once per epoch
+  (one copy of the training set, then contiguous slices per step; faster
+  for small images) instead of per step; None: when the training images
+  take at most 64 MiB. `fast_grads`: compute the training gradients of
+  convolutions and max pools with `with_fast_grads` (None: on CPU, where
+  XLA runs autodiff's versions slowly inside loops).
+  `lanes_per_chunk`: how the batched functions process their trials: chunks
+  of this many lanes, each chunk vmapped, one chunk after another (a chunk
+  whose lanes are all done is skipped). None: 1 on CPU (one trial at a time
+  in a loop: XLA:CPU runs one trial's small matmuls at least as fast as the
+  batched ones, and finished trials then cost nothing), all lanes at once
+  (plain vmap) on accelerators.
+  """
+
+  def __init__(self, model, config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
+               unroll: int = 1, gather_per_epoch: bool | None = None, fast_grads: bool | None = None,
+               lanes_per_chunk: int | None = None):
     self.model = model
     self.config = config
     self.tx = optax.sgd(config.lr)
+    self.unroll = unroll
+    self.gather_per_epoch = gather_per_epoch
+    self.mesh = data_mesh(devices)
+    self.num_devices = self.mesh.size
+    if fast_grads is None:
+      fast_grads = self.mesh.devices.flat[0].platform == 'cpu'
+    self.fast_grads = fast_grads
+    if config.batch_size % self.num_devices:
+      raise ValueError(f'batch_size {config.batch_size} is not a multiple of the {self.num_devices} devices the '
+                       'batch is split over; choose a multiple, or pass devices= (e.g. jax.local_devices()[:1])')
+    self.replicated = NamedSharding(self.mesh, P())
+    self._split_batch = NamedSharding(self.mesh, P(DATA_AXIS))
     self.evaluate = jax.jit(self._evaluate)
     self.train_epoch = jax.jit(self._train_epoch)
     self.epoch_step = jax.jit(self._epoch_step)
+    # Many trials at once: every FitState leaf has a leading trial (lane) axis; the data are shared.
+    if lanes_per_chunk is None:
+      lanes_per_chunk = 1 if self.mesh.devices.flat[0].platform == 'cpu' else 1 << 30
+    if lanes_per_chunk < 1:
+      raise ValueError(f'lanes_per_chunk must be positive, got {lanes_per_chunk}')
+    self.lanes_per_chunk = lanes_per_chunk
+    self.batched_init_fit = jax.jit(jax.vmap(self.init_fit))
+    self.batched_epoch_step = jax.jit(self._batched_epoch_step)
+    self.batched_evaluate = jax.jit(self._batched_evaluate)
+
+  def eval_batch_size(self, n: int) -> int:
+    """The evaluation batch for n examples: at most config.eval_batch_size, as even as possible so
+    the last batch is barely padded, and a multiple of the device count (evaluation only sums
+    per-example terms, so the batching does not change the result beyond float rounding)."""
+    batches = max(1, -(-n // self.config.eval_batch_size))
+    size = max(1, -(-n // batches))
+    return -(-size // self.num_devices) * self.num_devices
+
+  # -- placement ------------------------------------------------------------
+
+  def replicate(self, tree):
+    """Places a pytree (e.g. DeviceData) on every device of the mesh, once."""
+    return jax.device_put(tree, self.replicated)
+
+  def _batch_constraint(self, tree, split: bool = True):
+    """The gathered batch (leading axis) is split over the 'data' axis; a no-op on one device
+    (or with split=False: inside a per-device program of lanes split over the devices)."""
+    if self.num_devices == 1 or not split:
+      return tree
+
+    def one(x):
+      if x.shape[0] % self.num_devices:
+        return x  # a remainder batch that does not split evenly runs replicated
+      return jax.lax.with_sharding_constraint(x, self._split_batch)
+    return jax.tree.map(one, tree)
+
+  def _replicated_constraint(self, tree, split: bool = True):
+    if self.num_devices == 1 or not split:
+      return tree
+    return jax.lax.with_sharding_constraint(tree, self.replicated)
+
+  # -- the model --------------------------------------------------------------
+
+  def _apply(self, params, batch_stats, masks, images, train: bool):
+    """(logits, stats, new batch_stats)."""
+    if batch_stats is None:
+      apply = lambda p, x, m: self.model.apply({'params': p}, x, m)
+      if train and self.fast_grads:
+        apply = with_fast_grads(apply)
+      logits, stats = apply(params, images, masks)
+      return logits, stats, None
+    if not train:
+      logits, stats = self.model.apply({'params': params, 'batch_stats': batch_stats}, images, masks, train=False)
+      return logits, stats, batch_stats
+    apply = lambda p, b, x, m: self.model.apply({'params': p, 'batch_stats': b}, x, m, train=True,
+                                                mutable=['batch_stats'])
+    if self.fast_grads:
+      apply = with_fast_grads(apply)
+    (logits, stats), updates = apply(params, batch_stats, images, masks)
+    return logits, stats, updates['batch_stats']
 
   # -- one pass -------------------------------------------------------------
 
-  def _evaluate(self, params, masks: Masks, images: jax.Array, labels: jax.Array) -> EvalResult:
+  def _evaluate(self, params, masks: Masks, images: jax.Array, labels: jax.Array, *,
+                split_batch: bool = True) -> EvalResult:
     """Mean loss, accuracy and per-unit stat sums over all of (images, labels)."""
-    idx, weights = _padded_batches(jnp.arange(images.shape[0]), self.config.eval_batch_size)
+    params, batch_stats = split_theta(params)
+    bs = self.eval_batch_size(images.shape[0])
+    idx, weights = _padded_batches(jnp.arange(images.shape[0]), bs)
 
-    def body(carry, batch):
-      loss_sum, correct_sum, sums = carry
-      b_idx, b_w = batch
-      l, c, s = _batch_terms(self.model.apply, params, masks, images[b_idx], labels[b_idx], b_w)
-      return (loss_sum + l, correct_sum + c, _add_sums(sums, s)), None
+    def body(acc, batch):
+      b_idx, w = batch
+      x, y, w = self._batch_constraint((_take(images, b_idx), _take(labels, b_idx), w), split_batch)
+      logits, stats, _ = self._apply(params, batch_stats, masks, x, train=False)
+      return acc.add(w, cross_entropy(logits, y), logits, y, stats), None
 
-    init = (jnp.zeros(()), jnp.zeros(()), _zero_sums(masks))
-    (loss_sum, correct_sum, sums), _ = jax.lax.scan(body, init, (idx, weights))
+    acc, _ = jax.lax.scan(body, _RowSums.zeros(bs, masks), (idx, weights))
+    loss_sum, correct_sum, abs_sum, zero_sum = acc.totals()
     n = images.shape[0]
-    return EvalResult(loss_sum / n, correct_sum / n, sums)
+    return EvalResult(loss_sum / n, correct_sum / n, StatSums(abs_sum, zero_sum, jnp.asarray(n, jnp.float32)))
 
-  def _train_epoch(self, params, opt_state, masks: Masks, images, labels, key):
-    """One shuffled epoch of SGD; returns params, opt_state, mean loss, accuracy, stat sums."""
-    order = jax.random.permutation(key, images.shape[0])
-    idx, weights = _padded_batches(order, self.config.batch_size)
+  def _train_epoch(self, params, opt_state, masks: Masks, images, labels, key, *, split_batch: bool = True):
+    """One shuffled epoch of SGD; returns θ, opt_state, mean loss, accuracy, stat sums."""
+    theta = params
+    params, batch_stats = split_theta(theta)
+    n, bs = images.shape[0], self.config.batch_size
+    order = shuffle_order(key, n)
+    tail = n % bs if batch_stats is not None else 0  # batch norm: the partial batch runs at its size
+    idx, weights = _padded_batches(order[:n - tail], bs)
+    counts = weights.sum(axis=1)
+    per_epoch = self.gather_per_epoch
+    if per_epoch is None:
+      per_epoch = images.size * images.dtype.itemsize <= 64 << 20
 
-    def loss_fn(p, x, y, w):
-      l, c, s = _batch_terms(self.model.apply, p, masks, x, y, w)
-      return l / w.sum(), (l, c, s)
+    def step(carry, x, y, w, count):
+      params, batch_stats, opt_state, acc = carry
 
-    def body(carry, batch):
-      params, opt_state, loss_sum, correct_sum, sums = carry
-      b_idx, b_w = batch
-      grads, (l, c, s) = jax.grad(loss_fn, has_aux=True)(params, images[b_idx], labels[b_idx], b_w)
+      def loss_fn(p):
+        logits, stats, new_bs = self._apply(p, batch_stats, masks, x, train=True)
+        ce = cross_entropy(logits, y)
+        return (w * ce).sum() / count, (logits, ce, stats, new_bs)
+
+      grads, (logits, ce, stats, new_bs) = jax.grad(loss_fn, has_aux=True)(params)
       updates, opt_state = self.tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return (params, opt_state, loss_sum + l, correct_sum + c, _add_sums(sums, s)), None
+      params = self._replicated_constraint(optax.apply_updates(params, updates), split_batch)
+      return params, new_bs, opt_state, acc, (w, ce, logits, y, stats)
 
-    init = (params, opt_state, jnp.zeros(()), jnp.zeros(()), _zero_sums(masks))
-    (params, opt_state, loss_sum, correct_sum, sums), _ = jax.lax.scan(body, init, (idx, weights))
-    n = images.shape[0]
-    return params, opt_state, loss_sum / n, correct_sum / n, sums
+    if per_epoch:  # the epoch's batches in order, as one array: steps slice it contiguously
+      rows = jnp.take(images.reshape(n, -1), idx, axis=0, mode='clip')  # (batches, bs, pixels): see _take
+      batches = (rows, _take(labels, idx), weights, counts)
+    else:
+      batches = (idx, weights, counts)
+
+    def body(carry, i):
+      # Batch i is sliced here rather than scanned over as `xs`: vmapped (many trials), scanned
+      # xs would need the per-epoch arrays transposed to batch-major first, a copy of all of them.
+      batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), batches)
+      if per_epoch:
+        x, y, w, count = batch
+        x = x.reshape(x.shape[:1] + images.shape[1:])
+      else:
+        b_idx, w, count = batch
+        x, y = _take(images, b_idx), _take(labels, b_idx)
+      x, y, w = self._batch_constraint((x, y, w), split_batch)
+      params, new_bs, opt_state, acc, terms = step(carry, x, y, w, count)
+      return (params, new_bs, opt_state, acc.add(*terms)), None
+
+    init = (params, batch_stats, opt_state, _RowSums.zeros(bs, masks))
+    (params, batch_stats, opt_state, acc), _ = jax.lax.scan(body, init, jnp.arange(idx.shape[0]),
+                                                             unroll=self.unroll)
+    loss_sum, correct_sum, abs_sum, zero_sum = acc.totals()
+    if tail:
+      t_idx = order[n - tail:]
+      x, y, w = self._batch_constraint((_take(images, t_idx), _take(labels, t_idx), jnp.ones((tail,), jnp.float32)),
+                                       split_batch)
+      params, batch_stats, opt_state, _, terms = step((params, batch_stats, opt_state, None), x, y, w,
+                                                      jnp.asarray(tail, jnp.float32))
+      l, c, a, z = _RowSums.zeros(tail, masks).add(*terms).totals()
+      loss_sum, correct_sum = loss_sum + l, correct_sum + c
+      abs_sum = tuple(map(jnp.add, abs_sum, a))
+      zero_sum = tuple(map(jnp.add, zero_sum, z))
+    sums = StatSums(abs_sum, zero_sum, jnp.asarray(n, jnp.float32))
+    return _join_theta(theta, params, batch_stats), opt_state, loss_sum / n, correct_sum / n, sums
 
   # -- early stopping -------------------------------------------------------
 
   def init_fit(self, params0, masks: Masks, key: jax.Array) -> FitState:
     """A fresh run from θ0 (the very arrays given: nothing is re-initialised)."""
+    params0 = _normalise_theta(params0)
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return FitState(
-        params=params0, opt_state=self.tx.init(params0), best_params=params0, best_sums=_zero_sums(masks),
-        masks=tuple(masks), key=key, epoch=jnp.zeros((), jnp.int32), best_epoch=jnp.zeros((), jnp.int32),
-        best_val_loss=f32(jnp.inf), bad_epochs=jnp.zeros((), jnp.int32), done=jnp.zeros((), bool),
-        diverged=jnp.zeros((), bool), train_loss=f32(jnp.nan), train_accuracy=f32(jnp.nan),
-        val_loss=f32(jnp.nan), val_accuracy=f32(jnp.nan))
+        params=params0, opt_state=self.tx.init(split_theta(params0)[0]), best_params=params0,
+        best_sums=_zero_sums(masks), masks=tuple(masks), key=key, epoch=jnp.zeros((), jnp.int32),
+        best_epoch=jnp.zeros((), jnp.int32), best_val_loss=f32(jnp.inf), bad_epochs=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((), bool), diverged=jnp.zeros((), bool), train_loss=f32(jnp.nan),
+        train_accuracy=f32(jnp.nan), val_loss=f32(jnp.nan), val_accuracy=f32(jnp.nan))
 
-  def _epoch_step(self, state: FitState, data: DeviceData) -> FitState:
+  def _epoch_step(self, state: FitState, data: DeviceData, *, split_batch: bool = True) -> FitState:
     """Trains one epoch and applies the early-stopping rule; a done state is returned unchanged."""
     epoch = state.epoch + 1
     params, opt_state, train_loss, train_acc, sums = self._train_epoch(
         state.params, state.opt_state, state.masks, data.train_images, data.train_labels,
-        jax.random.fold_in(state.key, epoch))
-    val = self._evaluate(params, state.masks, data.val_images, data.val_labels)
+        jax.random.fold_in(state.key, epoch), split_batch=split_batch)
+    val = self._evaluate(params, state.masks, data.val_images, data.val_labels, split_batch=split_batch)
     diverged = ~jnp.isfinite(train_loss) | ~jnp.isfinite(val.loss)
     improved = (val.loss < state.best_val_loss) & ~diverged
     bad_epochs = jnp.where(improved, 0, state.bad_epochs + 1)
@@ -197,6 +662,62 @@ class Trainer:
         val_loss=val.loss, val_accuracy=val.accuracy)
     # Freeze finished runs, so a vmapped batch of trials can run until the last one stops.
     return jax.tree.map(lambda o, n: jnp.where(state.done, o, n), state, new)
+
+  # -- many trials ----------------------------------------------------------
+
+  def _over_lanes(self, fn, lanes, shared, skip=None, skip_gives_zeros=False):
+    """fn(lane_args..., *shared) for every lane of `lanes` (pytrees with a leading lane axis), in
+    chunks of `lanes_per_chunk` lanes. A chunk for which `skip(chunk)` is true is not computed:
+    its result is the chunk's first argument, unchanged (or zeros with `skip_gives_zeros`)."""
+    num = jax.tree.leaves(lanes)[0].shape[0]
+    k = max(d for d in range(1, min(self.lanes_per_chunk, num) + 1) if num % d == 0)
+    one = (lambda c: fn(*c, *shared)) if k == 1 else (lambda c: jax.vmap(lambda *a: fn(*a, *shared))(*c))
+    if skip_gives_zeros:
+      skipped = lambda c: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, c))
+    else:
+      skipped = lambda c: c[0]
+    run = one if skip is None else (lambda c: jax.lax.cond(skip(c), skipped, one, c))
+    if k == num and k > 1:
+      return run(lanes)
+    if k == 1:
+      return jax.lax.map(run, lanes)
+    chunks = jax.tree.map(lambda x: x.reshape((num // k, k) + x.shape[1:]), lanes)
+    out = jax.lax.map(run, chunks)
+    return jax.tree.map(lambda x: x.reshape((num,) + x.shape[2:]), out)
+
+  def _lanes_split(self, lanes) -> bool:
+    """Lanes are split over the devices (each device runs its trials, no per-step communication)
+    when there are several devices and the lane count is a multiple of theirs; otherwise every
+    device works on every lane and each batch is split."""
+    return self.num_devices > 1 and jax.tree.leaves(lanes)[0].shape[0] % self.num_devices == 0
+
+  def _per_device_lanes(self, fn, lanes, shared):
+    return jax.shard_map(lambda l, s: fn(l, s), mesh=self.mesh, in_specs=(P(DATA_AXIS), P()),
+                         out_specs=P(DATA_AXIS), check_vma=False)(lanes, shared)
+
+  def _batched_epoch_step(self, state: FitState, data: DeviceData) -> FitState:
+    """`epoch_step` for every lane (trial) of a batched state; done lanes are not recomputed."""
+    skip = lambda c: jnp.all(c[0].done)
+    if self._lanes_split(state):
+      step = lambda s, d: self._epoch_step(s, d, split_batch=False)
+      return self._per_device_lanes(lambda l, s: self._over_lanes(step, (l,), (s,), skip), state, data)
+    return self._over_lanes(self._epoch_step, (state,), (data,), skip)
+
+  def _batched_evaluate(self, params, masks: Masks, images: jax.Array, labels: jax.Array,
+                        active: jax.Array | None = None) -> EvalResult:
+    """`evaluate` for every lane of batched params and masks on the same data. `active` (bool per
+    lane): lanes that are not active are not evaluated (their results are zeros)."""
+    split = self._lanes_split(params)
+    ev = lambda p, m, a, x, y: self._evaluate(p, m, x, y, split_batch=not split)
+    if active is None:
+      active = jnp.ones(jax.tree.leaves(params)[0].shape[:1], bool)
+
+    def over(lanes, shared):
+      return self._over_lanes(ev, lanes, shared, skip=lambda c: ~jnp.any(c[2]), skip_gives_zeros=True)
+
+    if split:
+      return self._per_device_lanes(over, (params, masks, active), (images, labels))
+    return over((params, masks, active), (images, labels))
 
   def fit(self, state: FitState, data: DeviceData,
           on_epoch: Callable[[FitState], None] | None = None) -> FitState:

@@ -1,0 +1,208 @@
+"""Algorithm 1 for many trials at once: all (seed, metric) runs of one model in lockstep cycles.
+
+Every cycle trains all its trials together in one compiled program,
+`Trainer.batched_epoch_step` (`jit(vmap(epoch_step))`: params, optimiser
+state, masks and shuffling keys carry a leading trial axis, the data are
+shared). Early stopping is per trial: a trial whose `FitState.done` is set
+stops changing while the others go on, and the cycle ends when all are done.
+
+The batch shape never changes, so nothing recompiles between cycles: cycle 0
+(the dense network, the same computation for every metric of a seed) is
+trained once per seed, in a batch of len(seeds) trials, and shared by the
+seed's metrics exactly as `dropnet.run_seed` does; every later cycle is a
+batch of len(seeds) x len(metrics) lanes in a fixed order, where a trial that
+has stopped keeps its lane as a done (frozen) state whose results are
+ignored (and which the trainer does not recompute, see
+`Trainer.lanes_per_chunk`). With several devices the lane counts are padded
+to a multiple of the device count so the lanes can be split over them. Scoring and mask updates use `dropnet.next_masks` per trial with the
+keys of `dropnet.SeedKeys`, so the records are those of `run_seed` (up to
+float rounding of the batched arithmetic and the wall-clock `seconds`, which
+here is the time of the whole batched cycle).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dropnet_jax import pruning
+from dropnet_jax.dropnet import DropNetConfig, SeedKeys, mask_to_strings, next_masks, should_stop
+from dropnet_jax.models import full_masks, init_params
+from dropnet_jax.train import DeviceData, FitState, Trainer, init_theta
+
+_stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def theta0_for_seed(model, keys: SeedKeys, image_shape: Sequence[int]) -> Any:
+  """θ0 of a seed as run_seed makes it; batch-norm models also get their initial 'batch_stats'."""
+  dummy = jnp.zeros((1, *image_shape), jnp.uint8)
+  shapes = jax.eval_shape(lambda: model.init(keys.init, dummy, full_masks(model)))
+  if 'batch_stats' in shapes:
+    return init_theta(model, keys.init, image_shape, full_masks(model))
+  return init_params(model, keys.init, image_shape)
+
+
+def train_lanes(trainer: Trainer, state: FitState, data: DeviceData,
+                on_epoch: Callable[[FitState], None] | None = None) -> FitState:
+  """Runs the batched epoch step until every lane is done (one small host read of `done` per epoch)."""
+  while not np.all(np.asarray(state.done)):
+    state = trainer.batched_epoch_step(state, data)
+    if on_epoch is not None:
+      on_epoch(state)
+  return state
+
+
+def measure_lanes(trainer: Trainer, state: FitState, data: DeviceData, score_from: str,
+                  seconds: float, active=None) -> list[tuple[dict[str, Any], pruning.StatSums]]:
+  """`dropnet.measure_cycle` for every lane of a batched state: (record fields, scoring sums) per
+  lane. Lanes not `active` (bool per lane; default all) are not evaluated: their fields are junk."""
+  start = time.perf_counter()
+  masks, best, last = state.masks, state.best_params, state.params
+  active = jnp.ones(state.done.shape, bool) if active is None else jnp.asarray(active)
+  train = trainer.batched_evaluate(best, masks, data.train_images, data.train_labels, active)
+  val = trainer.batched_evaluate(best, masks, data.val_images, data.val_labels, active)
+  test = trainer.batched_evaluate(best, masks, data.test_images, data.test_labels, active)
+  last_test = trainer.batched_evaluate(last, masks, data.test_images, data.test_labels, active)
+  sums = train.sums if score_from == 'data' else state.best_sums
+  host = jax.device_get({'masks': masks, 'train': train, 'val': val, 'test': test, 'last_test': last_test,
+                         'sums': sums, 'state': state._replace(params=None, opt_state=None, best_params=None,
+                                                               best_sums=None, key=None)})
+  seconds += time.perf_counter() - start
+  s = host['state']
+  out = []
+  for t in range(len(s.done)):
+    lane_masks = tuple(m[t] for m in host['masks'])
+    f = lambda x: float(x[t])
+    record = {
+        'fraction_remaining': pruning.fraction_remaining(lane_masks),
+        'units': pruning.units_per_layer(lane_masks),
+        'train_accuracy': f(host['train'].accuracy), 'train_loss': f(host['train'].loss),
+        'val_accuracy': f(host['val'].accuracy), 'val_loss': f(host['val'].loss),
+        'test_accuracy': f(host['test'].accuracy), 'test_loss': f(host['test'].loss),
+        'last_train_accuracy': f(s.train_accuracy), 'last_train_loss': f(s.train_loss),
+        'last_val_accuracy': f(s.val_accuracy), 'last_val_loss': f(s.val_loss),
+        'last_test_accuracy': f(host['last_test'].accuracy), 'last_test_loss': f(host['last_test'].loss),
+        'early_stop_epoch': int(s.best_epoch[t]), 'epochs_trained': int(s.epoch[t]),
+        'diverged': bool(s.diverged[t]),
+        'mask': mask_to_strings(lane_masks),
+        'seconds': seconds,
+    }
+    lane_sums = jax.tree.map(lambda x: jnp.asarray(x[t]), host['sums'])
+    out.append((record, lane_sums))
+  return out
+
+
+class _Trial:
+  """One (seed, metric) run of Algorithm 1 as it advances cycle by cycle."""
+
+  def __init__(self, seed_index: int, seed: int, metric: str, masks):
+    self.seed_index, self.seed, self.metric = seed_index, seed, metric
+    self.masks = masks  # the masks of the trial's next cycle
+    self.stopped = False
+    self.records: list[dict[str, Any]] = []
+
+
+def run_seeds_batched(model, image_shape, data: DeviceData, seeds: Sequence[int], config: DropNetConfig,
+                      trainer: Trainer | None = None,
+                      on_record: Callable[[dict[str, Any]], None] | None = None,
+                      log: Callable[[str], None] = print, log_epochs: bool = False) -> list[dict[str, Any]]:
+  """Algorithm 1 for every seed x metric, all trials of a cycle trained together.
+
+  Returns the records in `run_seed`'s order (seed by seed as given, metrics in
+  config order, cycles ascending), i.e. what concatenating `run_seed` over the
+  seeds gives; `on_record` gets each record as it is made (cycle by cycle).
+  """
+  config.validate()
+  trainer = trainer or Trainer(model, config.train)
+  seeds, metrics = list(seeds), list(config.metrics)
+  if not seeds:
+    return []
+  keys = [SeedKeys.for_seed(s) for s in seeds]
+  theta0 = _stack([theta0_for_seed(model, k, image_shape) for k in keys])  # leading axis: seed
+  dense_masks = full_masks(model)
+  shuffle_bases = jnp.stack([k.shuffle for k in keys])
+  lane_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+
+  def epoch_logger(cycle, labels):
+    if not log_epochs:
+      return None
+
+    def on_epoch(state):
+      s = jax.device_get(state._replace(params=None, opt_state=None, best_params=None, best_sums=None, key=None))
+      for t, label in enumerate(labels):
+        if label is not None and (s.epoch[t] > 0):
+          log(f'{label} cycle {cycle:2d} epoch {int(s.epoch[t]):3d} train_loss {float(s.train_loss[t]):.4f} '
+              f'val_loss {float(s.val_loss[t]):.4f} val_acc {float(s.val_accuracy[t]):.4f}'
+              + (' (done)' if s.done[t] else ''))
+    return on_epoch
+
+  # Lane counts are padded to a multiple of the device count (extra lanes: copies of lane 0,
+  # done from the start) so that the trainer can split the lanes over the devices.
+  padded = lambda n: -(-n // trainer.num_devices) * trainer.num_devices
+
+  # Cycle 0: the dense network, one lane per seed, shared by all metrics of that seed.
+  start = time.perf_counter()
+  n_dense = padded(len(seeds))
+  dense_seed = jnp.asarray(list(range(len(seeds))) + [0] * (n_dense - len(seeds)))
+  state = trainer.batched_init_fit(jax.tree.map(lambda a: a[dense_seed], theta0),
+                                   _stack([dense_masks] * n_dense), lane_keys(shuffle_bases[dense_seed], 0))
+  padding = jnp.arange(n_dense) >= len(seeds)
+  state = state._replace(done=padding)
+  state = train_lanes(trainer, state, data, epoch_logger(0, [f'seed {s} {"dense":>12}' for s in seeds]))
+  dense = measure_lanes(trainer, state, data, config.score_from, time.perf_counter() - start,
+                        active=~padding)[:len(seeds)]
+
+  trials = [_Trial(i, seed, metric, dense_masks) for i, seed in enumerate(seeds) for metric in metrics]
+  dense_val = [rec['val_accuracy'] for rec, _ in dense]
+
+  def advance(trial: _Trial, cycle: int, fields: dict[str, Any], sums: pruning.StatSums) -> None:
+    """Records the trial's cycle, then stops it or sets its next masks (run_seed's rules)."""
+    record = {'seed': trial.seed, 'metric': trial.metric, 'cycle': cycle, **fields}
+    stop = should_stop(record, dense_val[trial.seed_index], config)
+    if not stop:
+      new_masks = next_masks(trial.masks, sums, trial.metric, config.fraction,
+                             keys[trial.seed_index].mask_key(trial.metric, cycle))
+      if pruning.units_per_layer(new_masks) == record['units']:
+        stop = 'nothing left to drop'
+      else:
+        trial.masks = tuple(new_masks)
+    record['stop_reason'] = stop
+    trial.stopped = bool(stop)
+    trial.records.append(record)
+    if on_record:
+      on_record(record)
+    log(f'seed {trial.seed} {trial.metric:>12} cycle {cycle:2d} fraction {record["fraction_remaining"]:.3f} '
+        f'units {record["units"]} test_acc {record["test_accuracy"]:.4f} '
+        f'epoch {record["early_stop_epoch"]} ({record["seconds"]:.1f}s batched)' + (f' stop: {stop}' if stop else ''))
+
+  for trial in trials:
+    fields, sums = dense[trial.seed_index]
+    advance(trial, 0, fields, sums)
+
+  # Cycles 1, 2, ...: one lane per trial, always len(seeds) * len(metrics) lanes (plus padding).
+  lanes = trials + [trials[0]] * (padded(len(trials)) - len(trials))
+  lane_seed = jnp.asarray([t.seed_index for t in lanes])
+  lane_theta0 = jax.tree.map(lambda a: a[lane_seed], theta0)
+  lane_shuffle = shuffle_bases[lane_seed]
+  cycle = 0
+  while not all(t.stopped for t in trials):
+    cycle += 1
+    start = time.perf_counter()
+    lane_masks = tuple(jnp.asarray(np.stack([np.asarray(t.masks[l]) for t in lanes]))
+                       for l in range(len(dense_masks)))
+    state = trainer.batched_init_fit(lane_theta0, lane_masks, lane_keys(lane_shuffle, cycle))
+    # Stopped trials (and padding) are done lanes: frozen, and neither trained nor evaluated.
+    idle = np.array([t.stopped or i >= len(trials) for i, t in enumerate(lanes)])
+    state = state._replace(done=jnp.asarray(idle))
+    labels = [None if t.stopped else f'seed {t.seed} {t.metric:>12}' for t in trials]
+    state = train_lanes(trainer, state, data, epoch_logger(cycle, labels))
+    measured = measure_lanes(trainer, state, data, config.score_from, time.perf_counter() - start, active=~idle)
+    for trial, (fields, sums) in zip(trials, measured):
+      if not trial.stopped and len(trial.records) == cycle:
+        advance(trial, cycle, fields, sums)
+
+  return [r for t in trials for r in t.records]
