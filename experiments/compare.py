@@ -1,0 +1,344 @@
+r"""DropNet side by side: dropnet_jax and the PyTorch reference, same experiment, one report.
+
+  python -m experiments.compare --dataset=mnist --data_dir=../shared/data/mnist_subset \
+      --model=fc --widths=40,40 --metrics=min,max --seeds=1 --out=runs/compare
+
+Both implementations run Algorithm 1 from the same θ0 (dropnet_jax's Flax
+init, copied into torch) with the same shuffles and tie-break draws (the same
+JAX keys), so their records should agree up to float32 rounding. Writes to
+--out: results_jax.jsonl, results_torch.jsonl, test_accuracy.png (test
+accuracy vs fraction of units remaining, both implementations, one panel per
+metric) and report.md (accuracy per cycle from both, wall time per epoch and
+per experiment, the speed ratio); prints the tables.
+
+Timing: JAX's compile is measured in a separate warm-up before the timed run
+(one call of every compiled program: the epoch step, evaluation on each split
+and the mask update of each metric, each then called again to subtract the
+run time); the timed JAX run excludes nothing else. An epoch is one training
+epoch plus the validation pass and the early-stopping bookkeeping, in both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('model', 'fc', ['fc', 'conv', 'modelc'], 'Model: fc (Model A), conv (Model B), modelc (Model C).')
+flags.DEFINE_list('widths', None, 'Units/filters per masked layer, e.g. 40,40 (default: the model\'s).')
+flags.DEFINE_string('dataset', 'mnist', 'Dataset name for dropnet_jax.input_pipeline.load_dataset.')
+flags.DEFINE_string('data_dir', None, 'Local data files (for mnist: a directory of the four IDX files).')
+flags.DEFINE_list('metrics', 'min,max', 'Metrics to run (those of dropnet_jax.pruning.METRICS).')
+flags.DEFINE_integer('seeds', 1, 'Number of seeds, run as 0..N-1.')
+flags.DEFINE_float('fraction', 0.2, 'p: fraction of remaining units dropped per cycle, in (0, 1].')
+flags.DEFINE_float('floor', 0.1, 'Stop once the fraction of units remaining is <= floor, in (0, 1).')
+flags.DEFINE_integer('max_epochs', 100, 'Maximum epochs per training run.')
+flags.DEFINE_integer('patience', 5, 'Early-stopping patience on validation loss.')
+flags.DEFINE_integer('batch_size', 32, 'SGD batch size.')
+flags.DEFINE_float('lr', 0.1, 'SGD learning rate.')
+flags.DEFINE_integer('split_seed', 0, 'Seed of the stratified validation split.')
+flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for the PyTorch run (0: leave torch\'s default).')
+flags.DEFINE_bool('verbose_epochs', False, 'Log every epoch (else only every cycle).')
+flags.DEFINE_string('out', None, 'Output directory.', required=True)
+
+
+def parse_widths(values) -> tuple[int, ...] | None:
+  if not values:
+    return None
+  try:
+    widths = tuple(int(v) for v in values)
+  except ValueError:
+    raise ValueError(f'--widths must be positive integers, got {",".join(values)}') from None
+  if any(w <= 0 for w in widths):
+    raise ValueError(f'--widths must be positive integers, got {",".join(values)}')
+  return widths
+
+
+def _timed(fn, *args):
+  import jax
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
+
+
+def warm_up_jax(trainer, model, image_shape, data, config) -> dict[str, float]:
+  """Compiles every program the JAX run uses; returns the warm-up wall time and the compile estimate.
+
+  Each program is called twice on real inputs; the compile estimate is the sum
+  of (first call - second call).
+  """
+  from dropnet_jax import dropnet
+  from dropnet_jax.models import full_masks, init_params
+
+  start = time.perf_counter()
+  keys = dropnet.SeedKeys.for_seed(0)
+  params0 = init_params(model, keys.init, image_shape)  # eager ops, also used by the torch run
+  masks = full_masks(model)
+  state = trainer.init_fit(params0, masks, keys.shuffle_key(0))
+  compile_s = 0.0
+  s1, first = _timed(trainer.epoch_step, state, data)
+  _, second = _timed(trainer.epoch_step, s1, data)
+  compile_s += first - second
+  epoch_first, epoch_second = first, second
+  sums = None
+  for images, labels in ((data.train_images, data.train_labels), (data.val_images, data.val_labels),
+                         (data.test_images, data.test_labels)):
+    res, first = _timed(trainer.evaluate, s1.best_params, masks, images, labels)
+    _, second = _timed(trainer.evaluate, s1.best_params, masks, images, labels)
+    compile_s += first - second
+    sums = sums or res.sums
+  for metric in config.metrics:
+    _, first = _timed(dropnet.next_masks, masks, sums, metric, config.fraction, keys.mask_key(metric, 0))
+    _, second = _timed(dropnet.next_masks, masks, sums, metric, config.fraction, keys.mask_key(metric, 0))
+    compile_s += first - second
+  return {'warmup_wall_s': time.perf_counter() - start, 'compile_s': compile_s,
+          'first_epoch_step_s': epoch_first, 'second_epoch_step_s': epoch_second}
+
+
+def run_jax(model, ds, config, seeds, out_dir):
+  import jax
+  from dropnet_jax import reporting
+  from dropnet_jax.dropnet import run_seed
+  from dropnet_jax.train import DeviceData, Trainer
+
+  data = DeviceData.from_dataset(ds)
+  trainer = Trainer(model, config.train)
+  warm = warm_up_jax(trainer, model, ds.image_shape, data, config)
+  logging.info('JAX warm-up: %.1fs (compile ~%.1fs)', warm['warmup_wall_s'], warm['compile_s'])
+
+  epoch_times: list[float] = []
+  step = trainer.epoch_step
+
+  def timed_epoch_step(state, data):
+    start = time.perf_counter()
+    out = jax.block_until_ready(step(state, data))
+    epoch_times.append(time.perf_counter() - start)
+    return out
+
+  trainer.epoch_step = timed_epoch_step
+  records: list[dict] = []
+  path = os.path.join(out_dir, 'results_jax.jsonl')
+
+  def on_record(r):
+    records.append(r)
+    reporting.write_jsonl(path, records)
+
+  load0 = os.getloadavg()[0]
+  start = time.perf_counter()
+  for seed in seeds:
+    run_seed(model, ds.image_shape, data, seed, config, trainer, on_record,
+             lambda m: logging.info('[jax] %s', m), FLAGS.verbose_epochs)
+  wall = time.perf_counter() - start
+  return records, {'wall_s': wall, 'epoch_s': epoch_times, 'load_before': load0,
+                   'load_after': os.getloadavg()[0], **warm}
+
+
+def run_torch(flax_model, torch_model, ds, config, seeds, out_dir):
+  import jax
+  from dropnet_jax import reporting
+  from experiments.torch_reference import dropnet as tdropnet
+  from experiments.torch_reference.train import TorchData, Trainer
+
+  data = TorchData.from_dataset(ds)
+  trainer = Trainer(torch_model, config.train)
+  # The host-side JAX draws the torch run borrows (shuffles, tie-breaks): compile them outside the timing.
+  key = jax.random.key(0)
+  tdropnet.shuffle_order(key, 1, len(data.train_labels))
+  for layerwise in (False, True):
+    tdropnet.tie_break_draws(key, list(torch_model.widths), layerwise)
+
+  epoch_times: list[float] = []
+  records: list[dict] = []
+  path = os.path.join(out_dir, 'results_torch.jsonl')
+
+  def on_record(r):
+    records.append(r)
+    reporting.write_jsonl(path, records)
+
+  load0 = os.getloadavg()[0]
+  start = time.perf_counter()
+  for seed in seeds:
+    tdropnet.run_seed(flax_model, torch_model, ds.image_shape, data, seed, config, trainer, on_record,
+                      lambda m: logging.info('%s', m), FLAGS.verbose_epochs,
+                      on_epoch=lambda s: epoch_times.append(s.epoch_seconds[-1]))
+  wall = time.perf_counter() - start
+  return records, {'wall_s': wall, 'epoch_s': epoch_times, 'load_before': load0, 'load_after': os.getloadavg()[0]}
+
+
+# -- report -----------------------------------------------------------------------
+
+
+def _by_key(records):
+  return {(r['seed'], r['metric'], r['cycle']): r for r in records}
+
+
+def accuracy_table(rec_jax, rec_torch) -> str:
+  """Markdown: one row per (seed, metric, cycle) present in either implementation."""
+  a, b = _by_key(rec_jax), _by_key(rec_torch)
+  rows = ['| seed | metric | cycle | fraction | units JAX | units torch | same mask | test acc JAX | '
+          'test acc torch | Δ | stop epoch JAX / torch |',
+          '|---|---|---:|---:|---|---|---|---:|---:|---:|---|']
+  for k in sorted(set(a) | set(b), key=lambda k: (k[0], FLAGS.metrics.index(k[1]), k[2])):
+    j, t = a.get(k), b.get(k)
+    frac = (j or t)['fraction_remaining']
+    acc = lambda r: f'{r["test_accuracy"]:.4f}' if r else '-'
+    delta = f'{round(t["test_accuracy"] - j["test_accuracy"], 4) + 0.0:+.4f}' if j and t else '-'
+    same = ('yes' if j['mask'] == t['mask'] else 'no') if j and t else '-'
+    units = lambda r: str(r['units']) if r else '-'
+    epochs = f'{j["early_stop_epoch"] if j else "-"} / {t["early_stop_epoch"] if t else "-"}'
+    rows.append(f'| {k[0]} | {k[1]} | {k[2]} | {frac:.3f} | {units(j)} | {units(t)} | {same} | {acc(j)} | '
+                f'{acc(t)} | {delta} | {epochs} |')
+  return '\n'.join(rows)
+
+
+def timing_table(tj, tt) -> str:
+  med = lambda xs: statistics.median(xs) if xs else float('nan')
+  mean = lambda xs: statistics.fmean(xs) if xs else float('nan')
+  rows = ['| | JAX | PyTorch | PyTorch / JAX |', '|---|---:|---:|---:|']
+
+  def row(name, x, y, fmt='{:.3f}'):
+    ratio = y / x if x else float('nan')
+    rows.append(f'| {name} | {fmt.format(x)} | {fmt.format(y)} | {ratio:.2f}x |')
+
+  row('full experiment, wall (s)', tj['wall_s'], tt['wall_s'], '{:.1f}')
+  row('epochs trained', len(tj['epoch_s']), len(tt['epoch_s']), '{:d}')
+  row('median epoch (s)', med(tj['epoch_s']), med(tt['epoch_s']))
+  row('mean epoch (s)', mean(tj['epoch_s']), mean(tt['epoch_s']))
+  p90 = lambda xs: statistics.quantiles(xs, n=10)[-1] if len(xs) > 1 else float('nan')
+  row('90th percentile epoch (s)', p90(tj['epoch_s']), p90(tt['epoch_s']))
+  rows.append(f'| JAX compile (separate warm-up), estimate (s) | {tj["compile_s"]:.1f} | - | - |')
+  rows.append(f'| JAX warm-up wall: compile + 2 epochs + 3 evals + mask updates (s) | {tj["warmup_wall_s"]:.1f} | - | - |')
+  row('full experiment incl. JAX warm-up (s)', tj['wall_s'] + tj['warmup_wall_s'], tt['wall_s'], '{:.1f}')
+  rows.append(f'| 1-min load average before / after the run | {tj["load_before"]:.1f} / {tj["load_after"]:.1f} | '
+              f'{tt["load_before"]:.1f} / {tt["load_after"]:.1f} | |')
+  return '\n'.join(rows)
+
+
+def save_figure(rec_jax, rec_torch, path, title):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  metrics = list(FLAGS.metrics)
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False, sharey=True)
+  fracs = [r['fraction_remaining'] for r in rec_jax + rec_torch]
+  for ax, metric in zip(axes[0], metrics):
+    for recs, label, style in ((rec_jax, 'JAX (dropnet_jax)', dict(color='C0', marker='o', linestyle='-')),
+                               (rec_torch, 'PyTorch reference', dict(color='C3', marker='x', linestyle='--'))):
+      by_cycle: dict[int, list] = {}
+      for r in recs:
+        if r['metric'] == metric:
+          by_cycle.setdefault(r['cycle'], []).append(r)
+      cycles = sorted(by_cycle)
+      x = [np.mean([r['fraction_remaining'] for r in by_cycle[c]]) for c in cycles]
+      y = [np.mean([r['test_accuracy'] for r in by_cycle[c]]) for c in cycles]
+      ax.plot(x, y, label=label, **style)
+    ax.set_xscale('log')
+    ax.set_xlim(max(fracs) * 1.08, min(fracs) / 1.08)  # inverted: dense network on the left
+    ticks = [t for t in (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01) if min(fracs) / 1.08 <= t <= max(fracs) * 1.08]
+    ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
+    ax.minorticks_off()
+    ax.grid(True, alpha=0.4)
+    ax.set_title(metric)
+    ax.set_xlabel('fraction of nodes/filters remaining')
+  axes[0][0].set_ylabel('test accuracy')
+  axes[0][0].legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  import jax
+  import torch
+
+  from dropnet_jax import pruning, reporting
+  from dropnet_jax.dropnet import DropNetConfig
+  from dropnet_jax.input_pipeline import load_dataset
+  from dropnet_jax.models import create_model
+  from dropnet_jax.train import TrainConfig
+  from experiments.torch_reference import models as tmodels
+
+  try:
+    widths = parse_widths(FLAGS.widths)
+    unsupported = [m for m in FLAGS.metrics if m not in pruning.METRICS]
+    if unsupported:
+      raise ValueError(f'--metrics: the PyTorch reference implements {sorted(pruning.METRICS)}, not {unsupported}')
+    config = DropNetConfig(metrics=tuple(FLAGS.metrics), fraction=FLAGS.fraction, floor=FLAGS.floor,
+                           train=TrainConfig(lr=FLAGS.lr, batch_size=FLAGS.batch_size, max_epochs=FLAGS.max_epochs,
+                                             patience=FLAGS.patience))
+    config.validate()
+    if FLAGS.seeds < 1:
+      raise ValueError(f'--seeds must be >= 1, got {FLAGS.seeds}')
+    ds = load_dataset(FLAGS.dataset, FLAGS.data_dir, split_seed=FLAGS.split_seed)
+    flax_model = create_model(FLAGS.model, widths, ds.num_classes)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  torch_model = tmodels.create_model(FLAGS.model, flax_model.widths, ds.num_classes, ds.image_shape)
+  if FLAGS.torch_threads:
+    torch.set_num_threads(FLAGS.torch_threads)
+  os.makedirs(FLAGS.out, exist_ok=True)
+  seeds = range(FLAGS.seeds)
+  logging.info('%s: train %d, val %d, test %d', FLAGS.dataset, len(ds.train_labels), len(ds.val_labels),
+               len(ds.test_labels))
+
+  rec_jax, t_jax = run_jax(flax_model, ds, config, seeds, FLAGS.out)
+  rec_torch, t_torch = run_torch(flax_model, torch_model, ds, config, seeds, FLAGS.out)
+
+  title = f'{FLAGS.model} {list(flax_model.widths)} on {FLAGS.dataset}: JAX vs PyTorch'
+  save_figure(rec_jax, rec_torch, os.path.join(FLAGS.out, 'test_accuracy.png'), title)
+  acc = accuracy_table(rec_jax, rec_torch)
+  timing = timing_table(t_jax, t_torch)
+  torch_by_key = _by_key(rec_torch)
+  same_masks = sum(1 for k, r in _by_key(rec_jax).items()
+                   if k in torch_by_key and torch_by_key[k]['mask'] == r['mask'])
+  machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; JAX {jax.__version__} on '
+             f'{jax.devices()[0].platform}; PyTorch {torch.__version__} on CPU with {torch.get_num_threads()} threads')
+  settings = {'model': FLAGS.model, 'widths': list(flax_model.widths), 'dataset': FLAGS.dataset,
+              'data_dir': FLAGS.data_dir, 'metrics': list(config.metrics), 'seeds': FLAGS.seeds,
+              'fraction': config.fraction, 'floor': config.floor, 'lr': config.train.lr,
+              'batch_size': config.train.batch_size, 'max_epochs': config.train.max_epochs,
+              'patience': config.train.patience, 'split_seed': FLAGS.split_seed}
+  report = f"""# DropNet: dropnet_jax vs the PyTorch reference
+
+{title}. Settings: `{json.dumps(settings)}`.
+Machine: {machine}.
+
+Both start from the same θ0 (the Flax init copied into torch) and use the same shuffles and tie-break
+draws, so differences come from float32 rounding only (and what it changes downstream: a different early-stopping
+epoch or a different unit near a score tie). Masks identical in {same_masks} of {len(rec_jax)} (seed, metric, cycle)
+records (JAX {len(rec_jax)}, torch {len(rec_torch)} records).
+
+## Time
+
+{timing}
+
+An epoch = one training epoch + the validation pass + early-stopping bookkeeping. JAX's compile is
+measured in a separate warm-up (every compiled program called twice: compile ≈ first − second call) and is
+not in the JAX full-experiment time; the row "incl. JAX warm-up" adds it back. Other processes on the machine
+share its CPUs (load averages above).
+
+## Test accuracy per cycle (best-validation-loss epoch)
+
+{acc}
+
+![test accuracy](test_accuracy.png)
+"""
+  reporting.atomic_write_text(os.path.join(FLAGS.out, 'report.md'), report)
+  print(timing)
+  print()
+  print(acc)
+  print(f'\nreport: {os.path.join(FLAGS.out, "report.md")}')
+
+
+if __name__ == '__main__':
+  app.run(main)
