@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dropnet_jax import pruning
-from dropnet_jax.dropnet import DropNetConfig, SeedKeys, mask_to_strings, next_masks, should_stop
+from dropnet_jax.dropnet import ORACLE, DropNetConfig, SeedKeys, mask_to_strings, next_masks, should_stop
 from dropnet_jax.models import full_masks, init_params
 from dropnet_jax.train import DeviceData, FitState, Trainer, init_theta
 
@@ -106,24 +106,62 @@ class _Trial:
     self.records: list[dict[str, Any]] = []
 
 
+def _checkpoint(cycle: int, trials: Sequence[_Trial], dense_val: Sequence[float]):
+  """(arrays, meta) for `Checkpointer.save` after `cycle`: the trials' next masks (stacked per
+  layer, one row per trial) and, as JSON, their records, stop flags and the dense accuracies."""
+  arrays = {'masks': [np.stack([np.asarray(t.masks[l]) for t in trials]) for l in range(len(trials[0].masks))]}
+  meta = {'version': 1, 'driver': 'batched', 'cycle': cycle, 'dense_val': list(dense_val),
+          'trials': [{'seed': t.seed, 'metric': t.metric, 'stopped': t.stopped, 'records': t.records}
+                     for t in trials]}
+  return arrays, meta
+
+
+def _restore(checkpointer, trials: Sequence[_Trial]) -> tuple[int, list[float]] | None:
+  """Loads a `_checkpoint` into `trials` (built for the same seeds and metrics); returns
+  (the last finished cycle, dense validation accuracies), or None without a checkpoint."""
+  meta = checkpointer.restore_meta()
+  if meta is None:
+    return None
+  if meta.get('driver') != 'batched' or [(t['seed'], t['metric']) for t in meta['trials']] != [
+      (t.seed, t.metric) for t in trials]:
+    raise ValueError(f'{checkpointer.manager.directory} holds a checkpoint of another experiment or driver; '
+                     'use another output directory')
+  template = {'masks': [np.zeros((len(trials), m.shape[0]), np.float32) for m in trials[0].masks]}
+  masks = checkpointer.restore_arrays(template)['masks']
+  for i, (trial, saved) in enumerate(zip(trials, meta['trials'])):
+    trial.masks = tuple(jnp.asarray(m[i]) for m in masks)
+    trial.stopped, trial.records = saved['stopped'], saved['records']
+  return meta['cycle'], meta['dense_val']
+
+
 def run_seeds_batched(model, image_shape, data: DeviceData, seeds: Sequence[int], config: DropNetConfig,
-                      trainer: Trainer | None = None,
-                      on_record: Callable[[dict[str, Any]], None] | None = None,
+                      trainer: Trainer | None = None, checkpointer=None,
+                      on_record: Callable[[list[dict[str, Any]]], None] | None = None,
                       log: Callable[[str], None] = print, log_epochs: bool = False) -> list[dict[str, Any]]:
   """Algorithm 1 for every seed x metric, all trials of a cycle trained together.
 
   Returns the records in `run_seed`'s order (seed by seed as given, metrics in
   config order, cycles ascending), i.e. what concatenating `run_seed` over the
-  seeds gives; `on_record` gets each record as it is made (cycle by cycle).
+  seeds gives. `on_record` gets all records so far, in that order, after every
+  cycle (and once on resume), as `dropnet.run_experiment` does. With a
+  `checkpointer` the state is saved after every cycle and a rerun continues
+  from the newest checkpoint with the same records (up to `seconds`); there
+  are no mid-cycle checkpoints (a cycle of all trials is one unit of work).
   """
   config.validate()
+  if ORACLE in config.metrics:
+    raise ValueError('the oracle metric is not batched (it is a greedy search per trial); run it without '
+                     'batched trials')
   trainer = trainer or Trainer(model, config.train)
   seeds, metrics = list(seeds), list(config.metrics)
   if not seeds:
     return []
   keys = [SeedKeys.for_seed(s) for s in seeds]
-  theta0 = _stack([theta0_for_seed(model, k, image_shape) for k in keys])  # leading axis: seed
   dense_masks = full_masks(model)
+  trials = [_Trial(i, seed, metric, dense_masks) for i, seed in enumerate(seeds) for metric in metrics]
+  all_records = lambda: [r for t in trials for r in t.records]
+  restored = _restore(checkpointer, trials) if checkpointer is not None else None
+  theta0 = _stack([theta0_for_seed(model, k, image_shape) for k in keys])  # leading axis: seed
   shuffle_bases = jnp.stack([k.shuffle for k in keys])
   lane_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
 
@@ -140,25 +178,6 @@ def run_seeds_batched(model, image_shape, data: DeviceData, seeds: Sequence[int]
               + (' (done)' if s.done[t] else ''))
     return on_epoch
 
-  # Lane counts are padded to a multiple of the device count (extra lanes: copies of lane 0,
-  # done from the start) so that the trainer can split the lanes over the devices.
-  padded = lambda n: -(-n // trainer.num_devices) * trainer.num_devices
-
-  # Cycle 0: the dense network, one lane per seed, shared by all metrics of that seed.
-  start = time.perf_counter()
-  n_dense = padded(len(seeds))
-  dense_seed = jnp.asarray(list(range(len(seeds))) + [0] * (n_dense - len(seeds)))
-  state = trainer.batched_init_fit(jax.tree.map(lambda a: a[dense_seed], theta0),
-                                   _stack([dense_masks] * n_dense), lane_keys(shuffle_bases[dense_seed], 0))
-  padding = jnp.arange(n_dense) >= len(seeds)
-  state = state._replace(done=padding)
-  state = train_lanes(trainer, state, data, epoch_logger(0, [f'seed {s} {"dense":>12}' for s in seeds]))
-  dense = measure_lanes(trainer, state, data, config.score_from, time.perf_counter() - start,
-                        active=~padding)[:len(seeds)]
-
-  trials = [_Trial(i, seed, metric, dense_masks) for i, seed in enumerate(seeds) for metric in metrics]
-  dense_val = [rec['val_accuracy'] for rec, _ in dense]
-
   def advance(trial: _Trial, cycle: int, fields: dict[str, Any], sums: pruning.StatSums) -> None:
     """Records the trial's cycle, then stops it or sets its next masks (run_seed's rules)."""
     record = {'seed': trial.seed, 'metric': trial.metric, 'cycle': cycle, **fields}
@@ -173,22 +192,48 @@ def run_seeds_batched(model, image_shape, data: DeviceData, seeds: Sequence[int]
     record['stop_reason'] = stop
     trial.stopped = bool(stop)
     trial.records.append(record)
-    if on_record:
-      on_record(record)
     log(f'seed {trial.seed} {trial.metric:>12} cycle {cycle:2d} fraction {record["fraction_remaining"]:.3f} '
         f'units {record["units"]} test_acc {record["test_accuracy"]:.4f} '
         f'epoch {record["early_stop_epoch"]} ({record["seconds"]:.1f}s batched)' + (f' stop: {stop}' if stop else ''))
 
-  for trial in trials:
-    fields, sums = dense[trial.seed_index]
-    advance(trial, 0, fields, sums)
+  def cycle_done(cycle: int) -> None:
+    if checkpointer is not None:
+      checkpointer.save(*_checkpoint(cycle, trials, dense_val))
+    if on_record:
+      on_record(all_records())
+
+  # Lane counts are padded to a multiple of the device count (extra lanes: copies of lane 0,
+  # done from the start) so that the trainer can split the lanes over the devices.
+  padded = lambda n: -(-n // trainer.num_devices) * trainer.num_devices
+
+  if restored is not None:
+    cycle, dense_val = restored
+    log(f'resuming after cycle {cycle}: {len(all_records())} records so far')
+    if on_record:
+      on_record(all_records())
+  else:
+    # Cycle 0: the dense network, one lane per seed, shared by all metrics of that seed.
+    cycle, start = 0, time.perf_counter()
+    n_dense = padded(len(seeds))
+    dense_seed = jnp.asarray(list(range(len(seeds))) + [0] * (n_dense - len(seeds)))
+    state = trainer.batched_init_fit(jax.tree.map(lambda a: a[dense_seed], theta0),
+                                     _stack([dense_masks] * n_dense), lane_keys(shuffle_bases[dense_seed], 0))
+    padding = jnp.arange(n_dense) >= len(seeds)
+    state = state._replace(done=padding)
+    state = train_lanes(trainer, state, data, epoch_logger(0, [f'seed {s} {"dense":>12}' for s in seeds]))
+    dense = measure_lanes(trainer, state, data, config.score_from, time.perf_counter() - start,
+                          active=~padding)[:len(seeds)]
+    dense_val = [rec['val_accuracy'] for rec, _ in dense]
+    for trial in trials:
+      fields, sums = dense[trial.seed_index]
+      advance(trial, 0, fields, sums)
+    cycle_done(0)
 
   # Cycles 1, 2, ...: one lane per trial, always len(seeds) * len(metrics) lanes (plus padding).
   lanes = trials + [trials[0]] * (padded(len(trials)) - len(trials))
   lane_seed = jnp.asarray([t.seed_index for t in lanes])
   lane_theta0 = jax.tree.map(lambda a: a[lane_seed], theta0)
   lane_shuffle = shuffle_bases[lane_seed]
-  cycle = 0
   while not all(t.stopped for t in trials):
     cycle += 1
     start = time.perf_counter()
@@ -204,5 +249,6 @@ def run_seeds_batched(model, image_shape, data: DeviceData, seeds: Sequence[int]
     for trial, (fields, sums) in zip(trials, measured):
       if not trial.stopped and len(trial.records) == cycle:
         advance(trial, cycle, fields, sums)
+    cycle_done(cycle)
 
-  return [r for t in trials for r in t.records]
+  return all_records()

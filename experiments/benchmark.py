@@ -37,29 +37,14 @@ import sys
 import time
 from typing import Any
 
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-def _host_devices_from_argv() -> int:
-  """--host_devices must take effect before jax is imported (XLA_FLAGS), so it is read here."""
-  for i, arg in enumerate(sys.argv):
-    if arg.startswith('--host_devices='):
-      return int(arg.split('=', 1)[1])
-    if arg == '--host_devices' and i + 1 < len(sys.argv):
-      return int(sys.argv[i + 1])
-  return 1
-
-
-if _host_devices_from_argv() > 1:
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             f' --xla_force_host_platform_device_count={_host_devices_from_argv()}')
-
-import jax  # noqa: E402  (after XLA_FLAGS)
-import jax.extend  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from dropnet_jax import models  # noqa: E402
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer  # noqa: E402
+from dropnet_jax import models
+from dropnet_jax.train import DeviceData, TrainConfig, Trainer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', 'fc,conv,modelc', 'Models: fc (A), conv (B), modelc (C).')
@@ -72,8 +57,6 @@ flags.DEFINE_integer('conv_examples', 2048, 'Training examples for Model B (redu
 flags.DEFINE_integer('modelc_examples', 256, 'Training examples for Model C (random CIFAR-shaped data).')
 flags.DEFINE_bool('torch', True, 'Time the PyTorch reference too (when torch is installed).')
 flags.DEFINE_string('out', None, 'Where to write the JSON of all figures.')
-flags.DEFINE_integer('host_devices', 1, 'CPU only: split the host into this many XLA devices '
-                     '(--xla_force_host_platform_device_count); batched trials are then split over them.')
 
 VAL_FRACTION = 0.1
 
@@ -242,51 +225,21 @@ def time_torch(name, data: DeviceData, image_shape, widths) -> dict[str, Any] | 
   images = torch.from_numpy(np.array(data.train_images))
   labels = torch.from_numpy(np.array(data.train_labels).astype(np.int64))
   order = np.random.default_rng(0).permutation(len(labels))
-  try:
-    from experiments.torch_reference import models as tmodels
-    from experiments.torch_reference import train as ttrain
-    model = tmodels.create_model(name, widths, 10, image_shape)
-    masks = tmodels.full_masks(model)
-    trainer = ttrain.Trainer(model, TrainConfig(batch_size=FLAGS.batch_size))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    run = lambda o: trainer.train_epoch(opt, masks, images, labels, o)
-    source = 'experiments.torch_reference'
-  except ImportError:  # a plain nn.Sequential stand-in
-    model = _plain_torch_model(name, image_shape)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def run(o):
-      for s in range(0, len(o), FLAGS.batch_size):
-        idx = torch.as_tensor(o[s:s + FLAGS.batch_size])
-        x = images[idx].float().permute(0, 3, 1, 2) / 255
-        loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    source = 'plain torch nn.Sequential stand-in'
+  from experiments.torch_reference import models as tmodels
+  from experiments.torch_reference import train as ttrain
+  model = tmodels.create_model(name, widths, 10, image_shape)
+  masks = tmodels.full_masks(model)
+  trainer = ttrain.Trainer(model, TrainConfig(batch_size=FLAGS.batch_size))
+  opt = torch.optim.SGD(model.parameters(), lr=0.1)
+  run = lambda o: trainer.train_epoch(opt, masks, images, labels, o)
   run(order[:FLAGS.batch_size * 4])  # warm-up
   best = float('inf')
-  for _ in range(1):  # one timed epoch: the reference is much slower
+  for _ in range(FLAGS.epochs):  # best of as many epochs as JAX gets
     t = time.perf_counter()
     run(order)
     best = min(best, time.perf_counter() - t)
-  return {'torch_train_epoch_s': best, 'torch_source': source, 'torch_threads': torch.get_num_threads(),
+  return {'torch_train_epoch_s': best, 'torch_threads': torch.get_num_threads(),
           'torch_version': torch.__version__}
-
-
-def _plain_torch_model(name, image_shape):
-  from torch import nn
-  h, w, c = image_shape
-  if name == 'fc':
-    return nn.Sequential(nn.Flatten(), nn.Linear(h * w * c, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
-                         nn.Linear(40, 10))
-  if name == 'conv':
-    return nn.Sequential(nn.Conv2d(c, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1),
-                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * (h // 4) * (w // 4), 10))
-  return nn.Sequential(nn.Conv2d(c, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-                       nn.MaxPool2d(2), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1),
-                       nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128 * (h // 4) * (w // 4), 256), nn.ReLU(),
-                       nn.Linear(256, 10))
 
 
 def memory() -> dict[str, Any]:

@@ -11,8 +11,9 @@ from typing import Any
 from absl import flags, logging
 
 from dropnet_jax import reporting
+from dropnet_jax.batched import run_seeds_batched
 from dropnet_jax.checkpoint import Checkpointer
-from dropnet_jax.dropnet import DropNetConfig, run_experiment
+from dropnet_jax.dropnet import ORACLE, DropNetConfig, run_experiment
 from dropnet_jax.input_pipeline import DATASETS, Dataset, load_dataset
 from dropnet_jax.models import MODELS, create_model
 from dropnet_jax.train import DeviceData, TrainConfig, Trainer
@@ -38,6 +39,9 @@ flags.DEFINE_string('out', None, 'Output directory.', required=True)
 flags.DEFINE_bool('verbose_epochs', True, 'Log every epoch (else only every cycle).')
 flags.DEFINE_integer('checkpoint_every_epochs', 10, 'Also checkpoint every N epochs inside a cycle (0: only after cycles).')
 flags.DEFINE_integer('max_checkpoints', 3, 'Checkpoints kept in <out>/checkpoints.')
+flags.DEFINE_bool('batch_trials', False, 'Train all seeds x metrics of a cycle together in one compiled program '
+                  '(dropnet_jax.batched; the same records). Checkpoints after every cycle only. With several '
+                  'devices (or --host_devices on CPU) the trials are split over them.')
 
 # Settings that may differ between a run and its resumption (they do not change results).
 RESUMABLE_DIFFERENCES = ('data_dir', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints')
@@ -64,6 +68,9 @@ def build_config() -> DropNetConfig:
   config.validate()
   if FLAGS.seeds < 1:
     raise ValueError(f'--seeds must be >= 1, got {FLAGS.seeds}')
+  if FLAGS.batch_trials and ORACLE in config.metrics:
+    raise ValueError('--batch_trials: the oracle metric is a greedy search per trial and is not batched; '
+                     'drop --batch_trials or the oracle from --metrics')
   return config
 
 
@@ -114,7 +121,7 @@ def setup_from_flags(**config_changes) -> Setup:
               'metrics': list(config.metrics), 'fraction': config.fraction, 'floor': config.floor,
               'kappa': config.kappa, 'score_from': config.score_from, 'lr': config.train.lr,
               'batch_size': config.train.batch_size, 'max_epochs': config.train.max_epochs,
-              'patience': config.train.patience}
+              'patience': config.train.patience, 'batch_trials': FLAGS.batch_trials}
   logging.info('%s: train %d, val %d, test %d, image %s', FLAGS.dataset, len(dataset.train_labels),
                len(dataset.val_labels), len(dataset.test_labels), dataset.image_shape)
   return Setup(model, dataset, config, settings, list(range(FLAGS.seeds)))
@@ -147,10 +154,16 @@ def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]
   results_path = os.path.join(out, 'results.jsonl')
   checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
   start = time.perf_counter()
-  records = run_experiment(setup.model, setup.dataset.image_shape, setup.data, setup.seeds, setup.config,
-                           Trainer(setup.model, setup.config.train), checkpointer, FLAGS.checkpoint_every_epochs,
-                           on_record=lambda rs: reporting.write_jsonl(results_path, rs),
-                           log=logging.info, log_epochs=FLAGS.verbose_epochs)
+  write = lambda rs: reporting.write_jsonl(results_path, rs)
+  trainer = Trainer(setup.model, setup.config.train)
+  if setup.settings['batch_trials']:
+    records = run_seeds_batched(setup.model, setup.dataset.image_shape, trainer.replicate(setup.data), setup.seeds,
+                                setup.config, trainer, checkpointer, on_record=write, log=logging.info,
+                                log_epochs=FLAGS.verbose_epochs)
+  else:
+    records = run_experiment(setup.model, setup.dataset.image_shape, setup.data, setup.seeds, setup.config,
+                             trainer, checkpointer, FLAGS.checkpoint_every_epochs, on_record=write,
+                             log=logging.info, log_epochs=FLAGS.verbose_epochs)
   checkpointer.close()
   logging.info('%s: %d records, %.1fs in this invocation', out, len(records), time.perf_counter() - start)
   reporting.save_figures(records, out, title=title or default_title(setup))

@@ -145,3 +145,48 @@ def test_refuses_to_resume_a_different_configuration(tmp_path):
   assert 'different configuration' in other.stderr
   assert 'fraction' in other.stderr and 'widths' in other.stderr and 'metrics' not in other.stderr
   assert (out / 'results.jsonl').read_bytes() == before
+
+
+def test_batched_trials_crash_and_resume_give_the_sequential_records(setup, tmp_path):
+  """--batch_trials' driver: checkpoints after every cycle; a crash and a rerun end with the
+  records of the uninterrupted sequential run (same masks; values to float tolerance)."""
+  from dropnet_jax import batched
+  model, config, trainer, data, reference = setup
+  ckpt = tmp_path / 'ckpt'
+  saves = []
+
+  class CrashingCheckpointer(Checkpointer):
+    def save(self, arrays, meta):
+      step = super().save(arrays, meta)
+      saves.append(meta['cycle'])
+      if len(saves) == 2:  # after cycle 1: the dense cycle and one pruned cycle are on disk
+        raise Crash()
+      return step
+
+  run = lambda c: batched.run_seeds_batched(model, (28, 28, 1), data, [0, 1], config, trainer, c,
+                                            log=lambda s: None)
+  with pytest.raises(Crash):
+    run(CrashingCheckpointer(str(ckpt)))
+  resumed_from = Checkpointer(str(ckpt)).restore_meta()['cycle']
+  assert resumed_from == 1
+  seen = []
+  got = batched.run_seeds_batched(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(str(ckpt)),
+                                  on_record=seen.append, log=lambda s: None)
+  assert len(seen[0]) == sum(1 for r in got if r['cycle'] <= 1)  # the restored records come first
+  assert [(r['seed'], r['metric'], r['cycle'], r['mask'], r['stop_reason']) for r in got] == [
+      (r['seed'], r['metric'], r['cycle'], r['mask'], r['stop_reason']) for r in reference]
+  for g, w in zip(got, reference):
+    assert abs(g['test_loss'] - w['test_loss']) < 1e-5 and g['early_stop_epoch'] == w['early_stop_epoch']
+
+
+def test_batched_cli_refuses_a_sequential_checkpoint_and_oracle(tmp_path):
+  out = tmp_path / 'run'
+  first = subprocess.run(CLI + [f'--out={out}', '--seeds=1', '--max_epochs=1'], cwd=REPO, capture_output=True,
+                         text=True)
+  assert first.returncode == 0, first.stderr[-2000:]
+  other = subprocess.run(CLI + [f'--out={out}', '--seeds=1', '--max_epochs=1', '--batch_trials'], cwd=REPO,
+                         capture_output=True, text=True)
+  assert other.returncode != 0 and 'batch_trials' in other.stderr and 'Traceback' not in other.stderr
+  oracle = subprocess.run(CLI + [f'--out={tmp_path / "o"}', '--metrics=oracle,min', '--batch_trials'], cwd=REPO,
+                          capture_output=True, text=True)
+  assert oracle.returncode != 0 and 'oracle' in oracle.stderr and not (tmp_path / 'o').exists()
