@@ -32,18 +32,9 @@ import numpy as np
 from dropnet_jax import pruning
 from dropnet_jax.dropnet import ORACLE, DropNetConfig, SeedKeys, mask_to_strings, next_masks, should_stop
 from dropnet_jax.models import full_masks, init_params
-from dropnet_jax.train import DeviceData, FitState, Trainer, init_theta
+from dropnet_jax.train import DeviceData, FitState, Trainer
 
 _stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def theta0_for_seed(model, keys: SeedKeys, image_shape: Sequence[int]) -> Any:
-  """θ0 of a seed as run_seed makes it; batch-norm models also get their initial 'batch_stats'."""
-  dummy = jnp.zeros((1, *image_shape), jnp.uint8)
-  shapes = jax.eval_shape(lambda: model.init(keys.init, dummy, full_masks(model)))
-  if 'batch_stats' in shapes:
-    return init_theta(model, keys.init, image_shape, full_masks(model))
-  return init_params(model, keys.init, image_shape)
 
 
 def train_lanes(trainer: Trainer, state: FitState, data: DeviceData,
@@ -161,7 +152,7 @@ def run_seeds_batched(model, image_shape, data: DeviceData, seeds: Sequence[int]
   trials = [_Trial(i, seed, metric, dense_masks) for i, seed in enumerate(seeds) for metric in metrics]
   all_records = lambda: [r for t in trials for r in t.records]
   restored = _restore(checkpointer, trials) if checkpointer is not None else None
-  theta0 = _stack([theta0_for_seed(model, k, image_shape) for k in keys])  # leading axis: seed
+  theta0 = _stack([init_params(model, k.init, image_shape) for k in keys])  # leading axis: seed
   shuffle_bases = jnp.stack([k.shuffle for k in keys])
   lane_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
 

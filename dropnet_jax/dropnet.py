@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from dropnet_jax import oracle, pruning
 from dropnet_jax.models import Masks, full_masks, init_params
-from dropnet_jax.train import DeviceData, FitState, TrainConfig, Trainer
+from dropnet_jax.train import DeviceData, FitState, TrainConfig, Trainer, split_theta
 
 SCORE_SOURCES = ('data', 'epoch')
 # The paper's oracle baseline: greedy by training loss with the trained params (dropnet_jax.oracle),
@@ -327,8 +327,10 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
       stop = should_stop(record, p.dense_record['val_accuracy'], config)
       if not stop:
         if metric == ORACLE:
-          new_masks = oracle.oracle_mask(model.apply, trained_params, p.masks, data.train_images,
-                                         data.train_labels, config.fraction, max_examples=config.oracle_examples)
+          params, batch_stats = split_theta(trained_params)  # batch-norm models: θ holds running stats
+          new_masks = oracle.oracle_mask(model.apply, params, p.masks, data.train_images, data.train_labels,
+                                         config.fraction, max_examples=config.oracle_examples,
+                                         extra_variables=None if batch_stats is None else {'batch_stats': batch_stats})
         else:
           new_masks = next_masks(p.masks, outcome.sums, metric, config.fraction, keys.mask_key(metric, p.cycle))
         if pruning.units_per_layer(new_masks) == record['units']:

@@ -155,9 +155,17 @@ def full_masks(model: nn.Module) -> Masks:
 
 
 def init_params(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) -> Any:
-  """θ0: the model's initial parameters for one seed."""
+  """θ0: the model's initial parameters for one seed.
+
+  The 'params' tree, or for models with batch norm (VGG19) the variables dict
+  {'params', 'batch_stats'}: the initial running statistics are part of θ0 and
+  are reset with it (dropnet_jax.train accepts either form).
+  """
   dummy = jnp.zeros((1, *image_shape), jnp.uint8)
-  return model.init(key, dummy, full_masks(model))['params']
+  variables = model.init(key, dummy, full_masks(model))
+  if 'batch_stats' in variables:
+    return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  return variables['params']
 
 
 # The paper's large models live in their own module, which builds on the helpers above.

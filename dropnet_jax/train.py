@@ -22,7 +22,7 @@ trials are instead split over the devices by trial when their count allows
 
 Batch norm: θ may be a plain params tree (models without batch norm) or a
 Flax variables dict `{'params': ..., 'batch_stats': ...}` (e.g. from
-`large_models.init_variables` or `init_theta`). With 'batch_stats', training
+`models.init_params` for such models). With 'batch_stats', training
 applies the model with `train=True, mutable=['batch_stats']` and carries the
 running statistics inside θ (so `FitState.params`/`best_params` are variables
 dicts, and θ0 includes the initial statistics); evaluation uses
@@ -145,31 +145,12 @@ def _normalise_theta(theta):
   return _join_theta(theta, *split_theta(theta)) if is_variables(theta) else theta
 
 
-def init_theta(model, key: jax.Array, image_shape: Sequence[int], masks: Masks) -> Any:
-  """θ0 for one seed: `model.init(...)['params']` (exactly `models.init_params`'s result) for
-  models without batch norm, else the variables dict {'params', 'batch_stats'}."""
-  variables = model.init(key, jnp.zeros((1, *image_shape), jnp.uint8), tuple(masks))
-  if 'batch_stats' in variables:
-    return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-  return variables['params']
-
-
 # -- per-batch terms -------------------------------------------------------------------------------
 
 
 def _zero_sums(masks: Masks) -> StatSums:
   return StatSums(tuple(jnp.zeros_like(m) for m in masks), tuple(jnp.zeros_like(m) for m in masks),
                   jnp.zeros((), jnp.float32))
-
-
-def _batch_terms(apply_fn, params, masks, images, labels, weights):
-  """Weighted cross-entropy sum, correct count and stat sums of one batch (models without batch norm)."""
-  logits, stats = apply_fn({'params': params}, images, masks)
-  ce = cross_entropy(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  sums = StatSums(tuple(weights @ s.abs_mean for s in stats), tuple(weights @ s.zero_frac for s in stats),
-                  weights.sum())
-  return (weights * ce).sum(), (weights * correct).sum(), sums
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -196,10 +177,6 @@ def _padded_batches(order: jax.Array, batch_size: int) -> tuple[jax.Array, jax.A
   idx = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).reshape(num_batches, batch_size)
   weights = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
   return idx, weights.reshape(num_batches, batch_size)
-
-
-def _add_sums(a: StatSums, b: StatSums) -> StatSums:
-  return jax.tree.map(jnp.add, a, b)
 
 
 def shuffle_order(key: jax.Array, n: int) -> jax.Array:

@@ -9,7 +9,7 @@ import optax
 
 from dropnet_jax import batched, dropnet, models
 from dropnet_jax.models import masked_relu, to_float
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer, init_theta
+from dropnet_jax.train import DeviceData, TrainConfig, Trainer
 
 
 def cut(data, n_train, n_val, n_test):
@@ -119,7 +119,7 @@ def test_batch_norm_training_matches_reference_and_eval_uses_running_stats(mnist
   data = cut(mnist_small, 200, 100, 100)  # 200 = 6 x 32 + 8: a partial last batch of 8
   model = TinyBN()
   masks = (jnp.ones(6).at[4].set(0),)
-  theta0 = init_theta(model, jax.random.key(0), (28, 28, 1), masks)
+  theta0 = models.init_params(model, jax.random.key(0), (28, 28, 1))
   assert set(theta0) == {'params', 'batch_stats'}
   trainer = Trainer(model, TrainConfig(lr=0.1, batch_size=32, max_epochs=3, patience=5))
   key = jax.random.key(1)
@@ -153,8 +153,8 @@ def test_batch_norm_training_matches_reference_and_eval_uses_running_stats(mnist
 
 def test_models_without_batch_norm_keep_a_plain_params_tree(mnist_small):
   model = models.MLP(widths=(4,), num_classes=10)
-  theta = init_theta(model, jax.random.key(0), (28, 28, 1), models.full_masks(model))
-  chex.assert_trees_all_equal(theta, models.init_params(model, jax.random.key(0), (28, 28, 1)))
+  theta = models.init_params(model, jax.random.key(0), (28, 28, 1))
+  assert set(theta) == {'Dense_0', 'Dense_1'}
   data = cut(mnist_small, 64, 32, 32)
   trainer = Trainer(model, TrainConfig(max_epochs=1))
   state = trainer.fit(trainer.init_fit(theta, models.full_masks(model), jax.random.key(0)), data)

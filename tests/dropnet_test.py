@@ -130,3 +130,34 @@ def test_mask_string_round_trip():
   masks = (jnp.array([1., 0., 1.]), jnp.array([0., 0., 1., 1.]))
   assert dropnet.mask_to_strings(masks) == ['101', '0011']
   chex.assert_trees_all_equal(dropnet.masks_from_strings(['101', '0011']), masks)
+
+
+def test_batch_norm_model_runs_resumes_and_resets_its_running_stats(tmp_path):
+  """VGG19 (batch norm): θ0 holds the initial running statistics, every cycle restarts from them,
+  and a checkpointed run resumes (the oracle gets the batch statistics too)."""
+  from dropnet_jax import large_models
+  from dropnet_jax.checkpoint import Checkpointer
+  model = large_models.VGG19(widths=(3, 4) * 8, num_classes=4)
+  rng = np.random.default_rng(0)
+  images = lambda n: jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), np.uint8))
+  labels = lambda n: jnp.asarray(np.arange(n) % 4, jnp.int32)
+  data = DeviceData(images(64), labels(64), images(32), labels(32), images(32), labels(32))
+  config = dropnet.DropNetConfig(metrics=('min', 'oracle'), fraction=0.5, floor=0.5,
+                                 train=TrainConfig(max_epochs=1, batch_size=16, eval_batch_size=32))
+  trainer = Trainer(model, config.train)
+  starts = []
+  original = trainer.init_fit
+  trainer.init_fit = lambda params, masks, key: (starts.append(params), original(params, masks, key))[1]
+  records = dropnet.run_experiment(model, (32, 32, 3), data, [0], config, trainer,
+                                   Checkpointer(str(tmp_path / 'ckpt')), log=lambda s: None)
+  assert {r['metric'] for r in records} == {'min', 'oracle'} and max(r['cycle'] for r in records) >= 1
+  assert all(np.isfinite(r['test_loss']) for r in records)
+  theta0 = models.init_params(model, dropnet.SeedKeys.for_seed(0).init, (32, 32, 3))
+  assert set(theta0) == {'params', 'batch_stats'}
+  assert len(starts) >= 3
+  for s in starts:
+    chex.assert_trees_all_equal(s, theta0)
+  trained = len(starts)
+  again = dropnet.run_experiment(model, (32, 32, 3), data, [0], config, trainer,
+                                 Checkpointer(str(tmp_path / 'ckpt')), log=lambda s: None)
+  assert again == records and len(starts) == trained  # finished: restored, nothing retrained

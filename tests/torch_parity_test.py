@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from dropnet_jax import dropnet, models, pruning  # noqa: E402
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer, _batch_terms, _padded_batches  # noqa: E402
+from dropnet_jax.train import DeviceData, TrainConfig, Trainer, _padded_batches, cross_entropy  # noqa: E402
 from experiments.torch_reference import dropnet as tdropnet  # noqa: E402
 from experiments.torch_reference import models as tmodels  # noqa: E402
 from experiments.torch_reference import train as ttrain  # noqa: E402
@@ -157,9 +157,9 @@ def jax_sgd_steps(flax_model, params, masks, images, labels, orders, batch_size,
   idx = jnp.concatenate([b[0] for b in batches])
   weights = jnp.concatenate([b[1] for b in batches])
 
-  def loss_fn(p, x, y, w):
-    l, _, _ = _batch_terms(flax_model.apply, p, masks, x, y, w)
-    return l / w.sum()
+  def loss_fn(p, x, y, w):  # the weighted mean cross-entropy of a padded batch
+    logits, _ = flax_model.apply({'params': p}, x, masks)
+    return (w * cross_entropy(logits, y)).sum() / w.sum()
 
   @jax.jit
   def run(params):
