@@ -157,7 +157,9 @@ def test_batch_norm_model_runs_resumes_and_resets_its_running_stats(tmp_path):
   assert len(starts) >= 3
   for s in starts:
     chex.assert_trees_all_equal(s, theta0)
-  trained = len(starts)
+  steps = []
+  step = trainer.epoch_step
+  trainer.epoch_step = lambda *a: (steps.append(1), step(*a))[1]
   again = dropnet.run_experiment(model, (32, 32, 3), data, [0], config, trainer,
                                  Checkpointer(str(tmp_path / 'ckpt')), log=lambda s: None)
-  assert again == records and len(starts) == trained  # finished: restored, nothing retrained
+  assert again == records and not steps  # finished: restored, nothing retrained
