@@ -342,8 +342,10 @@ def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
       style = styles[metric]
       ax.plot(frac, mean, label=metric, color=style['color'], marker=style['marker'],
               linestyle=style['linestyle'], markersize=4, linewidth=1.4)
-      ax.fill_between(frac, mean - half, mean + half, color=style['color'], alpha=0.18,
-                      linewidth=0)
+      low, high = mean - half, mean + half
+      if key.endswith('accuracy'):  # a t interval over few seeds can leave [0, 1]; accuracy cannot
+        low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
+      ax.fill_between(frac, low, high, color=style['color'], alpha=0.18, linewidth=0)
     _style_fraction_axis(ax, all_fractions)
     ax.set_ylabel(_YLABELS.get(key, key.replace('_', ' ')))
     if agg:

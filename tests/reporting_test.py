@@ -225,3 +225,14 @@ def test_no_pyplot_side_effects(records):
   had_pyplot = 'matplotlib.pyplot' in sys.modules
   reporting.make_figure(records, ('test_accuracy',))
   assert ('matplotlib.pyplot' in sys.modules) == had_pyplot
+
+
+def test_accuracy_bands_stay_within_zero_and_one():
+  # Three seeds, one far off: the t interval (half width ~1.6) would reach below 0 and above 1.
+  recs = [{'seed': s, 'metric': 'max', 'cycle': 0, 'fraction_remaining': 0.5, 'test_accuracy': a,
+           'test_loss': 4.0 * a} for s, a in enumerate((0.11, 0.11, 0.88))]
+  fig = reporting.make_figure(recs, ('test_accuracy', 'test_loss'))
+  acc_band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+  loss_band = fig.axes[1].collections[0].get_paths()[0].vertices[:, 1]
+  assert acc_band.min() >= 0.0 and acc_band.max() <= 1.0
+  assert loss_band.min() < 0.0  # losses are not clipped
