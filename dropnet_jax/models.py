@@ -149,6 +149,19 @@ def create_model(name: str, widths: Sequence[int] | None, num_classes: int) -> n
   return MODELS[name](widths=widths, num_classes=num_classes)
 
 
+def parse_widths(values: Sequence[str] | None) -> tuple[int, ...] | None:
+  """A `--widths` flag value (list of strings) as positive integers; None when not given."""
+  if not values:
+    return None
+  try:
+    widths = tuple(int(v) for v in values)
+  except ValueError:
+    raise ValueError(f'--widths must be positive integers, got {",".join(values)}') from None
+  if any(w <= 0 for w in widths):
+    raise ValueError(f'--widths must be positive integers, got {",".join(values)}')
+  return widths
+
+
 def full_masks(model: nn.Module) -> Masks:
   """The dense starting mask: one all-ones float32 vector per masked layer."""
   return tuple(jnp.ones((w,), jnp.float32) for w in model.widths)

@@ -15,7 +15,7 @@ from dropnet_jax.batched import run_seeds_batched
 from dropnet_jax.checkpoint import Checkpointer
 from dropnet_jax.dropnet import ORACLE, DropNetConfig, run_experiment
 from dropnet_jax.input_pipeline import DATASETS, Dataset, load_dataset
-from dropnet_jax.models import MODELS, create_model
+from dropnet_jax.models import MODELS, create_model, parse_widths
 from dropnet_jax.train import DeviceData, TrainConfig, Trainer
 
 FLAGS = flags.FLAGS
@@ -45,18 +45,6 @@ flags.DEFINE_bool('batch_trials', False, 'Train all seeds x metrics of a cycle t
 
 # Settings that may differ between a run and its resumption (they do not change results).
 RESUMABLE_DIFFERENCES = ('data_dir', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints')
-
-
-def parse_widths(values) -> tuple[int, ...] | None:
-  if not values:
-    return None
-  try:
-    widths = tuple(int(v) for v in values)
-  except ValueError:
-    raise ValueError(f'--widths must be positive integers, got {",".join(values)}') from None
-  if any(w <= 0 for w in widths):
-    raise ValueError(f'--widths must be positive integers, got {",".join(values)}')
-  return widths
 
 
 def build_config() -> DropNetConfig:

@@ -48,18 +48,6 @@ flags.DEFINE_bool('verbose_epochs', False, 'Log every epoch (else only every cyc
 flags.DEFINE_string('out', None, 'Output directory.', required=True)
 
 
-def parse_widths(values) -> tuple[int, ...] | None:
-  if not values:
-    return None
-  try:
-    widths = tuple(int(v) for v in values)
-  except ValueError:
-    raise ValueError(f'--widths must be positive integers, got {",".join(values)}') from None
-  if any(w <= 0 for w in widths):
-    raise ValueError(f'--widths must be positive integers, got {",".join(values)}')
-  return widths
-
-
 def _timed(fn, *args):
   import jax
   start = time.perf_counter()
@@ -264,7 +252,7 @@ def main(argv):
   from dropnet_jax import pruning, reporting
   from dropnet_jax.dropnet import DropNetConfig
   from dropnet_jax.input_pipeline import load_dataset
-  from dropnet_jax.models import create_model
+  from dropnet_jax.models import create_model, parse_widths
   from dropnet_jax.train import TrainConfig
   from experiments.torch_reference import models as tmodels
 
