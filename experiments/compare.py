@@ -91,7 +91,6 @@ def warm_up_jax(trainer, model, image_shape, data, config) -> dict[str, float]:
 
 def run_jax(model, ds, config, seeds, out_dir):
   import jax
-  from dropnet_jax import reporting
   from dropnet_jax.dropnet import run_seed
   from dropnet_jax.train import DeviceData, Trainer
 
@@ -110,8 +109,18 @@ def run_jax(model, ds, config, seeds, out_dir):
     return out
 
   trainer.epoch_step = timed_epoch_step
+  records, timing = timed_seeds(
+      os.path.join(out_dir, 'results_jax.jsonl'), seeds,
+      lambda seed, on_record: run_seed(model, ds.image_shape, data, seed, config, trainer, on_record,
+                                       lambda m: logging.info('[jax] %s', m), FLAGS.verbose_epochs))
+  return records, {**timing, 'epoch_s': epoch_times, **warm}
+
+
+def timed_seeds(path, seeds, run_one):
+  """Runs `run_one(seed, on_record)` for every seed, rewriting `path` (JSONL) as records arrive;
+  returns (records, {'wall_s', 'load_before', 'load_after'})."""
+  from dropnet_jax import reporting
   records: list[dict] = []
-  path = os.path.join(out_dir, 'results_jax.jsonl')
 
   def on_record(r):
     records.append(r)
@@ -120,16 +129,13 @@ def run_jax(model, ds, config, seeds, out_dir):
   load0 = os.getloadavg()[0]
   start = time.perf_counter()
   for seed in seeds:
-    run_seed(model, ds.image_shape, data, seed, config, trainer, on_record,
-             lambda m: logging.info('[jax] %s', m), FLAGS.verbose_epochs)
+    run_one(seed, on_record)
   wall = time.perf_counter() - start
-  return records, {'wall_s': wall, 'epoch_s': epoch_times, 'load_before': load0,
-                   'load_after': os.getloadavg()[0], **warm}
+  return records, {'wall_s': wall, 'load_before': load0, 'load_after': os.getloadavg()[0]}
 
 
 def run_torch(flax_model, torch_model, ds, config, seeds, out_dir):
   import jax
-  from dropnet_jax import reporting
   from experiments.torch_reference import dropnet as tdropnet
   from experiments.torch_reference.train import TorchData, Trainer
 
@@ -142,21 +148,13 @@ def run_torch(flax_model, torch_model, ds, config, seeds, out_dir):
     tdropnet.tie_break_draws(key, list(torch_model.widths), layerwise)
 
   epoch_times: list[float] = []
-  records: list[dict] = []
-  path = os.path.join(out_dir, 'results_torch.jsonl')
-
-  def on_record(r):
-    records.append(r)
-    reporting.write_jsonl(path, records)
-
-  load0 = os.getloadavg()[0]
-  start = time.perf_counter()
-  for seed in seeds:
-    tdropnet.run_seed(flax_model, torch_model, ds.image_shape, data, seed, config, trainer, on_record,
-                      lambda m: logging.info('%s', m), FLAGS.verbose_epochs,
-                      on_epoch=lambda s: epoch_times.append(s.epoch_seconds[-1]))
-  wall = time.perf_counter() - start
-  return records, {'wall_s': wall, 'epoch_s': epoch_times, 'load_before': load0, 'load_after': os.getloadavg()[0]}
+  records, timing = timed_seeds(
+      os.path.join(out_dir, 'results_torch.jsonl'), seeds,
+      lambda seed, on_record: tdropnet.run_seed(flax_model, torch_model, ds.image_shape, data, seed, config,
+                                                trainer, on_record, lambda m: logging.info('%s', m),
+                                                FLAGS.verbose_epochs,
+                                                on_epoch=lambda s: epoch_times.append(s.epoch_seconds[-1])))
+  return records, {**timing, 'epoch_s': epoch_times}
 
 
 # -- report -----------------------------------------------------------------------
