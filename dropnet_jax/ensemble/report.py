@@ -1,0 +1,283 @@
+"""Ensemble pools of pruned networks: evaluation, teams.jsonl, the per-pool table and figures.
+
+A *pool* is a set of M trained networks (e.g. all cycles and seeds of one
+DropNet metric), described by one dict per member with at least 'metric',
+'seed', 'cycle', 'fraction_remaining' and optionally 'macs' (inference cost),
+and by its class probabilities on the validation and test sets ((M, N, C)
+arrays, e.g. from `voting.predict_proba`). `evaluate_pool` scores every team of
+sizes 2..S on the validation set, runs HQ for every focal metric and beta, and
+computes the validation and test accuracy of every team with both votings.
+Only validation data enters a choice (HQ, its per-size and overall picks, the
+best single member); test accuracy is reported after selection.
+
+Outputs (`write_report`):
+  * teams.jsonl: one record per HQ pick (per pool, focal metric, beta, size;
+    'overall' marks the pool's overall pick) and per baseline ('full': all M
+    members, 'best_single': the best member on validation), with members, size,
+    beta, focal and whole-set diversity per metric, val/test accuracy with
+    plurality and soft voting, and cost as members/M and as MACs share (the
+    team's MACs over the whole pool's, None without 'macs');
+  * ensemble_table.md: per pool, the baselines and each overall HQ pick: team,
+    beta, cost, test accuracy and its change vs the full pool ensemble and vs
+    the best single member (selection voting);
+  * ensemble_accuracy_cost.png: test accuracy vs cost of every team, HQ picks
+    highlighted, one panel per pool;
+  * focal_vs_accuracy.png: focal score vs test accuracy of every team, one row
+    per pool, one column per metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dropnet_jax import reporting
+from dropnet_jax.ensemble.diversity import METRICS
+from dropnet_jax.ensemble.focal import focal_diversity
+from dropnet_jax.ensemble.hq import HQResult, hq_prune
+from dropnet_jax.ensemble.voting import accuracies_by_size
+
+VOTES = ('plurality', 'soft')
+
+
+@dataclasses.dataclass
+class PoolResult:
+  """Everything measured on one pool; per-size tuples are indexed like `sizes`."""
+  name: str
+  members: list[dict[str, Any]]
+  sizes: tuple[int, ...]
+  teams: tuple[np.ndarray, ...]  # (T_s, s)
+  focal: tuple[np.ndarray, ...]  # (T_s, 4), columns METRICS
+  whole: tuple[np.ndarray, ...]  # (T_s, 4) diversity on all validation samples
+  val_accuracy: tuple[np.ndarray, ...]  # (T_s, 2), columns VOTES
+  test_accuracy: tuple[np.ndarray, ...]
+  member_val_accuracy: np.ndarray  # (M,)
+  member_test_accuracy: np.ndarray
+  full_val_accuracy: np.ndarray  # (2,) the ensemble of all M
+  full_test_accuracy: np.ndarray
+  hq: dict[tuple[str, float], HQResult]
+  vote: str  # voting used for selection and the table
+
+  @property
+  def num_members(self) -> int:
+    return len(self.members)
+
+  @property
+  def macs(self) -> np.ndarray | None:
+    """(M,) members' MACs, or None unless every member has a positive 'macs'."""
+    macs = [m.get('macs') for m in self.members]
+    if any(v is None for v in macs) or sum(macs) <= 0:
+      return None
+    return np.asarray(macs, np.float64)
+
+  def team_cost(self, members: Sequence[int]) -> tuple[float, float | None]:
+    """(members / M, MACs share of the pool or None)."""
+    macs = self.macs
+    share = None if macs is None else float(macs[list(members)].sum() / macs.sum())
+    return len(members) / self.num_members, share
+
+  def costs(self, teams: np.ndarray) -> np.ndarray:
+    """(T,) cost of each team (T, s): MACs share when known, else members / M."""
+    macs = self.macs
+    if macs is None:
+      return np.full(len(teams), teams.shape[1] / self.num_members)
+    return macs[teams].sum(1) / macs.sum()
+
+
+def group_members(members: Sequence[Mapping[str, Any]], key: str = 'metric') -> dict[str, np.ndarray]:
+  """Member indices grouped by descriptor `key`, groups in order of first appearance."""
+  groups: dict[str, list[int]] = {}
+  for i, m in enumerate(members):
+    groups.setdefault(str(m[key]), []).append(i)
+  return {k: np.array(v) for k, v in groups.items()}
+
+
+def evaluate_pool(name: str, members: Sequence[Mapping[str, Any]], val_proba: np.ndarray,
+                  val_labels: np.ndarray, test_proba: np.ndarray, test_labels: np.ndarray, *,
+                  max_size: int = 5, betas: Sequence[float] = (0.1,), vote: str = 'soft',
+                  max_negatives: int | None = None, seed: int = 0) -> PoolResult:
+  """Scores, HQ-prunes and evaluates every team of sizes 2..max_size of one pool."""
+  val_proba, test_proba = np.asarray(val_proba, np.float32), np.asarray(test_proba, np.float32)
+  val_labels, test_labels = np.asarray(val_labels), np.asarray(test_labels)
+  count = len(members)
+  if val_proba.shape[0] != count or test_proba.shape[0] != count:
+    raise ValueError(f'{count} members but probabilities for {val_proba.shape[0]} (val) / {test_proba.shape[0]} (test)')
+  if vote not in VOTES:
+    raise ValueError(f'vote must be one of {VOTES}, got {vote!r}')
+  max_size = min(max_size, count)
+  val_preds = val_proba.argmax(-1)
+  member_val = (val_preds == val_labels).mean(1)
+  member_test = (test_proba.argmax(-1) == test_labels).mean(1)
+  scores = focal_diversity(val_preds, val_labels, val_proba.shape[-1], max_size,
+                           member_accuracy=member_val, max_negatives=max_negatives, seed=seed)
+  val_acc = accuracies_by_size(val_proba, val_labels, scores.teams)
+  test_acc = accuracies_by_size(test_proba, test_labels, scores.teams)
+  everyone = (np.arange(count, dtype=np.int32)[None, :],)
+  full_val = accuracies_by_size(val_proba, val_labels, everyone)[0][0]
+  full_test = accuracies_by_size(test_proba, test_labels, everyone)[0][0]
+  column = VOTES.index(vote)
+  hq = {}
+  for j, metric in enumerate(METRICS):
+    for beta in betas:
+      hq[(metric, float(beta))] = hq_prune(scores.teams, [f[:, j] for f in scores.focal],
+                                           [a[:, column] for a in val_acc], beta, count)
+  return PoolResult(name, [dict(m) for m in members], scores.sizes, scores.teams, scores.focal,
+                    scores.whole, val_acc, test_acc, member_val, member_test, full_val, full_test,
+                    hq, vote)
+
+
+def _member_brief(m: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: m[k] for k in ('metric', 'seed', 'cycle', 'fraction_remaining') if k in m}
+
+
+def _record(pool: PoolResult, team: Sequence[int], val: Sequence[float], test: Sequence[float],
+            focal: np.ndarray | None, whole: np.ndarray | None, **extra) -> dict[str, Any]:
+  cost_members, cost_macs = pool.team_cost(team)
+  record = {'pool': pool.name, **extra, 'size': len(team), 'members': [int(i) for i in team],
+            'member_info': [_member_brief(pool.members[i]) for i in team]}
+  record['focal'] = None if focal is None else dict(zip(METRICS, map(float, focal)))
+  record['diversity'] = None if whole is None else dict(zip(METRICS, map(float, whole)))
+  for split, acc in (('val', val), ('test', test)):
+    for v, a in zip(VOTES, acc):
+      record[f'{split}_accuracy_{v}'] = float(a)
+  record.update(cost_members=cost_members, cost_macs=cost_macs)
+  return record
+
+
+def best_single(pool: PoolResult) -> int:
+  """The member with the highest validation accuracy (ties: the first)."""
+  return int(np.argmax(pool.member_val_accuracy))
+
+
+def pool_records(pool: PoolResult) -> list[dict[str, Any]]:
+  """teams.jsonl records of one pool: the two baselines, then every HQ pick."""
+  single = best_single(pool)
+  records = [
+      _record(pool, range(pool.num_members), pool.full_val_accuracy, pool.full_test_accuracy,
+              None, None, selection='full'),
+      _record(pool, [single], [pool.member_val_accuracy[single]] * 2,
+              [pool.member_test_accuracy[single]] * 2, None, None, selection='best_single'),
+  ]
+  for (metric, beta), result in pool.hq.items():
+    for i, (s, c) in enumerate(zip(result.sizes, result.chosen)):
+      if c < 0:
+        continue
+      records.append(_record(
+          pool, pool.teams[i][c], pool.val_accuracy[i][c], pool.test_accuracy[i][c],
+          pool.focal[i][c], pool.whole[i][c], selection='hq', diversity_metric=metric,
+          beta=beta, overall=(s == result.best_size and c == result.best_index)))
+  return records
+
+
+def _team_label(pool: PoolResult, team: Sequence[int]) -> str:
+  mixed = len({m.get('metric') for m in pool.members}) > 1
+  parts = []
+  for i in team:
+    m = pool.members[i]
+    label = f's{m.get("seed", "?")}c{m.get("cycle", "?")}'
+    parts.append(f'{m.get("metric")}:{label}' if mixed else label)
+  return ' '.join(parts)
+
+
+def ensemble_table(pools: Sequence[PoolResult]) -> str:
+  """Markdown table: per pool the baselines and each overall HQ pick, test accuracy in %."""
+  header = ('| pool | selection | beta | team | size | cost (members) | cost (MACs) | '
+            'val acc | test acc | Δ vs full | Δ vs best single |')
+  lines = [header, '|' + ' --- |' * (header.count('|') - 1)]
+  for pool in pools:
+    col = VOTES.index(pool.vote)
+    full = pool.full_test_accuracy[col]
+    single = pool.member_test_accuracy[best_single(pool)]
+    for r in pool_records(pool):
+      if r['selection'] == 'hq' and not r['overall']:
+        continue
+      vote = pool.vote if r['selection'] != 'best_single' else 'soft'  # one member: both votes agree
+      test = r[f'test_accuracy_{vote}']
+      selection = r['selection'] if r['selection'] != 'hq' else f'HQ {r["diversity_metric"]}'
+      macs = '' if r['cost_macs'] is None else f'{r["cost_macs"]:.3f}'
+      team = f'all {pool.num_members}' if r['selection'] == 'full' else _team_label(pool, r['members'])
+      lines.append(
+          f'| {pool.name} | {selection} | {r.get("beta", "")} | {team} '
+          f'| {r["size"]} | {r["cost_members"]:.3f} | {macs} | {100 * r[f"val_accuracy_{vote}"]:.2f} '
+          f'| {100 * test:.2f} | {100 * (test - full):+.2f} | {100 * (test - single):+.2f} |')
+  return '\n'.join(lines) + f'\n\nAccuracies with {pools[0].vote if pools else "soft"} voting; Δ in percentage points of test accuracy.\n'
+
+
+def _figure(rows: int, cols: int, width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width * cols, height * rows))
+  FigureCanvasAgg(fig)
+  return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _save(fig: Any, path: str) -> str:
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=120)
+  reporting.atomic_write_bytes(path, buf.getvalue())
+  return path
+
+
+def plot_accuracy_vs_cost(pools: Sequence[PoolResult], path: str) -> str:
+  """Test accuracy vs cost of every team per pool; HQ overall picks and baselines highlighted."""
+  fig, axes = _figure(1, len(pools), 5.0, 4.0)
+  colours = dict(zip(METRICS, ('tab:blue', 'tab:orange', 'tab:green', 'tab:red')))
+  markers = ('o', 's', 'D', '^', 'v', 'P')
+  for ax, pool in zip(axes[0], pools):
+    col = VOTES.index(pool.vote)
+    use_macs = pool.macs is not None
+    xs = np.concatenate([pool.costs(t) for t in pool.teams])
+    ys = np.concatenate([a[:, col] for a in pool.test_accuracy])
+    ax.scatter(xs, ys, s=3, c='0.75', rasterized=True, label='all teams')
+    betas = sorted({b for _, b in pool.hq})
+    for (metric, beta), result in pool.hq.items():
+      if result.best_index < 0:
+        continue
+      i = pool.sizes.index(result.best_size)
+      team = pool.teams[i][result.best_index]
+      ax.scatter(pool.costs(team[None, :]), [pool.test_accuracy[i][result.best_index, col]],
+                 s=60, c=colours[metric], marker=markers[betas.index(beta) % len(markers)],
+                 edgecolors='k', zorder=3, label=f'HQ {metric} β={beta}')
+    ax.axhline(pool.full_test_accuracy[col], color='k', ls='--', lw=1, label='all M members')
+    ax.axhline(pool.member_test_accuracy[best_single(pool)], color='k', ls=':', lw=1, label='best single (val)')
+    ax.set_xlabel('cost (MACs share)' if use_macs else 'cost (members / M)')
+    ax.set_ylabel(f'test accuracy ({pool.vote} voting)')
+    ax.set_title(f'{pool.name} (M={pool.num_members})')
+  axes[0][-1].legend(fontsize=7, loc='lower right')
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_focal_vs_accuracy(pools: Sequence[PoolResult], path: str) -> str:
+  """Focal score vs test accuracy of every team: rows pools, columns focal metrics, colour = team size."""
+  fig, axes = _figure(len(pools), len(METRICS), 3.6, 3.2)
+  for row, pool in zip(axes, pools):
+    col = VOTES.index(pool.vote)
+    sizes = np.concatenate([np.full(len(t), t.shape[1]) for t in pool.teams])
+    acc = np.concatenate([a[:, col] for a in pool.test_accuracy])
+    for j, (ax, metric) in enumerate(zip(row, METRICS)):
+      focal = np.concatenate([f[:, j] for f in pool.focal])
+      points = ax.scatter(focal, acc, s=3, c=sizes, cmap='viridis', rasterized=True)
+      ax.set_title(f'{pool.name}: focal {metric}', fontsize=9)
+      ax.set_xlabel('focal score (lower = more diverse)', fontsize=8)
+      ax.set_ylabel('test accuracy', fontsize=8)
+    fig.colorbar(points, ax=row[-1], label='team size', ticks=pool.sizes)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def write_report(pools: Sequence[PoolResult], out_dir: str | os.PathLike[str]) -> list[str]:
+  """Writes teams.jsonl, ensemble_table.md and the two figures into `out_dir`; returns their paths."""
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [os.path.join(out_dir, n) for n in ('teams.jsonl', 'ensemble_table.md',
+                                              'ensemble_accuracy_cost.png', 'focal_vs_accuracy.png')]
+  reporting.write_jsonl(paths[0], [r for pool in pools for r in pool_records(pool)])
+  reporting.atomic_write_text(paths[1], ensemble_table(pools))
+  plot_accuracy_vs_cost(pools, paths[2])
+  plot_focal_vs_accuracy(pools, paths[3])
+  return paths
