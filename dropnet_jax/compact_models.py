@@ -1,0 +1,167 @@
+"""Model classes that only compacted networks need, and the JSON spec <-> model mapping.
+
+`dropnet_jax.compact` turns a masked network into a smaller dense one. For
+Models A/B/C and VGG19 the result is the same class with the kept widths. Two
+cases need a class of their own:
+
+* `CompactResNet18`: ResNet18 whose residual adds gather channels. In the
+  masked ResNet18 every block output, the stem and the projection shortcuts
+  write into a residual stream whose channels they share, each with its own
+  mask. The compact network keeps, for every tensor of the stream, only the
+  channels that are kept *and* read downstream, so two tensors added together
+  may hold different channel sets. Each block therefore carries a static
+  `shortcut_index`: for each of its kept output channels, the position of the
+  same channel in the shortcut tensor (the block input, or the projection
+  output), or -1 where the shortcut holds no such channel (it is exactly 0
+  there in the masked network). The block computes
+      out = relu(conv2(h) + gather(shortcut, shortcut_index))
+  which is the masked block restricted to its kept channels. Widths may be 0
+  (a dropped conv1 or shortcut; a conv reading 0 channels outputs its bias),
+  which the library's ResNet18 (Glorot init on a zero-size kernel divides by
+  zero) cannot express. With identity index maps it is ResNet18 exactly.
+* `ConstantModel`: the network whose output does not depend on the input (a
+  chain with a layer that has no units left, or a ResNet whose residual stream
+  is cut): its logits are one vector, stored as a bias.
+
+All follow the `dropnet_jax.models` contract: `__call__(images, masks,
+train=False) -> (logits, stats)` with one mask per entry of `widths`, so
+`models.full_masks` works (ConstantModel has no masked layers: widths == ()).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dropnet_jax import large_models, models
+from dropnet_jax.models import KERNEL_INIT, Masks, masked_relu, to_float
+
+
+def zero_safe_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+  """Glorot-uniform, or zeros for a zero-size kernel (whose fan computation divides by zero)."""
+  if math.prod(shape) == 0:
+    return jnp.zeros(shape, dtype)
+  return KERNEL_INIT(key, shape, dtype)
+
+
+def _conv(width: int, size: int, stride: int, name: str) -> nn.Conv:
+  pad = (size - 1) // 2  # 1 for 3x3 (PyTorch-style, as large_models), 0 for the 1x1 shortcut
+  return nn.Conv(width, (size, size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 kernel_init=zero_safe_init, name=name)
+
+
+def gather_channels(x: jax.Array, index: Sequence[int]) -> jax.Array:
+  """x[..., index] with -1 meaning an all-zero channel; the identity map is returned as is."""
+  index = tuple(int(i) for i in index)
+  if index == tuple(range(x.shape[-1])):
+    return x
+  padded = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
+  where = np.array([i if i >= 0 else x.shape[-1] for i in index], np.int32)
+  return jnp.take(padded, where, axis=-1)
+
+
+class CompactBlock(nn.Module):
+  """A basic block with a gathered residual add (see the module docstring)."""
+  conv1_width: int
+  out_width: int
+  shortcut_index: tuple[int, ...]
+  stride: int = 1
+  projection: bool = False
+  shortcut_width: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, masks: Masks):
+    h, s1 = masked_relu(_conv(self.conv1_width, 3, self.stride, 'conv1')(x), masks[0])
+    h = _conv(self.out_width, 3, 1, 'conv2')(h)
+    stats = [s1]
+    if self.projection:
+      sc, s_sc = large_models.masked_linear(_conv(self.shortcut_width, 1, self.stride, 'shortcut')(x), masks[1])
+      stats.append(s_sc)
+    else:
+      sc = x
+    out, s_out = masked_relu(h + gather_channels(sc, self.shortcut_index), masks[-1])
+    stats.append(s_out)
+    return out, stats
+
+
+class CompactResNet18(nn.Module):
+  """ResNet18 (no batch norm) with free per-tensor widths and gathered residual adds.
+
+  `widths`: the 20 masked-layer widths in `large_models.resnet18_layer_names`
+  order (any may be 0); `shortcut_index`: one tuple per block, as long as the
+  block's out width. Parameter names are ResNet18's.
+  """
+  widths: tuple[int, ...]
+  shortcut_index: tuple[tuple[int, ...], ...]
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
+    del train  # no batch norm or dropout in this model
+    w = tuple(int(v) for v in self.widths)
+    if len(w) != 20 or len(masks) != 20 or len(self.shortcut_index) != 8:
+      raise ValueError(f'CompactResNet18 needs 20 widths, 20 masks and 8 index maps, got '
+                       f'{len(w)}, {len(masks)}, {len(self.shortcut_index)}')
+    x, s = masked_relu(_conv(w[0], 3, 1, 'stem')(to_float(images)), masks[0])
+    stats, i = [s], 1
+    for b, (stride, proj) in enumerate(zip(large_models.RESNET18_STRIDES, large_models.RESNET18_PROJECTION)):
+      n = 3 if proj else 2
+      index = tuple(self.shortcut_index[b])
+      if len(index) != w[i + n - 1]:
+        raise ValueError(f'block{b}: shortcut_index has {len(index)} entries for out width {w[i + n - 1]}')
+      block = CompactBlock(w[i], w[i + n - 1], index, stride, proj, w[i + 1] if proj else 0, name=f'block{b}')
+      x, s = block(x, masks[i:i + n])
+      stats += s
+      i += n
+    logits = nn.Dense(self.num_classes, kernel_init=zero_safe_init, name='classifier')(x.mean(axis=(1, 2)))
+    return logits, tuple(stats)
+
+
+class ConstantModel(nn.Module):
+  """A network whose logits do not depend on the input: one learned vector per class, no masked layers."""
+  num_classes: int = 10
+  widths: tuple[int, ...] = ()
+
+  @nn.compact
+  def __call__(self, images: jax.Array, masks: Masks = (), train: bool = False):
+    del train
+    if masks:
+      raise ValueError('ConstantModel has no masked layers; pass masks=()')
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.num_classes,))
+    return jnp.broadcast_to(bias, (images.shape[0], self.num_classes)), ()
+
+
+def model_name(model: nn.Module) -> str:
+  """The spec name of a model instance ('fc', 'conv', 'modelc', 'resnet18', 'vgg19', 'resnet18_compact', 'constant')."""
+  for name, cls in {**models.MODELS, 'resnet18_compact': CompactResNet18, 'constant': ConstantModel}.items():
+    if type(model) is cls:
+      return name
+  raise TypeError(f'not a dropnet_jax model: {type(model).__name__}')
+
+
+def spec_of(model: nn.Module) -> dict[str, Any]:
+  """A JSON-able description from which `model_from_spec` rebuilds the same module."""
+  spec = {'model': model_name(model), 'widths': [int(w) for w in model.widths], 'num_classes': int(model.num_classes)}
+  if isinstance(model, models.ModelC):
+    spec['hidden'] = int(model.hidden)
+  if isinstance(model, CompactResNet18):
+    spec['shortcut_index'] = [[int(i) for i in idx] for idx in model.shortcut_index]
+  return spec
+
+
+def model_from_spec(spec: dict[str, Any]) -> nn.Module:
+  """The module `spec` describes (the library's constructors for the library's families)."""
+  name, widths, num_classes = spec['model'], tuple(int(w) for w in spec['widths']), int(spec['num_classes'])
+  if name == 'constant':
+    return ConstantModel(num_classes=num_classes)
+  if name == 'resnet18_compact':
+    index = tuple(tuple(int(i) for i in idx) for idx in spec['shortcut_index'])
+    return CompactResNet18(widths=widths, shortcut_index=index, num_classes=num_classes)
+  if name == 'modelc' and int(spec.get('hidden', 256)) != models.ModelC.hidden:
+    return models.ModelC(widths=widths, hidden=int(spec['hidden']), num_classes=num_classes)
+  return models.create_model(name, widths, num_classes)
