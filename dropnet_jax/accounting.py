@@ -44,7 +44,7 @@ import numpy as np
 
 from dropnet_jax import compact, large_models, models
 from dropnet_jax.compact_models import CompactResNet18, ConstantModel
-from dropnet_jax.models import Masks
+from dropnet_jax.layers import Masks
 
 
 class LayerCount(NamedTuple):

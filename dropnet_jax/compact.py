@@ -55,7 +55,7 @@ import orbax.checkpoint as ocp
 
 from dropnet_jax import large_models, models
 from dropnet_jax.compact_models import CompactResNet18, ConstantModel, model_from_spec, spec_of
-from dropnet_jax.models import Masks
+from dropnet_jax.layers import Masks
 
 SPEC_FILE = 'spec.json'
 STATE_DIR = 'state'

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dropnet_jax import large_models, models
-from dropnet_jax.models import KERNEL_INIT, Masks, masked_relu, to_float
+from dropnet_jax.layers import KERNEL_INIT, Masks, masked_linear, masked_relu, to_float
 
 
 def zero_safe_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
@@ -80,7 +80,7 @@ class CompactBlock(nn.Module):
     h = _conv(self.out_width, 3, 1, 'conv2')(h)
     stats = [s1]
     if self.projection:
-      sc, s_sc = large_models.masked_linear(_conv(self.shortcut_width, 1, self.stride, 'shortcut')(x), masks[1])
+      sc, s_sc = masked_linear(_conv(self.shortcut_width, 1, self.stride, 'shortcut')(x), masks[1])
       stats.append(s_sc)
     else:
       sc = x

@@ -54,27 +54,14 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from dropnet_jax.models import KERNEL_INIT, Masks, UnitStats, full_masks, masked_relu, to_float
+from dropnet_jax.layers import KERNEL_INIT, Masks, UnitStats, masked_linear, masked_relu, to_float
 
 RESNET18_STAGES = (64, 128, 256, 512)
 RESNET18_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)  # per block
 RESNET18_PROJECTION = tuple(s != 1 for s in RESNET18_STRIDES)  # blocks 2, 4, 6
 VGG19_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512)
 VGG19_POOL_AFTER = (1, 3, 7, 11, 15)  # conv indices followed by a max-pool
-
-
-def masked_linear(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, UnitStats]:
-  """The mask on an output with no activation (the projection shortcut), with `masked_relu`'s stats."""
-  a = x * mask.astype(x.dtype)
-  spatial_axes = tuple(range(1, a.ndim - 1))
-  abs_a = jnp.abs(a)
-  zero = (a == 0).astype(a.dtype)
-  if spatial_axes:
-    abs_a = abs_a.mean(axis=spatial_axes)
-    zero = zero.mean(axis=spatial_axes)
-  return a, UnitStats(abs_a, zero)
 
 
 def resnet18_layer_names() -> tuple[str, ...]:
@@ -218,45 +205,4 @@ def incoming_params(model: nn.Module) -> tuple[tuple[tuple[str, ...], ...], ...]
   raise TypeError(f'not a large model: {type(model).__name__}')
 
 
-def _scale(widths: Sequence[int], multiplier: float) -> tuple[int, ...]:
-  return tuple(max(1, int(round(w * multiplier))) for w in widths)
-
-
 LARGE_MODELS = {'resnet18': ResNet18, 'vgg19': VGG19}
-
-
-def default_widths(name: str, width_multiplier: float = 1.0) -> tuple[int, ...]:
-  """The masked-layer widths of `name`, every layer scaled by `width_multiplier` (at least 1)."""
-  if width_multiplier <= 0:
-    raise ValueError(f'width_multiplier must be positive, got {width_multiplier}')
-  if name == 'resnet18':
-    return resnet18_widths(_scale(RESNET18_STAGES, width_multiplier))
-  if name == 'vgg19':
-    return _scale(VGG19_WIDTHS, width_multiplier)
-  raise ValueError(f'unknown large model {name!r}; choose one of {sorted(LARGE_MODELS)}')
-
-
-def create_large_model(name: str, num_classes: int, width_multiplier: float = 1.0,
-                       widths: Sequence[int] | None = None) -> nn.Module:
-  """ResNet18 or VGG19 for `num_classes` (10 for CIFAR-10, 200 for Tiny ImageNet).
-
-  `widths` (one per masked layer) overrides the multiplier-scaled defaults.
-  """
-  if name not in LARGE_MODELS:
-    raise ValueError(f'unknown large model {name!r}; choose one of {sorted(LARGE_MODELS)}')
-  widths = tuple(int(w) for w in widths) if widths else default_widths(name, width_multiplier)
-  model = LARGE_MODELS[name](widths=widths, num_classes=num_classes)
-  if isinstance(model, ResNet18):
-    check_resnet18_widths(widths)
-  elif len(widths) != 16:
-    raise ValueError(f'VGG19 needs 16 conv widths, got {widths}')
-  return model
-
-
-def init_variables(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) -> dict:
-  """All initial variables: {'params'} for ResNet18, {'params', 'batch_stats'} for VGG19.
-
-  (`models.init_params` keeps only 'params'; batch-norm models also need 'batch_stats'.)
-  """
-  dummy = jnp.zeros((1, *image_shape), jnp.uint8)
-  return dict(jax.jit(model.init)(key, dummy, full_masks(model)))  # one compile, not one per eager op

@@ -18,48 +18,14 @@ stay uint8 on the device (4x less memory than float32).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Masks = tuple[jax.Array, ...]
-
-# Keras' defaults (the paper's code is Keras): Glorot-uniform kernels, zero
-# biases. Flax's default is LeCun-normal; using Keras' keeps the dense accuracy
-# and the pruning curves comparable with the paper.
-KERNEL_INIT = nn.initializers.glorot_uniform()
-
-
-class UnitStats(NamedTuple):
-  """Per-example, per-unit post-activation statistics of one masked layer."""
-  abs_mean: jax.Array  # (batch, units)
-  zero_frac: jax.Array  # (batch, units)
-
-
-def masked_relu(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, UnitStats]:
-  """ReLU, then the unit mask; returns the activations and their statistics.
-
-  The mask multiplies the post-activation, as in the paper: a dropped unit
-  outputs exactly 0, so nothing downstream sees it and its incoming weights get
-  zero gradient.
-  """
-  a = nn.relu(x) * mask.astype(x.dtype)
-  spatial_axes = tuple(range(1, a.ndim - 1))  # () for dense, (1, 2) for conv
-  abs_a = jnp.abs(a)
-  zero = (a == 0).astype(a.dtype)
-  if spatial_axes:
-    abs_a = abs_a.mean(axis=spatial_axes)
-    zero = zero.mean(axis=spatial_axes)
-  return a, UnitStats(abs_a, zero)
-
-
-def to_float(images: jax.Array) -> jax.Array:
-  """uint8 pixels -> float32 in [0, 1]; float input is taken as already scaled."""
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    return images.astype(jnp.float32) / 255.0
-  return images.astype(jnp.float32)
+from dropnet_jax import large_models
+from dropnet_jax.layers import KERNEL_INIT, Masks, UnitStats, full_masks, masked_relu, to_float  # noqa: F401
 
 
 class MLP(nn.Module):
@@ -133,20 +99,37 @@ class ModelC(nn.Module):
     return logits, tuple(stats)
 
 
-MODELS = {'fc': MLP, 'conv': ConvNet, 'modelc': ModelC}
-DEFAULT_WIDTHS = {'fc': (40, 40), 'conv': (64, 64), 'modelc': (64, 64, 128, 128)}
+MODELS = {'fc': MLP, 'conv': ConvNet, 'modelc': ModelC, **large_models.LARGE_MODELS}
+DEFAULT_WIDTHS = {'fc': (40, 40), 'conv': (64, 64), 'modelc': (64, 64, 128, 128),
+                  'resnet18': large_models.resnet18_widths(), 'vgg19': large_models.VGG19_WIDTHS}
 
 
-def create_model(name: str, widths: Sequence[int] | None, num_classes: int) -> nn.Module:
-  """Builds a model by its `--model` name."""
+def create_model(name: str, widths: Sequence[int] | None, num_classes: int, width_multiplier: float = 1.0) -> nn.Module:
+  """Builds a model by its `--model` name; `widths` (one per masked layer) default to the model's,
+  scaled by `width_multiplier` (each at least 1; ResNet18 keeps its residual constraints)."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
-  widths = tuple(DEFAULT_WIDTHS[name] if not widths else widths)
+  if not widths:
+    widths = default_widths(name, width_multiplier)
+  widths = tuple(widths)
   if not widths or any(int(w) != w or w <= 0 for w in widths):
     raise ValueError(f'widths must be positive integers, got {widths}')
+  widths = tuple(int(w) for w in widths)
   if name == 'resnet18':
     large_models.check_resnet18_widths(widths)
+  elif name == 'vgg19' and len(widths) != 16:
+    raise ValueError(f'VGG19 needs 16 conv widths, got {widths}')
   return MODELS[name](widths=widths, num_classes=num_classes)
+
+
+def default_widths(name: str, width_multiplier: float = 1.0) -> tuple[int, ...]:
+  """The masked-layer widths of `name`, every layer scaled by `width_multiplier` (at least 1)."""
+  if width_multiplier <= 0:
+    raise ValueError(f'width_multiplier must be positive, got {width_multiplier}')
+  if name == 'resnet18':
+    stages = tuple(max(1, int(round(w * width_multiplier))) for w in large_models.RESNET18_STAGES)
+    return large_models.resnet18_widths(stages)
+  return tuple(max(1, int(round(w * width_multiplier))) for w in DEFAULT_WIDTHS[name])
 
 
 def parse_widths(values: Sequence[str] | None) -> tuple[int, ...] | None:
@@ -162,11 +145,6 @@ def parse_widths(values: Sequence[str] | None) -> tuple[int, ...] | None:
   return widths
 
 
-def full_masks(model: nn.Module) -> Masks:
-  """The dense starting mask: one all-ones float32 vector per masked layer."""
-  return tuple(jnp.ones((w,), jnp.float32) for w in model.widths)
-
-
 def init_params(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) -> Any:
   """θ0: the model's initial parameters for one seed.
 
@@ -179,10 +157,3 @@ def init_params(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) ->
   if 'batch_stats' in variables:
     return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   return variables['params']
-
-
-# The paper's large models live in their own module, which builds on the helpers above.
-from dropnet_jax import large_models  # noqa: E402  (imports this module)
-
-MODELS.update(large_models.LARGE_MODELS)
-DEFAULT_WIDTHS.update({'resnet18': large_models.resnet18_widths(), 'vgg19': large_models.VGG19_WIDTHS})

@@ -3,7 +3,7 @@
 At a DropNet cycle, with the trained parameters and no retraining, the oracle
 removes the single unit whose removal gives the lowest training loss, then
 repeats from the new mask, until the cycle's count is dropped. The count is the
-global metrics' rule (`pruning.update_mask`): max(floor(fraction * remaining),
+global criteria's rule (`mask_ops.drop_count`): max(floor(fraction * remaining),
 1), capped at remaining - 1 so the network keeps a unit.
 
 Each greedy step scores every unit of the network at once: one candidate mask
@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dropnet_jax.models import Masks
-from dropnet_jax.pruning import num_to_drop
+from dropnet_jax.layers import Masks
+from dropnet_jax.mask_ops import drop_count
 
 DEFAULT_CANDIDATE_CHUNK = 64
 
@@ -93,16 +93,10 @@ def _candidate_losses_flat(apply_fn, variables, flat_mask, sizes, images, labels
 _candidate_losses_jit = jax.jit(_candidate_losses_flat, static_argnums=(0, 3, 6, 7))
 
 
-def _drop_count(flat_mask, fraction):
-  remaining = flat_mask.sum()
-  count = jnp.maximum(num_to_drop(fraction, remaining), 1)
-  return jnp.maximum(jnp.minimum(count, remaining.astype(jnp.int32) - 1), 0)
-
-
 @functools.partial(jax.jit, static_argnames=('apply_fn', 'sizes', 'batch_size', 'candidate_chunk'))
 def _greedy(apply_fn, variables, flat_mask, fraction, images, labels, *, sizes, batch_size, candidate_chunk):
   n_units = flat_mask.shape[0]
-  count = _drop_count(flat_mask, fraction)
+  count = drop_count(flat_mask, fraction)
 
   def body(state):
     step, mask, order, losses = state

@@ -5,9 +5,9 @@ device-resident uint8 data). Early stopping lives in `FitState`, a pytree, and
 `epoch_step` advances it by one epoch; a finished state (early-stopped or
 diverged) passes through unchanged. That makes the same function usable for
 one trial (a Python loop that stops when `done`) and for many trials at once
-(`Trainer.batched_epoch_step`: every state leaf has a leading trial axis, one
-compiled program advances all trials, finished ones are not recomputed; used
-by `dropnet_jax.batched`), and lets a caller checkpoint between any two epochs.
+(`dropnet_jax.lanes`: every state leaf has a leading trial axis, one
+compiled program advances all trials, finished ones are not recomputed), and
+lets a caller checkpoint between any two epochs (`fit` is the one host loop).
 
 The masks are an input of every step, never a Python value baked into the
 trace, so changing the mask between DropNet cycles does not recompile.
@@ -36,24 +36,23 @@ or per step; the shuffle is `jax.random.permutation`'s exact order computed
 with cheaper sorts (`shuffle_order`); the loss, accuracy and unit statistics
 accumulate elementwise per batch row and are reduced once per pass; on CPU,
 convolution and max-pool gradients are rewritten into forms XLA:CPU runs
-fast inside loops (`with_fast_grads`).
+fast inside loops (`cpu_grads.with_fast_grads`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dropnet_jax.models import Masks
-from dropnet_jax.pruning import StatSums
+from dropnet_jax.config import TrainConfig
+from dropnet_jax.cpu_grads import with_fast_grads
+from dropnet_jax.layers import Masks, StatSums, zero_sums
 
 DATA_AXIS = 'data'
 
@@ -74,16 +73,6 @@ class DeviceData(NamedTuple):
     if sharding is not None:
       return cls(*(jax.device_put(np.asarray(a), sharding) for a in arrays))
     return cls(*(jnp.asarray(a) for a in arrays))
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Hyperparameters of one training run (the paper's defaults)."""
-  lr: float = 0.1
-  batch_size: int = 32
-  max_epochs: int = 100
-  patience: int = 5
-  eval_batch_size: int = 1000
 
 
 class EvalResult(NamedTuple):
@@ -146,11 +135,6 @@ def _normalise_theta(theta):
 
 
 # -- per-batch terms -------------------------------------------------------------------------------
-
-
-def _zero_sums(masks: Masks) -> StatSums:
-  return StatSums(tuple(jnp.zeros_like(m) for m in masks), tuple(jnp.zeros_like(m) for m in masks),
-                  jnp.zeros((), jnp.float32))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -245,169 +229,6 @@ class _RowSums(NamedTuple):
             tuple(z.sum(0) for z in self.zero_sum))
 
 
-# -- gradients that XLA:CPU runs fast inside loops ---------------------------------------------
-
-_NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs, out specs of Flax's 2-D convs
-
-
-def _conv_handled(eqn) -> bool:
-  """Whether a conv_general_dilated equation is one `_conv_fast_grads` handles."""
-  p = eqn.params
-  dn = p['dimension_numbers']
-  lhs, rhs = (v.aval for v in eqn.invars)
-  if (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != _NHWC_HWIO or lhs.ndim != 4:
-    return False
-  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or p['preferred_element_type'] not in (None, jnp.float32):
-    return False
-  if p['feature_group_count'] != 1 or p['batch_group_count'] != 1:
-    return False
-  if any(v != 1 for v in (*p['window_strides'], *p['lhs_dilation'], *p['rhs_dilation'])):
-    return False
-  return all(0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(p['padding'], rhs.shape[:2]))
-
-
-def _conv_fast_grads(params):
-  """The convolution of `params` (stride 1, NHWC/HWIO) with gradients written as plain forward
-  convolutions on explicitly transposed operands.
-
-  Autodiff's own gradient convolutions have transposed dimension labels
-  (f01b_i01o->01bf for the kernel, b01f_01oi->b01f for the input); inside a
-  while loop (the epoch's scan) XLA:CPU runs those tens of times slower than
-  forward-style b01f_01io->b01f convolutions, which it runs outside loops.
-  The values are the same up to float rounding.
-  """
-  padding = tuple(tuple(p) for p in params['padding'])
-  precision = params['precision']
-  dn = ('NHWC', 'HWIO', 'NHWC')
-
-  @jax.custom_vjp
-  def conv(x, w):
-    return jax.lax.conv_general_dilated_p.bind(x, w, **params)
-
-  def fwd(x, w):
-    return conv(x, w), (x, w)
-
-  def bwd(res, g):
-    x, w = res
-    kernel = w.shape[:2]
-    # d/dx: the output gradient convolved with the flipped kernel, its in/out features swapped.
-    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    pad_t = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kernel))
-    dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), pad_t, dimension_numbers=dn, precision=precision)
-    # d/dw: features of x as the batch, examples as the contracted input features.
-    dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), padding,
-                                      dimension_numbers=dn, precision=precision)
-    return dx, dw.transpose(1, 2, 0, 3)
-
-  conv.defvjp(fwd, bwd)
-  return conv
-
-
-def _pool_handled(eqn) -> bool:
-  """Whether a reduce_window_max equation is a non-overlapping NHWC max pool (`_max_pool_fast_grads`)."""
-  p = eqn.params
-  x = eqn.invars[0].aval
-  win = tuple(p['window_dimensions'])
-  return (x.ndim == 4 and jnp.issubdtype(x.dtype, jnp.floating) and win[0] == win[3] == 1
-          and tuple(p['window_strides']) == win and all(lo == hi == 0 for lo, hi in p['padding'])
-          and all(d == 1 for d in (*p['base_dilation'], *p['window_dilation']))
-          and x.shape[1] % win[1] == 0 and x.shape[2] % win[2] == 0)
-
-
-def _max_pool_fast_grads(params):
-  """Non-overlapping max pooling as a max over reshaped windows; the gradient goes to the first
-  maximum of each window in row-major order, as autodiff's select-and-scatter does, but with
-  elementwise code instead of XLA:CPU's slow variadic reduce-window and scatter."""
-  _, kh, kw, _ = params['window_dimensions']
-
-  def windows(x):
-    b, h, w, c = x.shape
-    return x.reshape(b, h // kh, kh, w // kw, kw, c)
-
-  @jax.custom_vjp
-  def pool(x):
-    return windows(x).max(axis=(2, 4))
-
-  def fwd(x):
-    y = pool(x)
-    return y, (x, y)
-
-  def bwd(res, g):
-    x, y = res
-    xw = windows(x)
-    is_max = xw == y[:, :, None, :, None, :]
-    taken = jnp.zeros_like(y, dtype=bool)
-    rows = []
-    for i in range(kh):
-      cols = []
-      for j in range(kw):
-        first = is_max[:, :, i, :, j, :] & ~taken
-        taken = taken | first
-        cols.append(jnp.where(first, g, jnp.zeros_like(g)))
-      rows.append(jnp.stack(cols, axis=3))  # (b, h', w', kw, c)
-    dx = jnp.stack(rows, axis=2)  # (b, h', kh, w', kw, c)
-    return (dx.reshape(x.shape),)
-
-  pool.defvjp(fwd, bwd)
-  return pool
-
-
-_REWRITES = {'conv_general_dilated': (_conv_handled, _conv_fast_grads),
-             'reduce_window_max': (_pool_handled, _max_pool_fast_grads)}
-_CALLS = ('pjit', 'jit', 'closed_call')
-
-
-def _has_rewrite(jaxpr) -> bool:
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name in _REWRITES and _REWRITES[name][0](eqn):
-      return True
-    if name in _CALLS and 'jaxpr' in eqn.params and _has_rewrite(eqn.params['jaxpr'].jaxpr):
-      return True
-  return False
-
-
-def _eval_with_fast_grads(jaxpr, consts, *args):
-  """Evaluates a jaxpr (like jax.core.eval_jaxpr), swapping in the `_REWRITES` for the equations
-  they handle, including those inside nested jit calls (which are inlined)."""
-  env = {}
-  read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
-  for v, x in zip(jaxpr.constvars, consts):
-    env[v] = x
-  for v, x in zip(jaxpr.invars, args):
-    env[v] = x
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if name in _REWRITES and _REWRITES[name][0](eqn):
-      outvals = [_REWRITES[name][1](eqn.params)(*invals)]
-    elif name in _CALLS and 'jaxpr' in eqn.params:
-      sub = eqn.params['jaxpr']
-      outvals = _eval_with_fast_grads(sub.jaxpr, sub.consts, *invals)
-    else:
-      with eqn.ctx.manager:
-        outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-      if not eqn.primitive.multiple_results:
-        outvals = [outvals]
-    for v, x in zip(eqn.outvars, outvals):
-      env[v] = x
-  return [read(v) for v in jaxpr.outvars]
-
-
-def with_fast_grads(fun: Callable) -> Callable:
-  """`fun` (positional array arguments) with the gradients of its stride-1 NHWC convolutions and
-  non-overlapping max pools computed by code XLA:CPU runs fast inside loops (see
-  `_conv_fast_grads`, `_max_pool_fast_grads`); the same values up to float rounding. `fun`
-  itself when it has neither, so e.g. MLPs compile exactly as before."""
-  def wrapped(*args):
-    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
-    if not _has_rewrite(closed.jaxpr):
-      return fun(*args)
-    out = _eval_with_fast_grads(closed.jaxpr, closed.consts, *jax.tree.leaves(args))
-    return jax.tree.unflatten(jax.tree.structure(out_shape), out)
-  return wrapped
-
-
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A 1-D mesh with axis 'data' over `devices` (default: all local devices)."""
   devices = list(jax.local_devices() if devices is None else devices)
@@ -428,17 +249,10 @@ class Trainer:
   take at most 64 MiB. `fast_grads`: compute the training gradients of
   convolutions and max pools with `with_fast_grads` (None: on CPU, where
   XLA runs autodiff's versions slowly inside loops).
-  `lanes_per_chunk`: how the batched functions process their trials: chunks
-  of this many lanes, each chunk vmapped, one chunk after another (a chunk
-  whose lanes are all done is skipped). None: 1 on CPU (one trial at a time
-  in a loop: XLA:CPU runs one trial's small matmuls at least as fast as the
-  batched ones, and finished trials then cost nothing), all lanes at once
-  (plain vmap) on accelerators.
   """
 
   def __init__(self, model, config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
-               unroll: int = 1, gather_per_epoch: bool | None = None, fast_grads: bool | None = None,
-               lanes_per_chunk: int | None = None):
+               unroll: int = 1, gather_per_epoch: bool | None = None, fast_grads: bool | None = None):
     self.model = model
     self.config = config
     self.tx = optax.sgd(config.lr)
@@ -457,15 +271,6 @@ class Trainer:
     self.evaluate = jax.jit(self._evaluate)
     self.train_epoch = jax.jit(self._train_epoch)
     self.epoch_step = jax.jit(self._epoch_step)
-    # Many trials at once: every FitState leaf has a leading trial (lane) axis; the data are shared.
-    if lanes_per_chunk is None:
-      lanes_per_chunk = 1 if self.mesh.devices.flat[0].platform == 'cpu' else 1 << 30
-    if lanes_per_chunk < 1:
-      raise ValueError(f'lanes_per_chunk must be positive, got {lanes_per_chunk}')
-    self.lanes_per_chunk = lanes_per_chunk
-    self.batched_init_fit = jax.jit(jax.vmap(self.init_fit))
-    self.batched_epoch_step = jax.jit(self._batched_epoch_step)
-    self.batched_evaluate = jax.jit(self._batched_evaluate)
 
   def eval_batch_size(self, n: int) -> int:
     """The evaluation batch for n examples: at most config.eval_batch_size, as even as possible so
@@ -543,7 +348,8 @@ class Trainer:
     theta = params
     params, batch_stats = split_theta(theta)
     n, bs = images.shape[0], self.config.batch_size
-    order = shuffle_order(key, n)
+    # Keras' fit(shuffle=False) order (the official notebook) when shuffling is off.
+    order = shuffle_order(key, n) if self.config.shuffle else jnp.arange(n, dtype=jnp.int32)
     tail = n % bs if batch_stats is not None else 0  # batch norm: the partial batch runs at its size
     idx, weights = _padded_batches(order[:n - tail], bs)
     counts = weights.sum(axis=1)
@@ -609,7 +415,7 @@ class Trainer:
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return FitState(
         params=params0, opt_state=self.tx.init(split_theta(params0)[0]), best_params=params0,
-        best_sums=_zero_sums(masks), masks=tuple(masks), key=key, epoch=jnp.zeros((), jnp.int32),
+        best_sums=zero_sums(masks), masks=tuple(masks), key=key, epoch=jnp.zeros((), jnp.int32),
         best_epoch=jnp.zeros((), jnp.int32), best_val_loss=f32(jnp.inf), bad_epochs=jnp.zeros((), jnp.int32),
         done=jnp.zeros((), bool), diverged=jnp.zeros((), bool), train_loss=f32(jnp.nan),
         train_accuracy=f32(jnp.nan), val_loss=f32(jnp.nan), val_accuracy=f32(jnp.nan))
@@ -640,67 +446,14 @@ class Trainer:
     # Freeze finished runs, so a vmapped batch of trials can run until the last one stops.
     return jax.tree.map(lambda o, n: jnp.where(state.done, o, n), state, new)
 
-  # -- many trials ----------------------------------------------------------
 
-  def _over_lanes(self, fn, lanes, shared, skip=None, skip_gives_zeros=False):
-    """fn(lane_args..., *shared) for every lane of `lanes` (pytrees with a leading lane axis), in
-    chunks of `lanes_per_chunk` lanes. A chunk for which `skip(chunk)` is true is not computed:
-    its result is the chunk's first argument, unchanged (or zeros with `skip_gives_zeros`)."""
-    num = jax.tree.leaves(lanes)[0].shape[0]
-    k = max(d for d in range(1, min(self.lanes_per_chunk, num) + 1) if num % d == 0)
-    one = (lambda c: fn(*c, *shared)) if k == 1 else (lambda c: jax.vmap(lambda *a: fn(*a, *shared))(*c))
-    if skip_gives_zeros:
-      skipped = lambda c: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, c))
-    else:
-      skipped = lambda c: c[0]
-    run = one if skip is None else (lambda c: jax.lax.cond(skip(c), skipped, one, c))
-    if k == num and k > 1:
-      return run(lanes)
-    if k == 1:
-      return jax.lax.map(run, lanes)
-    chunks = jax.tree.map(lambda x: x.reshape((num // k, k) + x.shape[1:]), lanes)
-    out = jax.lax.map(run, chunks)
-    return jax.tree.map(lambda x: x.reshape((num,) + x.shape[2:]), out)
-
-  def _lanes_split(self, lanes) -> bool:
-    """Lanes are split over the devices (each device runs its trials, no per-step communication)
-    when there are several devices and the lane count is a multiple of theirs; otherwise every
-    device works on every lane and each batch is split."""
-    return self.num_devices > 1 and jax.tree.leaves(lanes)[0].shape[0] % self.num_devices == 0
-
-  def _per_device_lanes(self, fn, lanes, shared):
-    return jax.shard_map(lambda l, s: fn(l, s), mesh=self.mesh, in_specs=(P(DATA_AXIS), P()),
-                         out_specs=P(DATA_AXIS), check_vma=False)(lanes, shared)
-
-  def _batched_epoch_step(self, state: FitState, data: DeviceData) -> FitState:
-    """`epoch_step` for every lane (trial) of a batched state; done lanes are not recomputed."""
-    skip = lambda c: jnp.all(c[0].done)
-    if self._lanes_split(state):
-      step = lambda s, d: self._epoch_step(s, d, split_batch=False)
-      return self._per_device_lanes(lambda l, s: self._over_lanes(step, (l,), (s,), skip), state, data)
-    return self._over_lanes(self._epoch_step, (state,), (data,), skip)
-
-  def _batched_evaluate(self, params, masks: Masks, images: jax.Array, labels: jax.Array,
-                        active: jax.Array | None = None) -> EvalResult:
-    """`evaluate` for every lane of batched params and masks on the same data. `active` (bool per
-    lane): lanes that are not active are not evaluated (their results are zeros)."""
-    split = self._lanes_split(params)
-    ev = lambda p, m, a, x, y: self._evaluate(p, m, x, y, split_batch=not split)
-    if active is None:
-      active = jnp.ones(jax.tree.leaves(params)[0].shape[:1], bool)
-
-    def over(lanes, shared):
-      return self._over_lanes(ev, lanes, shared, skip=lambda c: ~jnp.any(c[2]), skip_gives_zeros=True)
-
-    if split:
-      return self._per_device_lanes(over, (params, masks, active), (images, labels))
-    return over((params, masks, active), (images, labels))
-
-  def fit(self, state: FitState, data: DeviceData,
-          on_epoch: Callable[[FitState], None] | None = None) -> FitState:
-    """Runs epochs until early stopping (or divergence, or max_epochs)."""
-    while not bool(state.done):
-      state = self.epoch_step(state, data)
-      if on_epoch is not None:
-        on_epoch(state)
-    return state
+def fit(epoch_step: Callable[[FitState, DeviceData], FitState], state: FitState, data: DeviceData,
+        on_epoch: Callable[[FitState], None] | None = None) -> FitState:
+  """Runs epochs until early stopping (or divergence, or max_epochs) of every lane: the one host
+  loop, for one trial (`Trainer.epoch_step`) or many (`Lanes.epoch_step`). `on_epoch` sees each
+  new state (logging, mid-cycle checkpoints); one small host read of `done` per epoch."""
+  while not np.all(np.asarray(state.done)):
+    state = epoch_step(state, data)
+    if on_epoch is not None:
+      on_epoch(state)
+  return state

@@ -8,22 +8,26 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 from absl import flags, logging
 
 from dropnet_jax import reporting
-from dropnet_jax.batched import run_seeds_batched
 from dropnet_jax.checkpoint import Checkpointer
-from dropnet_jax.dropnet import ORACLE, DropNetConfig, run_experiment
+from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.dropnet import run_experiment
 from dropnet_jax.input_pipeline import DATASETS, Dataset, load_dataset
 from dropnet_jax.models import MODELS, create_model, parse_widths
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+from dropnet_jax.saved_params import SAVE_MODES, ParamsStore
+from dropnet_jax.train import DeviceData, Trainer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('model', 'fc', sorted(MODELS), 'Model: fc (Model A), conv (Model B), modelc (Model C), resnet18, vgg19.')
 flags.DEFINE_list('widths', None, 'Units/filters per masked layer, e.g. 40,40 (default: the model\'s).')
 flags.DEFINE_enum('dataset', 'digits', DATASETS, 'digits is bundled with scikit-learn (offline default).')
 flags.DEFINE_string('data_dir', None, 'Local data files (for mnist: a directory of the four IDX files).')
-flags.DEFINE_list('metrics', 'min,max,random,min_layer,max_layer,random_layer', 'Metrics to run.')
+flags.DEFINE_list('metrics', 'min,max,random,min_layer,max_layer,random_layer',
+                  'Criteria to run (dropnet_jax.criteria: min, max, random, their _layer forms, apoz, apoz_layer, '
+                  'oracle, and the official notebook\'s selection rule as *_official).')
 flags.DEFINE_integer('seeds', 1, 'Number of seeds, run as 0..N-1.')
 flags.DEFINE_float('fraction', 0.2, 'p: fraction of remaining units dropped per cycle, in (0, 1].')
 flags.DEFINE_float('floor', 0.1, 'Stop once the fraction of units remaining is <= floor, in (0, 1).')
@@ -34,31 +38,34 @@ flags.DEFINE_integer('batch_size', 32, 'SGD batch size.')
 flags.DEFINE_float('lr', 0.1, 'SGD learning rate.')
 flags.DEFINE_enum('score_from', 'data', ['data', 'epoch'],
                   'data: score with a pass over all training samples (paper); epoch: from the best epoch\'s running sums.')
+flags.DEFINE_enum('score_params', 'best', ['best', 'last'],
+                  'θ the criteria score: the best-validation-loss epoch\'s (paper) or the last epoch\'s (official code).')
+flags.DEFINE_bool('shuffle', True, 'Reshuffle the training set every epoch (the official notebook did not).')
 flags.DEFINE_integer('split_seed', 0, 'Seed of the stratified validation split.')
 flags.DEFINE_string('out', None, 'Output directory.', required=True)
 flags.DEFINE_bool('verbose_epochs', True, 'Log every epoch (else only every cycle).')
 flags.DEFINE_integer('checkpoint_every_epochs', 10, 'Also checkpoint every N epochs inside a cycle (0: only after cycles).')
 flags.DEFINE_integer('max_checkpoints', 3, 'Checkpoints kept in <out>/checkpoints.')
-flags.DEFINE_bool('batch_trials', False, 'Train all seeds x metrics of a cycle together in one compiled program '
-                  '(dropnet_jax.batched; the same records). Checkpoints after every cycle only. With several '
-                  'devices (or --host_devices on CPU) the trials are split over them.')
+flags.DEFINE_bool('batch_trials', False, 'Train all seeds x metrics of a cycle together as lanes of one compiled '
+                  'program (the same records). With several devices (or --host_devices on CPU) the trials are '
+                  'split over them.')
+flags.DEFINE_enum('save_params', 'auto', ['auto', *SAVE_MODES],
+                  'Trained params kept in <out>/params: all cycles, the last cycle per trial, or none. auto: all '
+                  'for models under 1M parameters, else last.')
 
 # Settings that may differ between a run and its resumption (they do not change results).
-RESUMABLE_DIFFERENCES = ('data_dir', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints')
+RESUMABLE_DIFFERENCES = ('data_dir', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints', 'save_params')
 
 
 def build_config() -> DropNetConfig:
   config = DropNetConfig(
       metrics=tuple(FLAGS.metrics), fraction=FLAGS.fraction, floor=FLAGS.floor, kappa=FLAGS.kappa,
-      score_from=FLAGS.score_from,
+      score_from=FLAGS.score_from, score_params=FLAGS.score_params,
       train=TrainConfig(lr=FLAGS.lr, batch_size=FLAGS.batch_size, max_epochs=FLAGS.max_epochs,
-                        patience=FLAGS.patience))
+                        patience=FLAGS.patience, shuffle=FLAGS.shuffle))
   config.validate()
   if FLAGS.seeds < 1:
     raise ValueError(f'--seeds must be >= 1, got {FLAGS.seeds}')
-  if FLAGS.batch_trials and ORACLE in config.metrics:
-    raise ValueError('--batch_trials: the oracle metric is a greedy search per trial and is not batched; '
-                     'drop --batch_trials or the oracle from --metrics')
   return config
 
 
@@ -109,7 +116,8 @@ def setup_from_flags(**config_changes) -> Setup:
               'metrics': list(config.metrics), 'fraction': config.fraction, 'floor': config.floor,
               'kappa': config.kappa, 'score_from': config.score_from, 'lr': config.train.lr,
               'batch_size': config.train.batch_size, 'max_epochs': config.train.max_epochs,
-              'patience': config.train.patience, 'batch_trials': FLAGS.batch_trials}
+              'patience': config.train.patience, 'score_params': config.score_params,
+              'shuffle': config.train.shuffle, 'batch_trials': FLAGS.batch_trials}
   logging.info('%s: train %d, val %d, test %d, image %s', FLAGS.dataset, len(dataset.train_labels),
                len(dataset.val_labels), len(dataset.test_labels), dataset.image_shape)
   return Setup(model, dataset, config, settings, list(range(FLAGS.seeds)))
@@ -134,24 +142,36 @@ def check_out_dir(out: str, settings: dict[str, Any] | None) -> None:
     raise ValueError(f'{out} has results.jsonl but no config.json; refusing to mix runs')
 
 
+def save_params_mode(model, image_shape) -> str:
+  """--save_params, with auto resolved: every cycle for small models, the last per trial otherwise."""
+  if FLAGS.save_params != 'auto':
+    return FLAGS.save_params
+  import jax
+  from dropnet_jax.models import init_params
+  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), image_shape))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  return 'all' if count < 1_000_000 else 'last'
+
+
 def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]:
-  """Runs (or resumes) DropNet into `out`: config.json, results.jsonl, checkpoints/, figures."""
+  """Runs (or resumes) DropNet into `out`: config.json, results.jsonl, checkpoints/, params/, figures."""
   check_out_dir(out, setup.settings)
+  trainer = Trainer(setup.model, setup.config.train)  # checks the device split before anything is written
+  mode = save_params_mode(setup.model, setup.dataset.image_shape)
   os.makedirs(out, exist_ok=True)
   reporting.atomic_write_text(os.path.join(out, 'config.json'), json.dumps(setup.settings, indent=2))
   results_path = os.path.join(out, 'results.jsonl')
   checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
+  spec = {'model': setup.settings['model'], 'widths': setup.settings['widths'],
+          'num_classes': setup.dataset.num_classes, 'image_shape': list(setup.dataset.image_shape)}
+  params_store = ParamsStore(os.path.join(out, 'params'), mode, spec)
   start = time.perf_counter()
   write = lambda rs: reporting.write_jsonl(results_path, rs)
-  trainer = Trainer(setup.model, setup.config.train)
-  if setup.settings['batch_trials']:
-    records = run_seeds_batched(setup.model, setup.dataset.image_shape, trainer.replicate(setup.data), setup.seeds,
-                                setup.config, trainer, checkpointer, on_record=write, log=logging.info,
-                                log_epochs=FLAGS.verbose_epochs)
-  else:
-    records = run_experiment(setup.model, setup.dataset.image_shape, setup.data, setup.seeds, setup.config,
-                             trainer, checkpointer, FLAGS.checkpoint_every_epochs, on_record=write,
-                             log=logging.info, log_epochs=FLAGS.verbose_epochs)
+  data = trainer.replicate(setup.data) if setup.settings['batch_trials'] else setup.data
+  records = run_experiment(setup.model, setup.dataset.image_shape, data, setup.seeds, setup.config, trainer,
+                           checkpointer, FLAGS.checkpoint_every_epochs, on_record=write, log=logging.info,
+                           log_epochs=FLAGS.verbose_epochs, batch_trials=setup.settings['batch_trials'],
+                           params_store=params_store)
   checkpointer.close()
   logging.info('%s: %d records, %.1fs in this invocation', out, len(records), time.perf_counter() - start)
   reporting.save_figures(records, out, title=title or default_title(setup))

@@ -29,23 +29,13 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import common
+
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('model', 'fc', ['fc', 'conv', 'modelc'], 'Model: fc (Model A), conv (Model B), modelc (Model C).')
-flags.DEFINE_list('widths', None, 'Units/filters per masked layer, e.g. 40,40 (default: the model\'s).')
-flags.DEFINE_string('dataset', 'mnist', 'Dataset name for dropnet_jax.input_pipeline.load_dataset.')
-flags.DEFINE_string('data_dir', None, 'Local data files (for mnist: a directory of the four IDX files).')
-flags.DEFINE_list('metrics', 'min,max', 'Metrics to run (those of dropnet_jax.pruning.METRICS).')
-flags.DEFINE_integer('seeds', 1, 'Number of seeds, run as 0..N-1.')
-flags.DEFINE_float('fraction', 0.2, 'p: fraction of remaining units dropped per cycle, in (0, 1].')
-flags.DEFINE_float('floor', 0.1, 'Stop once the fraction of units remaining is <= floor, in (0, 1).')
-flags.DEFINE_integer('max_epochs', 100, 'Maximum epochs per training run.')
-flags.DEFINE_integer('patience', 5, 'Early-stopping patience on validation loss.')
-flags.DEFINE_integer('batch_size', 32, 'SGD batch size.')
-flags.DEFINE_float('lr', 0.1, 'SGD learning rate.')
-flags.DEFINE_integer('split_seed', 0, 'Seed of the stratified validation split.')
 flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for the PyTorch run (0: leave torch\'s default).')
-flags.DEFINE_bool('verbose_epochs', False, 'Log every epoch (else only every cycle).')
-flags.DEFINE_string('out', None, 'Output directory.', required=True)
+FLAGS.set_default('dataset', 'mnist')
+FLAGS.set_default('metrics', ['min', 'max'])
+FLAGS.set_default('verbose_epochs', False)
 
 
 def _timed(fn, *args):
@@ -61,7 +51,7 @@ def warm_up_jax(trainer, model, image_shape, data, config) -> dict[str, float]:
   Each program is called twice on real inputs; the compile estimate is the sum
   of (first call - second call).
   """
-  from dropnet_jax import dropnet
+  from dropnet_jax import criteria, dropnet
   from dropnet_jax.models import full_masks, init_params
 
   start = time.perf_counter()
@@ -82,8 +72,9 @@ def warm_up_jax(trainer, model, image_shape, data, config) -> dict[str, float]:
     compile_s += first - second
     sums = sums or res.sums
   for metric in config.metrics:
-    _, first = _timed(dropnet.next_masks, masks, sums, metric, config.fraction, keys.mask_key(metric, 0))
-    _, second = _timed(dropnet.next_masks, masks, sums, metric, config.fraction, keys.mask_key(metric, 0))
+    inputs = criteria.PruneInputs(s1.best_params, sums, masks, keys.mask_key(metric, 0), config.fraction)
+    _, first = _timed(criteria.get(metric), inputs, criteria.Context())
+    _, second = _timed(criteria.get(metric), inputs, criteria.Context())
     compile_s += first - second
   return {'warmup_wall_s': time.perf_counter() - start, 'compile_s': compile_s,
           'first_epoch_step_s': epoch_first, 'second_epoch_step_s': epoch_second}
@@ -247,24 +238,19 @@ def main(argv):
   import jax
   import torch
 
-  from dropnet_jax import pruning, reporting
-  from dropnet_jax.dropnet import DropNetConfig
+  from dropnet_jax import reporting
   from dropnet_jax.input_pipeline import load_dataset
   from dropnet_jax.models import create_model, parse_widths
-  from dropnet_jax.train import TrainConfig
+  from experiments.torch_reference import dropnet as tdropnet
   from experiments.torch_reference import models as tmodels
 
   try:
     widths = parse_widths(FLAGS.widths)
-    unsupported = [m for m in FLAGS.metrics if m not in pruning.METRICS]
-    if unsupported:
-      raise ValueError(f'--metrics: the PyTorch reference implements {sorted(pruning.METRICS)}, not {unsupported}')
-    config = DropNetConfig(metrics=tuple(FLAGS.metrics), fraction=FLAGS.fraction, floor=FLAGS.floor,
-                           train=TrainConfig(lr=FLAGS.lr, batch_size=FLAGS.batch_size, max_epochs=FLAGS.max_epochs,
-                                             patience=FLAGS.patience))
-    config.validate()
-    if FLAGS.seeds < 1:
-      raise ValueError(f'--seeds must be >= 1, got {FLAGS.seeds}')
+    for m in FLAGS.metrics:
+      tdropnet.check_metric(m)
+    if FLAGS.model not in ('fc', 'conv', 'modelc'):
+      raise ValueError(f'--model: the PyTorch reference has fc, conv and modelc, not {FLAGS.model}')
+    config = common.build_config()
     ds = load_dataset(FLAGS.dataset, FLAGS.data_dir, split_seed=FLAGS.split_seed)
     flax_model = create_model(FLAGS.model, widths, ds.num_classes)
   except ValueError as e:

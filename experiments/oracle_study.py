@@ -16,9 +16,11 @@ import sys
 from absl import app, flags
 
 from dropnet_jax import reporting
-from dropnet_jax.dropnet import ORACLE, masks_from_strings
+from dropnet_jax.mask_ops import masks_from_strings
 from dropnet_jax.oracle import mask_similarity
 from experiments import common
+
+ORACLE = 'oracle'
 
 flags.DEFINE_integer('oracle_examples', None, 'Training examples in the oracle\'s loss (default: all).')
 flags.FLAGS.set_default('metrics', [ORACLE, 'min', 'max', 'random_layer'])

@@ -36,7 +36,7 @@ def main(argv):
     if (record['seed'], f'{record["metric"]}_randominit', record['cycle']) in done:
       continue  # resumed: already retrained
     reinit.append(retrain_from_random_init(trainer, setup.model, setup.dataset.image_shape, setup.data, record,
-                                           setup.config.score_from))
+                                           setup.config))
     reporting.write_jsonl(path, reinit)
     r = reinit[-1]
     logging.info('randominit seed %d %s cycle %d fraction %.3f test_acc %.4f (θ0: %.4f)', r['seed'], r['metric'],

@@ -50,9 +50,8 @@ def cifar_shaped(images: np.ndarray) -> np.ndarray:
 
 
 def build(name: str, num_classes: int):
-  if name in large_models.LARGE_MODELS:
-    return large_models.create_large_model(name, num_classes, FLAGS.width_multiplier)
-  return models.create_model(name, None, num_classes)
+  multiplier = FLAGS.width_multiplier if name in large_models.LARGE_MODELS else 1.0
+  return models.create_model(name, None, num_classes, width_multiplier=multiplier)
 
 
 def smoke(name: str, data: DeviceData, num_classes: int) -> dict:

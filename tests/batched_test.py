@@ -1,4 +1,6 @@
-"""Batched trials (vmapped epoch steps, run_seeds_batched) and batch-norm support in Trainer."""
+"""Batched trials (lanes.Lanes, the driver with --batch_trials) and batch-norm support in Trainer."""
+
+import functools
 
 import chex
 import flax.linen as nn
@@ -7,9 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dropnet_jax import batched, dropnet, models
-from dropnet_jax.models import masked_relu, to_float
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+from dropnet_jax import dropnet, models
+from dropnet_jax.layers import masked_relu, to_float
+from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.lanes import Lanes
+from dropnet_jax.train import DeviceData, Trainer, fit
+
+# --batch_trials: every trial of a cycle as a lane of one program.
+run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
 
 
 def cut(data, n_train, n_val, n_test):
@@ -18,7 +25,7 @@ def cut(data, n_train, n_val, n_test):
       data.val_labels[:n_val], data.test_images[:n_test], data.test_labels[:n_test])))
 
 
-# -- run_seeds_batched against run_seed ----------------------------------------------------------
+# -- batched trials against one trial at a time ----------------------------------------------------------
 
 EXACT = ('seed', 'metric', 'cycle', 'fraction_remaining', 'units', 'mask', 'early_stop_epoch',
          'epochs_trained', 'diverged', 'stop_reason')
@@ -29,11 +36,11 @@ def test_batched_records_equal_one_trial_at_a_time(mnist_small):
   model = models.MLP(widths=(16, 16), num_classes=10)
   # patience 1 makes trials stop at different epochs; a global and a layer-wise metric reach
   # the floor at different cycles (4 vs 5), so lanes freeze at different times.
-  config = dropnet.DropNetConfig(metrics=('min', 'max_layer'), fraction=0.3, floor=0.3,
+  config = DropNetConfig(metrics=('min', 'max_layer'), fraction=0.3, floor=0.3,
                                  train=TrainConfig(max_epochs=4, patience=1))
   trainer = Trainer(model, config.train)
   seen = []
-  got = batched.run_seeds_batched(model, (28, 28, 1), data, [0, 3], config, trainer, on_record=seen.append,
+  got = run_batched(model, (28, 28, 1), data, [0, 3], config, trainer, on_record=seen.append,
                                   log=lambda s: None)
   want = [r for seed in (0, 3) for r in dropnet.run_seed(model, (28, 28, 1), data, seed, config, trainer,
                                                          log=lambda s: None, log_epochs=False)]
@@ -65,9 +72,10 @@ def test_done_lanes_are_frozen_and_live_lanes_match_single_runs(mnist_small):
   masks = [(jnp.ones(8).at[s].set(0),) for s in range(3)]
   keys = [jax.random.key(10 + s) for s in range(3)]
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-  state = trainer.batched_init_fit(stack(params), stack(masks), jnp.stack(keys))
+  lanes = Lanes(trainer)
+  state = lanes.init_fit(stack(params), stack(masks), jnp.stack(keys))
   state = state._replace(done=jnp.array([False, True, False]))
-  after = trainer.batched_epoch_step(state, data)
+  after = lanes.epoch_step(state, data)
   lane = lambda s, t: jax.tree.map(lambda x: x[t], s._replace(key=jax.random.key_data(s.key)))
   chex.assert_trees_all_equal(lane(after, 1), lane(state, 1))  # done: bit-for-bit unchanged
   for t in (0, 2):
@@ -142,7 +150,7 @@ def test_batch_norm_training_matches_reference_and_eval_uses_running_stats(mnist
 
   # fit carries batch_stats in the state: best θ includes the statistics of its epoch.
   history = []
-  state = trainer.fit(trainer.init_fit(theta0, masks, key), data, lambda s: history.append(s))
+  state = fit(trainer.epoch_step, trainer.init_fit(theta0, masks, key), data, lambda s: history.append(s))
   assert set(state.params) == set(state.best_params) == {'params', 'batch_stats'}
   best = history[int(state.best_epoch) - 1]
   chex.assert_trees_all_equal(state.best_params, best.params)
@@ -157,7 +165,7 @@ def test_models_without_batch_norm_keep_a_plain_params_tree(mnist_small):
   assert set(theta) == {'Dense_0', 'Dense_1'}
   data = cut(mnist_small, 64, 32, 32)
   trainer = Trainer(model, TrainConfig(max_epochs=1))
-  state = trainer.fit(trainer.init_fit(theta, models.full_masks(model), jax.random.key(0)), data)
+  state = fit(trainer.epoch_step, trainer.init_fit(theta, models.full_masks(model), jax.random.key(0)), data)
   assert set(state.params) == {'Dense_0', 'Dense_1'}
 
 
@@ -165,9 +173,9 @@ def test_batched_runs_a_batch_norm_model(mnist_small):
   data = cut(mnist_small, 200, 100, 100)
   model = TinyBN(widths=(8,))
   # One seed, one metric: every cycle has one lane, so one set of compiled programs.
-  config = dropnet.DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3,
+  config = DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3,
                                  train=TrainConfig(max_epochs=2, patience=1))
-  records = batched.run_seeds_batched(model, (28, 28, 1), data, [0], config, log=lambda s: None)
+  records = run_batched(model, (28, 28, 1), data, [0], config, log=lambda s: None)
   assert [r['units'] for r in records] == [[8], [4], [2]]
   assert all(np.isfinite(r['test_loss']) for r in records)
 
@@ -180,10 +188,10 @@ def test_lane_chunks_give_the_same_results(mnist_small):
   masks = stack([(jnp.ones(8).at[s].set(0),) for s in range(4)])
   results = []
   for k in (1, 2, 4):
-    trainer = Trainer(model, TrainConfig(max_epochs=2), lanes_per_chunk=k)
-    state = trainer.batched_init_fit(params, masks, jax.random.split(jax.random.key(0), 4))
-    state = trainer.batched_epoch_step(state._replace(done=jnp.array([False, True, False, False])), data)
-    ev = trainer.batched_evaluate(state.params, state.masks, data.val_images, data.val_labels)
+    lanes = Lanes(Trainer(model, TrainConfig(max_epochs=2)), lanes_per_chunk=k)
+    state = lanes.init_fit(params, masks, jax.random.split(jax.random.key(0), 4))
+    state = lanes.epoch_step(state._replace(done=jnp.array([False, True, False, False])), data)
+    ev = lanes.evaluate(state.params, state.masks, data.val_images, data.val_labels)
     results.append((state._replace(key=jax.random.key_data(state.key)), ev))
     assert list(np.asarray(state.epoch)) == [1, 0, 1, 1]
   for other in results[1:]:

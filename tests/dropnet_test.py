@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropnet_jax import dropnet, models, pruning
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+from dropnet_jax import criteria, dropnet, mask_ops, models
+from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.train import DeviceData, Trainer
 
 FAST = TrainConfig(max_epochs=3, patience=2)
 
@@ -20,7 +21,7 @@ def to_device(data):
 def run(mnist_small):
   """One seed, three metrics, with every θ passed to training recorded."""
   model = models.MLP(widths=(16, 16), num_classes=10)
-  config = dropnet.DropNetConfig(metrics=('min', 'max_layer', 'random'), fraction=0.3, floor=0.3, train=FAST)
+  config = DropNetConfig(metrics=('min', 'max_layer', 'random'), fraction=0.3, floor=0.3, train=FAST)
   trainer = Trainer(model, config.train)
   starts = []
   original = trainer.init_fit
@@ -49,12 +50,12 @@ def test_records_masks_and_stopping(run):
   assert dense[0]['test_accuracy'] > 0.65  # real signal (chance is 0.1): 2k MNIST images, 3 epochs
   for metric, rs in by_metric.items():
     assert [r['cycle'] for r in rs] == list(range(len(rs)))
-    masks = [pruning.units_per_layer(dropnet.masks_from_strings(r['mask'])) for r in rs]
+    masks = [mask_ops.units_per_layer(mask_ops.masks_from_strings(r['mask'])) for r in rs]
     assert masks == [r['units'] for r in rs]
     for prev, cur in zip(rs, rs[1:]):
       a, b = (np.array([c == '1' for c in ''.join(r['mask'])]) for r in (prev, cur))
       assert np.all(b <= a)  # masks only shrink, dropped units stay dropped
-      if pruning.METRICS[metric].layerwise:
+      if metric.endswith('_layer'):
         assert cur['units'] == [u - max(int(0.3 * u), 1) for u in prev['units']]
       else:
         assert sum(cur['units']) == sum(prev['units']) - max(int(0.3 * sum(prev['units'])), 1)
@@ -74,15 +75,16 @@ def test_scores_are_mean_abs_activation_over_all_training_samples(mnist_small):
   params0 = models.init_params(model, jax.random.key(0), (28, 28, 1))
   masks = (jnp.ones(12).at[3].set(0), jnp.ones(10))
   out = dropnet.train_cycle(trainer, params0, masks, data, jax.random.key(1))
-  scores = pruning.unit_scores(out.sums, 'min')
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), out.state.best_params)
+  scores = criteria.mean_abs(out.sums)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), out.best_theta)
   x = np.asarray(mnist_small.train_images, np.float64).reshape(2000, -1) / 255
   for i, m in enumerate(masks):
     x = np.maximum(x @ p[f'Dense_{i}']['kernel'] + p[f'Dense_{i}']['bias'], 0) * np.asarray(m)
     np.testing.assert_allclose(scores[i], np.abs(x).mean(0), rtol=2e-4, atol=1e-6)
   assert float(out.sums.count) == 2000
   # The next min mask drops exactly the lowest-scoring kept units.
-  new = dropnet.next_masks(masks, out.sums, 'min', 0.2, jax.random.key(2))
+  new = criteria.get('min')(criteria.PruneInputs(out.score_theta, out.sums, masks, jax.random.key(2), 0.2),
+                            criteria.Context())
   flat_scores = np.concatenate([np.asarray(s) for s in scores])
   flat_old = np.concatenate([np.asarray(m) for m in masks]) > 0
   flat_new = np.concatenate([np.asarray(m) for m in new]) > 0
@@ -97,14 +99,18 @@ def test_score_from_epoch_uses_running_sums(mnist_small):
   trainer = Trainer(model, FAST)
   params0 = models.init_params(model, jax.random.key(0), (28, 28, 1))
   out = dropnet.train_cycle(trainer, params0, models.full_masks(model), to_device(mnist_small),
-                            jax.random.key(1), score_from='epoch')
-  # Running sums over one epoch's batches count every training example once.
+                            jax.random.key(1), DropNetConfig(score_from='epoch'))
+  data_out = dropnet.train_cycle(trainer, params0, models.full_masks(model), to_device(mnist_small),
+                                 jax.random.key(1))
+  # Running sums over one epoch's batches count every training example once; they are taken during
+  # the epoch's updates, so they differ from a pass with the trained params.
   assert float(out.sums.count) == 2000
-  assert out.sums is out.state.best_sums
+  assert not np.allclose(np.asarray(out.sums.abs_sum[0]), np.asarray(data_out.sums.abs_sum[0]))
+  assert out.fields['test_accuracy'] == data_out.fields['test_accuracy']
 
 
 def test_should_stop_rules():
-  config = dropnet.DropNetConfig(floor=0.1, kappa=0.9)
+  config = DropNetConfig(floor=0.1, kappa=0.9)
   base = {'diverged': False, 'fraction_remaining': 0.5, 'cycle': 2, 'val_accuracy': 0.95}
   assert dropnet.should_stop(base, 1.0, config) is None
   assert dropnet.should_stop({**base, 'val_accuracy': 0.9}, 1.0, config) == 'kappa'
@@ -112,7 +118,7 @@ def test_should_stop_rules():
   assert dropnet.should_stop({**base, 'diverged': True}, 1.0, config) == 'diverged'
   # The dense cycle never stops on kappa, even with kappa = 1.
   assert dropnet.should_stop({**base, 'cycle': 0, 'val_accuracy': 1.0}, 1.0,
-                             dropnet.DropNetConfig(kappa=1.0)) is None
+                             DropNetConfig(kappa=1.0)) is None
 
 
 @pytest.mark.parametrize('kwargs,flag', [
@@ -120,16 +126,18 @@ def test_should_stop_rules():
     ({'floor': 0.0}, 'floor'), ({'kappa': 0.0}, 'kappa'), ({'kappa': 1.2}, 'kappa'),
     ({'metrics': ('min', 'median')}, 'metric'), ({'score_from': 'cache'}, 'score_from'),
     ({'train': TrainConfig(batch_size=0)}, 'batch_size'), ({'train': TrainConfig(lr=-1)}, 'lr'),
+    ({'train': TrainConfig(lr=float('nan'))}, 'lr'), ({'fraction': float('nan')}, 'fraction'),
+    ({'score_params': 'first'}, 'score_params'), ({'score_params': 'last', 'score_from': 'epoch'}, 'score_params'),
 ])
 def test_config_validation_names_the_setting(kwargs, flag):
   with pytest.raises(ValueError, match=flag):
-    dropnet.DropNetConfig(**kwargs).validate()
+    DropNetConfig(**kwargs).validate()
 
 
 def test_mask_string_round_trip():
   masks = (jnp.array([1., 0., 1.]), jnp.array([0., 0., 1., 1.]))
-  assert dropnet.mask_to_strings(masks) == ['101', '0011']
-  chex.assert_trees_all_equal(dropnet.masks_from_strings(['101', '0011']), masks)
+  assert mask_ops.mask_to_strings(masks) == ['101', '0011']
+  chex.assert_trees_all_equal(mask_ops.masks_from_strings(['101', '0011']), masks)
 
 
 def test_batch_norm_model_runs_resumes_and_resets_its_running_stats(tmp_path):
@@ -142,7 +150,7 @@ def test_batch_norm_model_runs_resumes_and_resets_its_running_stats(tmp_path):
   images = lambda n: jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), np.uint8))
   labels = lambda n: jnp.asarray(np.arange(n) % 4, jnp.int32)
   data = DeviceData(images(64), labels(64), images(32), labels(32), images(32), labels(32))
-  config = dropnet.DropNetConfig(metrics=('min', 'oracle'), fraction=0.5, floor=0.5,
+  config = DropNetConfig(metrics=('min', 'oracle'), fraction=0.5, floor=0.5,
                                  train=TrainConfig(max_epochs=1, batch_size=16, eval_batch_size=32))
   trainer = Trainer(model, config.train)
   starts = []

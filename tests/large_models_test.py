@@ -65,7 +65,8 @@ def setup(name, seed=0):
     model = CASES[name]
     # An 'rbg' key: XLA:CPU compiles a threefry-based init of ~20 convs very slowly (~20 s).
     key_p, key_x = jax.random.split(jax.random.key(seed, impl='rbg'))
-    variables = L.init_variables(model, key_p, SHAPE)
+    theta = models.init_params(model, key_p, SHAPE)
+    variables = dict(theta) if 'batch_stats' in theta else {'params': theta}
     images = jax.random.randint(key_x, (8, *SHAPE), 0, 256).astype(jnp.uint8)
     if 'batch_stats' in variables:
       # Running stats near the data's batch statistics (not the init's 0/1), so train=False uses real ones.
@@ -100,35 +101,36 @@ def scramble(model, params):
 def test_full_size_shapes():
   for name, n_masks in [('resnet18', 20), ('vgg19', 16)]:
     for shape, classes in [((32, 32, 3), 10), ((64, 64, 3), 200)]:
-      model = L.create_large_model(name, classes)
+      model = models.create_model(name, None, classes)
       assert len(model.widths) == n_masks == len(L.layer_names(model)) == len(L.incoming_params(model))
-      variables = jax.eval_shape(lambda k: L.init_variables(model, k, shape), jax.random.key(0))
+      theta = jax.eval_shape(lambda k: models.init_params(model, k, shape), jax.random.key(0))
+      variables = theta if 'batch_stats' in theta else {'params': theta}
       logits, stats = jax.eval_shape(
           lambda v: model.apply(v, jnp.zeros((2, *shape), jnp.uint8), models.full_masks(model)), variables)
       assert logits.shape == (2, classes)
       assert [s.abs_mean.shape for s in stats] == [(2, w) for w in model.widths]
       assert ('batch_stats' in variables) == (name == 'vgg19')
-  r = L.create_large_model('resnet18', 10)
+  r = models.create_model('resnet18', None, 10)
   assert r.widths[:3] == (64, 64, 64) and r.widths[5:8] == (128, 128, 128) and r.widths[-1] == 512
   assert L.layer_names(r)[5:8] == ('block2/conv1', 'block2/shortcut', 'block2/out')
-  assert L.create_large_model('vgg19', 10, width_multiplier=0.25).widths == tuple(
+  assert models.create_model('vgg19', None, 10, width_multiplier=0.25).widths == tuple(
       w // 4 for w in L.VGG19_WIDTHS)
-  assert L.create_large_model('resnet18', 10, width_multiplier=0.5).widths == L.resnet18_widths((32, 64, 128, 256))
+  assert models.create_model('resnet18', None, 10, width_multiplier=0.5).widths == L.resnet18_widths((32, 64, 128, 256))
 
 
 def test_bad_widths_rejected():
   bad = list(L.resnet18_widths())
   bad[6] = 100  # block2 shortcut != block2 out
   with pytest.raises(ValueError):
-    L.create_large_model('resnet18', 10, widths=bad)
+    models.create_model('resnet18', bad, 10)
   bad = list(L.resnet18_widths())
   bad[2] = 32  # block0 out != stem (identity shortcut)
   with pytest.raises(ValueError):
-    L.create_large_model('resnet18', 10, widths=bad)
+    models.create_model('resnet18', bad, 10)
   with pytest.raises(ValueError):
-    L.create_large_model('vgg19', 10, widths=(8,) * 15)
+    models.create_model('vgg19', (8,) * 15, 10)
   with pytest.raises(ValueError):
-    L.create_large_model('alexnet', 10)
+    models.create_model('alexnet', None, 10)
 
 
 @pytest.mark.parametrize('train', [False, True])

@@ -14,11 +14,13 @@ import pytest
 from conftest import MNIST_DIR
 
 SCRIPT = r'''
-import json, sys
+import functools, json, sys
 import jax, jax.numpy as jnp, numpy as np
 from dropnet_jax import models
 from dropnet_jax.input_pipeline import load_dataset
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.lanes import Lanes
+from dropnet_jax.train import DeviceData, Trainer, fit
 
 out = {'devices': len(jax.devices())}
 ds = load_dataset('mnist', sys.argv[1])
@@ -39,7 +41,7 @@ for name, model in [('fc', models.MLP((32, 16), 10)), ('conv', models.ConvNet((4
   res = {}
   for k, tr in trainers.items():
     d = tr.replicate(data)
-    state = tr.fit(tr.init_fit(params0, masks, jax.random.key(1)), d)
+    state = fit(tr.epoch_step, tr.init_fit(params0, masks, jax.random.key(1)), d)
     ev = tr.evaluate(state.params, masks, d.test_images, d.test_labels)
     res[k] = (state, ev)
   (s2, e2), (s1, e1) = res['2'], res['1']
@@ -56,17 +58,21 @@ for name, model in [('fc', models.MLP((32, 16), 10)), ('conv', models.ConvNet((4
   }
 
 # Batched trials on 2 devices: the lanes are split over the devices.
-from dropnet_jax import batched, dropnet
+from dropnet_jax import dropnet
+
+# --batch_trials: every trial of a cycle as a lane of one program.
+run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
 model = models.MLP((8,), 10)
-config = dropnet.DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3, train=TrainConfig(max_epochs=2, patience=1))
+config = DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3, train=TrainConfig(max_epochs=2, patience=1))
 tr2, tr1 = Trainer(model, config.train), Trainer(model, config.train, devices=one)
 stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 params = stack([models.init_params(model, jax.random.key(s), (28, 28, 1)) for s in range(2)])
-lanes = [tr.batched_epoch_step(tr.batched_init_fit(params, stack([models.full_masks(model)] * 2),
-                                                   jnp.stack([jax.random.key(5)] * 2)), data) for tr in (tr2, tr1)]
+from dropnet_jax.lanes import Lanes
+lanes = [Lanes(tr).epoch_step(Lanes(tr).init_fit(params, stack([models.full_masks(model)] * 2),
+                                                 jnp.stack([jax.random.key(5)] * 2)), data) for tr in (tr2, tr1)]
 out['batched_diff'] = diff(lanes[0].params, lanes[1].params)
-# run_seeds_batched: one trial, padded to 2 lanes on 2 devices.
-runs = [batched.run_seeds_batched(model, (28, 28, 1), data, [0], config, tr, log=lambda s: None) for tr in (tr2, tr1)]
+# --batch_trials: one trial, padded to 2 lanes on 2 devices.
+runs = [run_batched(model, (28, 28, 1), data, [0], config, tr, log=lambda s: None) for tr in (tr2, tr1)]
 out['dropnet_masks_equal'] = [r['mask'] for r in runs[0]] == [r['mask'] for r in runs[1]]
 out['dropnet_loss_diff'] = max(abs(a['test_loss'] - b['test_loss']) for a, b in zip(*runs))
 

@@ -7,6 +7,8 @@ XLA compilation, including small eager ops), snapshotted at each record.
 
 import contextlib
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -15,12 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropnet_jax import batched, dropnet, models
-from dropnet_jax.models import to_float
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+from dropnet_jax import dropnet, models
+from dropnet_jax.layers import to_float
+from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.lanes import Lanes
+from dropnet_jax.train import DeviceData, Trainer, fit
+
+# --batch_trials: every trial of a cycle as a lane of one program.
+run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
 
 BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
-CONFIG = dropnet.DropNetConfig(metrics=('min', 'random_layer'), fraction=0.2, floor=0.25,
+CONFIG = DropNetConfig(metrics=('min', 'random_layer'), fraction=0.2, floor=0.25,
                                train=TrainConfig(max_epochs=2, patience=1, eval_batch_size=128))
 
 
@@ -56,8 +63,8 @@ def test_run_seed_compiles_nothing_after_the_first_pruned_cycle(mnist_small):
                                log=lambda s: None, log_epochs=False)
   assert max(r['cycle'] for r in records) >= 4  # several cycles with changing masks
   first = next(n for cycle, n in snapshots if cycle >= 1)
-  # Later on, only the mask update of the next metric compiles (its metric is a static argument).
-  assert names[first:] == ['jit(update_mask)'] * (len(CONFIG.metrics) - 1), (snapshots, names[first:])
+  # Later on, only the drop rule of the next metric compiles (min is global, random_layer per layer).
+  assert names[first:] == ['jit(drop_lowest_per_layer)'], (snapshots, names[first:])
   # One compiled epoch step for every mask, one evaluate per split shape (val and test share one).
   assert trainer.epoch_step._cache_size() == 1
   assert trainer.evaluate._cache_size() == 2
@@ -69,17 +76,16 @@ def test_batched_trials_compile_nothing_after_the_first_pruned_cycle(mnist_small
   data = small(mnist_small)
   snapshots = []
   with compilations() as names:
-    records = batched.run_seeds_batched(model, (28, 28, 1), data, [0, 1], CONFIG, trainer,
+    records = run_batched(model, (28, 28, 1), data, [0, 1], CONFIG, trainer,
                                         on_record=lambda rs: snapshots.append((max(r['cycle'] for r in rs), len(names))),
                                         log=lambda s: None)
   cycles = {(r['seed'], r['metric']): r['cycle'] for r in records}
   assert max(cycles.values()) >= 4 and len(set(cycles.values())) > 1  # lanes stop at different cycles
   steady = [n for cycle, n in snapshots if cycle >= 1]
   assert len(set(steady)) == 1, snapshots
-  # Two batch shapes only: the dense cycle (one lane per seed) and the pruned cycles (seed x metric).
-  assert trainer.batched_epoch_step._cache_size() == 2
-  assert trainer.batched_init_fit._cache_size() == 2
-  assert trainer.batched_evaluate._cache_size() == 4  # 2 lane counts x 2 split shapes
+  # One lane count for the whole run (the dense cycle's seeds and the pruned cycles' trials alike):
+  # the batched epoch step compiled once.
+  assert names.count('jit(_epoch_step)') == 1, names
 
 
 def test_new_mask_values_reuse_the_compiled_step(mnist_small):
@@ -115,7 +121,7 @@ class Convs(nn.Module):
 
 @pytest.mark.parametrize('model', [Convs(), models.ConvNet((4, 6), 10)], ids=['paddings', 'convnet'])
 def test_fast_grads_equal_autodiff(model):
-  from dropnet_jax.train import with_fast_grads
+  from dropnet_jax.cpu_grads import with_fast_grads
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(0, 256, (5, 12, 12, 1)), jnp.uint8)
   masks = (jnp.ones(4),) if isinstance(model, Convs) else models.full_masks(model)
@@ -142,7 +148,7 @@ def test_fast_grads_equal_autodiff(model):
 
 
 def test_fast_max_pool_grads_pick_the_first_maximum_like_autodiff():
-  from dropnet_jax.train import with_fast_grads
+  from dropnet_jax.cpu_grads import with_fast_grads
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(0, 3, (3, 8, 6, 4)), jnp.float32)  # many ties inside the windows
   r = jnp.asarray(rng.normal(size=(3, 8, 6, 4)), jnp.float32)

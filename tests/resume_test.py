@@ -7,13 +7,21 @@ import sys
 import time
 from pathlib import Path
 
+import functools
+
 import chex
 import jax.numpy as jnp
 import pytest
 
 from dropnet_jax import dropnet, models, reporting
 from dropnet_jax.checkpoint import Checkpointer
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.driver import Driver, Trial
+from dropnet_jax.lanes import OneLane
+from dropnet_jax.train import DeviceData, Trainer, fit
+
+# --batch_trials: every trial of a cycle as a lane of one program.
+run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ('seconds',)
@@ -31,11 +39,17 @@ class Crash(Exception):
 def setup(mnist_small):
   data = DeviceData(*(jnp.asarray(a[:600]) for a in mnist_small))
   model = models.MLP(widths=(8, 6), num_classes=10)
-  config = dropnet.DropNetConfig(metrics=('min', 'random_layer'), fraction=0.3, floor=0.45,
+  config = DropNetConfig(metrics=('min', 'random_layer'), fraction=0.3, floor=0.45,
                                  train=TrainConfig(max_epochs=4, patience=2))
   trainer = Trainer(model, config.train)
   reference = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, log=lambda s: None)
   return model, config, trainer, data, reference
+
+
+@pytest.fixture(scope='module')
+def batched_reference(setup):
+  model, config, trainer, data, _ = setup
+  return run_batched(model, (28, 28, 1), data, [0, 1], config, trainer, log=lambda s: None)
 
 
 def test_reference_run_is_nontrivial(setup):
@@ -44,9 +58,14 @@ def test_reference_run_is_nontrivial(setup):
   assert max(r['cycle'] for r in reference) >= 2
 
 
+@pytest.mark.parametrize('batch_trials', [False, True])
 @pytest.mark.parametrize('crash_at', [('epoch', 3), ('epoch', 9), ('record', 2), ('record', 5), ('epoch', 17)])
-def test_crash_and_resume_gives_identical_records(setup, tmp_path, crash_at):
+def test_crash_and_resume_gives_identical_records(setup, batched_reference, tmp_path, crash_at, batch_trials):
+  """Crashes mid-cycle (epoch) and between cycles (record), one trial at a time and batched."""
   model, config, trainer, data, reference = setup
+  if batch_trials:
+    reference = batched_reference
+  run = functools.partial(dropnet.run_experiment, batch_trials=batch_trials, log_epochs=True)
   kind, n = crash_at
   count = {'epoch': 0, 'record': 0}
 
@@ -63,19 +82,18 @@ def test_crash_and_resume_gives_identical_records(setup, tmp_path, crash_at):
 
   ckpt_dir = str(tmp_path / 'ckpt')
   with pytest.raises(Crash):
-    dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2,
-                           on_record, log)
+    run(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2, on_record, log)
   partial = Checkpointer(ckpt_dir).restore_meta()
-  assert partial is not None and not partial['finished']
+  assert partial is not None and not all(t['stopped'] for t in partial['trials'])
+  if kind == 'epoch':
+    assert partial['fit'] is not None  # killed inside a cycle, after a mid-cycle checkpoint
   lines = []
-  resumed = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2,
-                                   log=lines.append)
+  resumed = run(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2, log=lines.append)
   assert lines[0].startswith('resuming')
   assert comparable(resumed) == comparable(reference)
   # A finished run resumes to the same records without training anything.
   lines = []
-  again = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2,
-                                 log=lines.append)
+  again = run(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2, log=lines.append)
   assert comparable(again) == comparable(reference)
   assert not any('train_loss' in l for l in lines)
 
@@ -93,10 +111,13 @@ def test_mid_cycle_checkpoint_holds_the_training_state(setup, tmp_path):
   ckpt = Checkpointer(str(tmp_path / 'c'))
   with pytest.raises(Crash):
     dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, ckpt, 2, log=log)
-  p = dropnet.progress_from_checkpoint(Checkpointer(str(tmp_path / 'c')), model, (28, 28, 1), trainer)
-  assert p.fit is not None and int(p.fit.epoch) == 2  # saved at epoch 2, killed in epoch 3
+  method = dropnet.DropNetMethod(model, (28, 28, 1), data, config)
+  trials = [Trial(0, m, method.full_mask()) for m in config.metrics]
+  driver = Driver(method, trials, OneLane(trainer), data, group_size=1, checkpointer=Checkpointer(str(tmp_path / 'c')))
+  assert driver._restore()
+  assert driver.pos.fit is not None and int(driver.pos.fit.epoch) == 2  # saved at epoch 2, killed in epoch 3
   theta0 = models.init_params(model, dropnet.SeedKeys.for_seed(0).init, (28, 28, 1))
-  chex.assert_trees_all_equal(p.params0, theta0)  # θ0 survives the checkpoint bit for bit
+  chex.assert_trees_all_equal(driver.pos.theta0[0], theta0)  # θ0 survives the checkpoint bit for bit
 
 
 CLI = [sys.executable, '-m', 'experiments.dropnet', '--dataset=digits', '--widths=8,8', '--metrics=min,max_layer',
@@ -150,7 +171,6 @@ def test_refuses_to_resume_a_different_configuration(tmp_path):
 def test_batched_trials_crash_and_resume_give_the_sequential_records(setup, tmp_path):
   """--batch_trials' driver: checkpoints after every cycle; a crash and a rerun end with the
   records of the uninterrupted sequential run (same masks; values to float tolerance)."""
-  from dropnet_jax import batched
   model, config, trainer, data, reference = setup
   ckpt = tmp_path / 'ckpt'
   saves = []
@@ -158,19 +178,19 @@ def test_batched_trials_crash_and_resume_give_the_sequential_records(setup, tmp_
   class CrashingCheckpointer(Checkpointer):
     def save(self, arrays, meta):
       step = super().save(arrays, meta)
-      saves.append(meta['cycle'])
+      saves.append(max(r['cycle'] for t in meta['trials'] for r in t['records']))
       if len(saves) == 2:  # after cycle 1: the dense cycle and one pruned cycle are on disk
         raise Crash()
       return step
 
-  run = lambda c: batched.run_seeds_batched(model, (28, 28, 1), data, [0, 1], config, trainer, c,
+  run = lambda c: run_batched(model, (28, 28, 1), data, [0, 1], config, trainer, c,
                                             log=lambda s: None)
   with pytest.raises(Crash):
     run(CrashingCheckpointer(str(ckpt)))
-  resumed_from = Checkpointer(str(ckpt)).restore_meta()['cycle']
-  assert resumed_from == 1
+  saved = Checkpointer(str(ckpt)).restore_meta()
+  assert max(r['cycle'] for t in saved['trials'] for r in t['records']) == 1
   seen = []
-  got = batched.run_seeds_batched(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(str(ckpt)),
+  got = run_batched(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(str(ckpt)),
                                   on_record=seen.append, log=lambda s: None)
   assert len(seen[0]) == sum(1 for r in got if r['cycle'] <= 1)  # the restored records come first
   assert [(r['seed'], r['metric'], r['cycle'], r['mask'], r['stop_reason']) for r in got] == [
@@ -179,7 +199,7 @@ def test_batched_trials_crash_and_resume_give_the_sequential_records(setup, tmp_
     assert abs(g['test_loss'] - w['test_loss']) < 1e-5 and g['early_stop_epoch'] == w['early_stop_epoch']
 
 
-def test_batched_cli_refuses_a_sequential_checkpoint_and_oracle(tmp_path):
+def test_batched_cli_refuses_a_sequential_run_and_runs_the_oracle(tmp_path):
   out = tmp_path / 'run'
   first = subprocess.run(CLI + [f'--out={out}', '--seeds=1', '--max_epochs=1'], cwd=REPO, capture_output=True,
                          text=True)
@@ -187,6 +207,7 @@ def test_batched_cli_refuses_a_sequential_checkpoint_and_oracle(tmp_path):
   other = subprocess.run(CLI + [f'--out={out}', '--seeds=1', '--max_epochs=1', '--batch_trials'], cwd=REPO,
                          capture_output=True, text=True)
   assert other.returncode != 0 and 'batch_trials' in other.stderr and 'Traceback' not in other.stderr
-  oracle = subprocess.run(CLI + [f'--out={tmp_path / "o"}', '--metrics=oracle,min', '--batch_trials'], cwd=REPO,
-                          capture_output=True, text=True)
-  assert oracle.returncode != 0 and 'oracle' in oracle.stderr and not (tmp_path / 'o').exists()
+  oracle = subprocess.run(CLI + [f'--out={tmp_path / "o"}', '--metrics=oracle,min', '--batch_trials', '--seeds=1',
+                                 '--max_epochs=1'], cwd=REPO, capture_output=True, text=True)
+  assert oracle.returncode == 0, oracle.stderr[-2000:]
+  assert {r['metric'] for r in reporting.read_jsonl(tmp_path / 'o' / 'results.jsonl')} == {'oracle', 'min'}

@@ -8,8 +8,10 @@ import chex
 import jax.numpy as jnp
 import pytest
 
-from dropnet_jax import dropnet, models, reporting
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+from dropnet_jax import dropnet, mask_ops, models, reporting
+from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.lanes import Lanes
+from dropnet_jax.train import DeviceData, Trainer, fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,9 +32,9 @@ def test_random_init_is_fresh_and_keeps_mask_and_order(mnist_small):
   assert out['metric'] == 'min_randominit' and out['cycle'] == 2 and out['mask'] == ['10110111']
   assert out['units'] == [6]
   # It is exactly a θ0-style cycle trained from the fresh init.
-  same = dropnet.train_cycle(trainer, inits[2], dropnet.masks_from_strings(['10110111']), data,
+  same = dropnet.train_cycle(trainer, inits[2], mask_ops.masks_from_strings(['10110111']), data,
                              dropnet.SeedKeys.for_seed(3).shuffle_key(2))
-  assert out['test_accuracy'] == same.record['test_accuracy']
+  assert out['test_accuracy'] == same.fields['test_accuracy']
 
 
 def run(module, out, *args):
@@ -79,7 +81,7 @@ def test_oracle_metric_resumes_exactly(tmp_path, mnist_small):
   from dropnet_jax.checkpoint import Checkpointer
   model = models.MLP(widths=(6, 5), num_classes=10)
   data = DeviceData(*(jnp.asarray(a[:300]) for a in mnist_small))
-  config = dropnet.DropNetConfig(metrics=('min', 'oracle'), fraction=0.3, floor=0.5, oracle_examples=200,
+  config = DropNetConfig(metrics=('min', 'oracle'), fraction=0.3, floor=0.5, oracle_examples=200,
                                  train=TrainConfig(max_epochs=2))
   trainer = Trainer(model, config.train)
   reference = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, log=lambda s: None)
@@ -98,3 +100,21 @@ def test_oracle_metric_resumes_exactly(tmp_path, mnist_small):
   strip = lambda rs: [{k: v for k, v in r.items() if k != 'seconds'} for r in rs]
   assert strip(resumed) == strip(reference)
   assert any(r['metric'] == 'oracle' and r['cycle'] > 0 for r in reference)
+
+
+def test_oracle_runs_batched_with_the_sequential_records(mnist_small):
+  """The oracle is a criterion like any other: with --batch_trials its trials train as lanes and
+  select their masks exactly as in the sequential run (same masks, values to float rounding)."""
+  model = models.MLP(widths=(6, 5), num_classes=10)
+  data = DeviceData(*(jnp.asarray(a[:300]) for a in mnist_small))
+  config = DropNetConfig(metrics=('oracle', 'min'), fraction=0.3, floor=0.5, oracle_examples=200,
+                         train=TrainConfig(max_epochs=2))
+  trainer = Trainer(model, config.train)
+  sequential = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, log=lambda s: None)
+  batched = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, log=lambda s: None,
+                                   batch_trials=True)
+  exact = ('seed', 'metric', 'cycle', 'mask', 'units', 'stop_reason', 'early_stop_epoch')
+  assert [[r[k] for k in exact] for r in batched] == [[r[k] for k in exact] for r in sequential]
+  assert any(r['metric'] == 'oracle' and r['cycle'] >= 2 for r in batched)
+  for b, s in zip(batched, sequential):
+    assert abs(b['test_loss'] - s['test_loss']) < 1e-5

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from dropnet_jax import models
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer, _padded_batches
+from dropnet_jax.config import TrainConfig
+from dropnet_jax.train import DeviceData, Trainer, _padded_batches, fit
 
 
 def small_data(n=96, seed=0):
@@ -89,7 +90,7 @@ def test_early_stopping_rule_and_best_params():
   trainer = Trainer(model, TrainConfig(lr=0.5, batch_size=8, max_epochs=60, patience=3))
   params0 = models.init_params(model, jax.random.key(0), (4, 4, 1))
   history = []
-  state = trainer.fit(trainer.init_fit(params0, models.full_masks(model), jax.random.key(0)), data,
+  state = fit(trainer.epoch_step, trainer.init_fit(params0, models.full_masks(model), jax.random.key(0)), data,
                       lambda s: history.append((float(s.val_loss), s.params)))
   val = np.array([h[0] for h in history])
   best = int(np.argmin(val))
@@ -111,7 +112,7 @@ def test_divergence_is_detected_and_params_stay_finite():
   model = models.MLP(widths=(8,), num_classes=4)
   trainer = Trainer(model, TrainConfig(lr=1e30, batch_size=8, max_epochs=10, patience=5))
   params0 = models.init_params(model, jax.random.key(0), (4, 4, 1))
-  state = trainer.fit(trainer.init_fit(params0, models.full_masks(model), jax.random.key(0)), data)
+  state = fit(trainer.epoch_step, trainer.init_fit(params0, models.full_masks(model), jax.random.key(0)), data)
   assert bool(state.diverged) and bool(state.done)
   assert int(state.epoch) < 10
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -124,10 +125,10 @@ def test_fit_reuses_theta0_bit_for_bit_and_is_deterministic():
   params0 = models.init_params(model, jax.random.key(0), (4, 4, 1))
   snapshot = jax.tree.map(np.array, params0)
   masks = (jnp.ones(8).at[0].set(0),)
-  a = trainer.fit(trainer.init_fit(params0, masks, jax.random.key(5)), data)
-  b = trainer.fit(trainer.init_fit(params0, masks, jax.random.key(5)), data)
+  a = fit(trainer.epoch_step, trainer.init_fit(params0, masks, jax.random.key(5)), data)
+  b = fit(trainer.epoch_step, trainer.init_fit(params0, masks, jax.random.key(5)), data)
   chex.assert_trees_all_equal(a.params, b.params)
   chex.assert_trees_all_equal(params0, snapshot)  # θ0 untouched by training
-  c = trainer.fit(trainer.init_fit(params0, masks, jax.random.key(6)), data)
+  c = fit(trainer.epoch_step, trainer.init_fit(params0, masks, jax.random.key(6)), data)
   with pytest.raises(AssertionError):
     chex.assert_trees_all_equal(a.params, c.params)  # another shuffle, another result

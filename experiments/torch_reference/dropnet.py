@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 import torch
 
-from dropnet_jax import pruning
-from dropnet_jax.dropnet import DropNetConfig, SeedKeys, should_stop
+from dropnet_jax.config import DropNetConfig
+from dropnet_jax.dropnet import SeedKeys, should_stop
 from dropnet_jax.models import init_params
 from experiments.torch_reference.models import Masks, full_masks
 from experiments.torch_reference.train import FitResult, StatSums, TorchData, Trainer, snapshot
@@ -34,7 +34,7 @@ def shuffle_order(shuffle_key: jax.Array, epoch: int, n: int) -> np.ndarray:
 
 
 def tie_break_draws(key: jax.Array, sizes: Sequence[int], layerwise: bool) -> list[torch.Tensor]:
-  """The uniform draws dropnet_jax.pruning.update_mask makes with `key`.
+  """The uniform draws dropnet_jax.criteria's drop rules makes with `key`.
 
   Global metrics: one vector over all masked units; layer-wise: one per layer.
   """
@@ -47,8 +47,29 @@ def tie_break_draws(key: jax.Array, sizes: Sequence[int], layerwise: bool) -> li
 # -- scores and mask updates --------------------------------------------------
 
 
+class MetricSpec(NamedTuple):
+  score: str  # 'abs' (mean |activation|), 'apoz' (fraction of zeros) or 'random'
+  drop: str  # which end is dropped: 'lowest' or 'highest'
+  layerwise: bool  # the same fraction inside each layer instead of globally
+
+
+# The activation criteria of dropnet_jax.criteria, written out again for the twin.
+METRICS = {
+    'min': MetricSpec('abs', 'lowest', False), 'max': MetricSpec('abs', 'highest', False),
+    'random': MetricSpec('random', 'lowest', False), 'min_layer': MetricSpec('abs', 'lowest', True),
+    'max_layer': MetricSpec('abs', 'highest', True), 'random_layer': MetricSpec('random', 'lowest', True),
+    'apoz': MetricSpec('apoz', 'highest', False), 'apoz_layer': MetricSpec('apoz', 'highest', True),
+}
+
+
+def check_metric(metric: str) -> MetricSpec:
+  if metric not in METRICS:
+    raise ValueError(f'the PyTorch reference implements {sorted(METRICS)}, not {metric!r}')
+  return METRICS[metric]
+
+
 def unit_scores(sums: StatSums, metric: str) -> tuple[torch.Tensor, ...]:
-  spec = pruning.check_metric(metric)
+  spec = check_metric(metric)
   source = sums.zero_sum if spec.score == 'apoz' else sums.abs_sum
   return tuple(s / sums.count for s in source)
 
@@ -70,13 +91,13 @@ def _drop_ranked(mask: torch.Tensor, priority: torch.Tensor, n_drop: int, tie_br
 
 def update_mask(masks: Masks, scores: Sequence[torch.Tensor], metric: str, fraction: float,
                 tie_break: Sequence[torch.Tensor]) -> Masks:
-  """dropnet_jax.pruning.update_mask with the tie-break draws given (see `tie_break_draws`).
+  """dropnet_jax.criteria's drop rules with the tie-break draws given (see `tie_break_draws`).
 
   Drops int(fraction * remaining) units globally (one draw vector over all
   units) or in each layer (one draw vector per layer), at least one, never the
   last one.
   """
-  spec = pruning.check_metric(metric)
+  spec = check_metric(metric)
   if len(masks) != len(scores):
     raise ValueError(f'{len(masks)} mask vectors but {len(scores)} score vectors')
   if spec.score == 'random':
@@ -152,7 +173,7 @@ def train_cycle(trainer: Trainer, params0, masks: Masks, data: TorchData, shuffl
 
 
 def next_masks(masks: Masks, sums: StatSums, metric: str, fraction: float, key: jax.Array) -> Masks:
-  spec = pruning.check_metric(metric)
+  spec = check_metric(metric)
   draws = tie_break_draws(key, [m.numel() for m in masks], spec.layerwise)
   return update_mask(masks, unit_scores(sums, metric), metric, fraction, draws)
 

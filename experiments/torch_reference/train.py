@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dropnet_jax.train import TrainConfig
+from dropnet_jax.config import TrainConfig
 from experiments.torch_reference.models import Masks
 
 StateDict = dict[str, torch.Tensor]

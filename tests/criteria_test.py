@@ -1,4 +1,4 @@
-"""update_mask and unit_scores against hand-worked cases and properties."""
+"""The criteria registry: the activation criteria against hand-worked cases and properties."""
 
 import math
 from fractions import Fraction
@@ -9,9 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropnet_jax import pruning
+from dropnet_jax import criteria, mask_ops
+from dropnet_jax.layers import StatSums
 
 KEY = jax.random.key(0)
+ACTIVATION = ('min', 'max', 'random', 'min_layer', 'max_layer', 'random_layer', 'apoz', 'apoz_layer')
+
+
+def update_mask(masks, scores, metric, fraction, key):
+  """The registered criterion `metric` on sums whose per-unit means are `scores` (count 1)."""
+  sums = StatSums(tuple(scores), tuple(scores), jnp.float32(1.0))
+  inputs = criteria.PruneInputs(None, sums, tuple(masks), key, fraction)
+  return criteria.get(metric)(inputs, criteria.Context())
 FULL = (jnp.ones(4), jnp.ones(4))
 SCORES = (jnp.array([0.5, 0.1, 0.9, 0.3]), jnp.array([0.2, 0.8, 0.05, 0.7]))
 
@@ -34,7 +43,7 @@ def as_lists(masks):
     ('max_layer', 0.01, [[1, 1, 0, 1], [1, 0, 1, 1]]),
 ])
 def test_hand_worked(metric, fraction, expected):
-  got = pruning.update_mask(FULL, SCORES, metric, fraction, KEY)
+  got = update_mask(FULL, SCORES, metric, fraction, KEY)
   assert as_lists(got) == expected
 
 
@@ -42,27 +51,27 @@ def test_already_dropped_units_are_never_chosen_again():
   masks = (jnp.array([1., 0., 1., 1.]), jnp.ones(4))
   scores = (jnp.array([0.5, 0.0, 0.9, 0.3]), jnp.array([0.2, 0.8, 0.05, 0.7]))
   # 7 remaining, int(0.34 * 7) = 2: the two lowest *kept* scores, 0.05 and 0.2, not the dropped 0.0.
-  got = pruning.update_mask(masks, scores, 'min', 0.34, KEY)
+  got = update_mask(masks, scores, 'min', 0.34, KEY)
   assert as_lists(got) == [[1, 0, 1, 1], [0, 1, 0, 1]]
   # max must not resurrect or re-pick dropped units either, even with a huge score there.
   scores = (jnp.array([0.5, 99.0, 0.9, 0.3]), jnp.array([0.2, 0.8, 0.05, 0.7]))
-  got = pruning.update_mask(masks, scores, 'max', 0.15, KEY)  # int(1.05) = 1: the 0.9
+  got = update_mask(masks, scores, 'max', 0.15, KEY)  # int(1.05) = 1: the 0.9
   assert as_lists(got) == [[1, 0, 0, 1], [1, 1, 1, 1]]
 
 
 def test_apoz_drops_units_that_are_zero_most_often():
-  sums = pruning.StatSums(abs_sum=(jnp.array([1., 1., 1.]),), zero_sum=(jnp.array([2., 9., 5.]),),
-                          count=jnp.array(10.))
-  scores = pruning.unit_scores(sums, 'apoz')
-  chex.assert_trees_all_close(scores, (jnp.array([0.2, 0.9, 0.5]),))
-  got = pruning.update_mask((jnp.ones(3),), scores, 'apoz', 0.34, KEY)  # int(1.02) = 1
+  sums = StatSums(abs_sum=(jnp.array([1., 1., 1.]),), zero_sum=(jnp.array([2., 9., 5.]),),
+                  count=jnp.array(10.))
+  chex.assert_trees_all_close(criteria.apoz(sums), (jnp.array([0.2, 0.9, 0.5]),))
+  inputs = criteria.PruneInputs(None, sums, (jnp.ones(3),), KEY, 0.34)  # int(1.02) = 1
+  got = criteria.get('apoz')(inputs, criteria.Context())
   assert as_lists(got) == [[1, 0, 1]]
 
 
 def test_unit_scores_are_means_over_examples():
-  sums = pruning.StatSums(abs_sum=(jnp.array([3., 6.]), jnp.array([0., 1.5])),
+  sums = StatSums(abs_sum=(jnp.array([3., 6.]), jnp.array([0., 1.5])),
                           zero_sum=(jnp.zeros(2), jnp.zeros(2)), count=jnp.array(3.))
-  chex.assert_trees_all_close(pruning.unit_scores(sums, 'min'), (jnp.array([1., 2.]), jnp.array([0., 0.5])))
+  chex.assert_trees_all_close(criteria.mean_abs(sums), (jnp.array([1., 2.]), jnp.array([0., 0.5])))
 
 
 def test_ties_are_broken_at_random_with_exact_counts():
@@ -70,21 +79,21 @@ def test_ties_are_broken_at_random_with_exact_counts():
   tied = (jnp.ones(4), jnp.ones(4))
   seen = set()
   for i in range(40):
-    got = pruning.update_mask(masks, tied, 'min', 0.25, jax.random.key(i))
+    got = update_mask(masks, tied, 'min', 0.25, jax.random.key(i))
     flat = np.concatenate([np.asarray(m) for m in got])
     assert flat.sum() == 6
     seen.add(tuple(np.flatnonzero(flat == 0)))
   assert len(seen) > 5  # many different pairs, not a fixed choice
   # Same key, same choice: the tie-break is a pure function of the key.
-  a = pruning.update_mask(masks, tied, 'min', 0.25, jax.random.key(3))
-  b = pruning.update_mask(masks, tied, 'min', 0.25, jax.random.key(3))
+  a = update_mask(masks, tied, 'min', 0.25, jax.random.key(3))
+  b = update_mask(masks, tied, 'min', 0.25, jax.random.key(3))
   chex.assert_trees_all_equal(a, b)
 
 
 def test_ties_only_among_equal_scores():
   # Scores 1, 1, 2, 2: dropping one of the lowest must pick unit 0 or 1, never 2 or 3.
   for i in range(20):
-    got = pruning.update_mask((jnp.ones(4),), (jnp.array([1., 1., 2., 2.]),), 'min', 0.25, jax.random.key(i))
+    got = update_mask((jnp.ones(4),), (jnp.array([1., 1., 2., 2.]),), 'min', 0.25, jax.random.key(i))
     assert np.flatnonzero(np.asarray(got[0]) == 0).tolist() in ([0], [1])
 
 
@@ -93,7 +102,7 @@ def test_random_metrics_drop_exact_counts_uniformly(metric):
   masks = (jnp.ones(10), jnp.array([1.] * 6 + [0.] * 4))
   counts = np.zeros(20)
   for i in range(300):
-    got = pruning.update_mask(masks, (jnp.zeros(10), jnp.zeros(10)), metric, 0.5, jax.random.key(i))
+    got = update_mask(masks, (jnp.zeros(10), jnp.zeros(10)), metric, 0.5, jax.random.key(i))
     a, b = (np.asarray(m) for m in got)
     assert (b[6:] == 0).all()  # dropped stay dropped
     if metric == 'random':
@@ -108,10 +117,10 @@ def test_random_metrics_drop_exact_counts_uniformly(metric):
 def test_never_drops_the_last_unit():
   one_left = (jnp.array([0., 1., 0.]),)
   for metric in ('min', 'min_layer', 'random'):
-    got = pruning.update_mask(one_left, (jnp.ones(3),), metric, 1.0, KEY)
+    got = update_mask(one_left, (jnp.ones(3),), metric, 1.0, KEY)
     assert as_lists(got) == [[0, 1, 0]]
   # fraction 1 of a full layer drops all but one.
-  got = pruning.update_mask((jnp.ones(5),), (jnp.arange(5.),), 'min', 1.0, KEY)
+  got = update_mask((jnp.ones(5),), (jnp.arange(5.),), 'min', 1.0, KEY)
   assert as_lists(got) == [[0, 0, 0, 0, 1]]
 
 
@@ -121,26 +130,26 @@ def test_num_to_drop_is_the_exact_decimal_floor():
   fractions = ['0.1', '0.15', '0.2', '0.25', '0.3', '0.33', '0.4', '0.5', '0.6', '0.7', '0.75', '0.8', '0.9', '1']
   remaining = np.arange(1, 2001)
   for f in fractions:
-    got = np.asarray(pruning.num_to_drop(float(f), remaining))
+    got = np.asarray(mask_ops.num_to_drop(float(f), remaining))
     want = np.array([math.floor(Fraction(f) * int(r)) for r in remaining])
     np.testing.assert_array_equal(got, want, err_msg=f'fraction {f}')
 
 
-@pytest.mark.parametrize('metric', sorted(pruning.METRICS))
+@pytest.mark.parametrize('metric', ACTIVATION)
 def test_masks_only_shrink_and_jit_matches_eager(metric):
   rng = np.random.default_rng(0)
   masks = (jnp.ones(30), jnp.ones(17))
-  jitted = jax.jit(pruning.update_mask, static_argnames='metric')
+  jitted = jax.jit(update_mask, static_argnames='metric')
   for cycle in range(12):
     scores = tuple(jnp.asarray(rng.random(m.shape), jnp.float32) for m in masks)
     key = jax.random.key(cycle)
-    new = pruning.update_mask(masks, scores, metric, 0.2, key)
+    new = update_mask(masks, scores, metric, 0.2, key)
     chex.assert_trees_all_equal(new, jitted(masks, scores, metric, 0.2, key))
     for old_m, new_m in zip(masks, new):
       assert np.all(np.asarray(new_m) <= np.asarray(old_m))  # only shrinks; dropped stay dropped
       assert set(np.unique(np.asarray(new_m))) <= {0.0, 1.0}
     before, after = sum(float(m.sum()) for m in masks), sum(float(m.sum()) for m in new)
-    if pruning.METRICS[metric].layerwise:
+    if metric.endswith('_layer'):
       for old_m, new_m in zip(masks, new):
         r = int(old_m.sum())
         assert int(r - new_m.sum()) == (min(max(int(0.2 * r), 1), r - 1))
@@ -151,12 +160,20 @@ def test_masks_only_shrink_and_jit_matches_eager(metric):
 
 def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match='unknown metric'):
-    pruning.update_mask(FULL, SCORES, 'median', 0.2, KEY)
+    update_mask(FULL, SCORES, 'median', 0.2, KEY)
   with pytest.raises(ValueError, match='shape'):
-    pruning.update_mask(FULL, (jnp.ones(4), jnp.ones(5)), 'min', 0.2, KEY)
+    update_mask(FULL, (jnp.ones(4), jnp.ones(5)), 'min', 0.2, KEY)
 
 
 def test_fraction_helpers():
   masks = (jnp.array([1., 0., 1.]), jnp.array([1., 1., 1., 1., 0.]))
-  assert pruning.units_per_layer(masks) == [2, 4]
-  assert pruning.fraction_remaining(masks) == 6 / 8
+  assert mask_ops.units_per_layer(masks) == [2, 4]
+  assert mask_ops.fraction_remaining(masks) == 6 / 8
+
+
+def test_registry_names_every_criterion_once():
+  assert set(ACTIVATION) | {'oracle'} <= set(criteria.names())
+  with pytest.raises(ValueError, match='registered twice'):
+    criteria.register('min')(lambda inputs, context: inputs.mask)
+  with pytest.raises(ValueError, match='unknown metric'):
+    criteria.get('median')

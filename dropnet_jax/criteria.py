@@ -1,0 +1,177 @@
+"""What a cycle drops: every criterion is one registered function of (trained state, stat sums, mask, key).
+
+The loop (`dropnet_jax.driver`) knows criteria only by name. A criterion is
+`fn(inputs: PruneInputs, context: Context) -> new mask`: `inputs` are the
+trial's own (trained θ, per-unit stat sums of its scoring pass, its current
+mask, a PRNG key fixed by (seed, criterion, cycle), the fraction p to drop);
+`context` holds what every trial shares (the model's apply function and the
+training data, for criteria that evaluate the network, like the oracle). It
+returns the next mask, with the same structure; dropped units stay dropped.
+Adding a criterion is a function here, `@register(name)`, and its test.
+
+Node/filter criteria (masks: one 0/1 vector per masked layer):
+  min, max, random            global: the p-fraction of all remaining units with
+                              the lowest / highest mean |activation|, or at random
+  min_layer, max_layer,       the same fraction inside every layer
+  random_layer
+  apoz, apoz_layer            APoZ (Hu et al. 2016): the units most often exactly zero
+  oracle                      greedy by training loss (`dropnet_jax.oracle`)
+
+The exact rule: drop max(floor(p * remaining), 1) units (per layer for the
+layer-wise ones), never the last remaining unit (of the network, or of a
+layer), ties broken at random by the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dropnet_jax import oracle
+from dropnet_jax.layers import Masks, StatSums
+from dropnet_jax.mask_ops import drop_count
+
+
+class PruneInputs(NamedTuple):
+  """One trial's side of a criterion call."""
+  theta: Any  # the trained θ the cycle scores (params tree, or variables dict with batch stats)
+  sums: StatSums  # per-unit post-activation sums of the scoring pass
+  mask: Any  # the current mask
+  key: jax.Array  # tie-breaks and random draws
+  fraction: float  # p: fraction of the remaining units to drop
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What every trial of a run shares: the model and the training data (for criteria that evaluate)."""
+  apply_fn: Callable | None = None
+  train_images: Any = None
+  train_labels: Any = None
+  oracle_examples: int | None = None
+
+
+Criterion = Callable[[PruneInputs, Context], Any]
+_REGISTRY: dict[str, Criterion] = {}
+
+
+def register(name: str) -> Callable[[Criterion], Criterion]:
+  """Decorator: makes `fn` the criterion called `name` (the --metrics value and the records' `metric`)."""
+  def add(fn: Criterion) -> Criterion:
+    if name in _REGISTRY:
+      raise ValueError(f'criterion {name!r} is registered twice')
+    _REGISTRY[name] = fn
+    return fn
+  return add
+
+
+def get(name: str) -> Criterion:
+  if name not in _REGISTRY:
+    raise ValueError(f'unknown metric {name!r}; choose from {names()}')
+  return _REGISTRY[name]
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+# -- activation statistics ----------------------------------------------------------------------
+
+
+def mean_abs(sums: StatSums) -> tuple[jax.Array, ...]:
+  """Per-unit mean |activation| over the scoring pass (the paper's score)."""
+  return tuple(s / sums.count for s in sums.abs_sum)
+
+
+def apoz(sums: StatSums) -> tuple[jax.Array, ...]:
+  """Per-unit average percentage of zeros."""
+  return tuple(s / sums.count for s in sums.zero_sum)
+
+
+def _drop_ranked(mask: jax.Array, priority: jax.Array, n_drop: jax.Array, key: jax.Array) -> jax.Array:
+  """Drops the `n_drop` kept units with the lowest priority; ties at random.
+
+  Already-dropped units get +inf priority so they are never chosen again (and
+  stay 0 because the result multiplies the old mask).
+  """
+  priority = jnp.where(mask > 0, priority, jnp.inf)
+  tie_break = jax.random.uniform(key, priority.shape)
+  order = jnp.lexsort((tie_break, priority))  # primary key: priority
+  rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+  return mask * (rank >= n_drop).astype(mask.dtype)
+
+
+def _check_shapes(masks: Masks, scores) -> None:
+  if len(masks) != len(scores):
+    raise ValueError(f'{len(masks)} mask vectors but {len(scores)} score vectors')
+  for m, s in zip(masks, scores):
+    if m.shape != s.shape:
+      raise ValueError(f'mask shape {m.shape} != score shape {s.shape}')
+
+
+def _flat(masks: Masks):
+  """Concatenates per-layer vectors and returns a function splitting a flat vector back."""
+  splits = np.cumsum([m.size for m in masks])[:-1].tolist()
+  return jnp.concatenate(masks), lambda flat: tuple(jnp.split(flat, splits))
+
+
+@jax.jit
+def drop_lowest(masks: Masks, priorities: tuple[jax.Array, ...], fraction, key: jax.Array) -> Masks:
+  """The exact global rule: drops `drop_count` kept units with the lowest priority over all layers."""
+  _check_shapes(masks, priorities)
+  flat_mask, unflatten = _flat(masks)
+  flat_priority = jnp.concatenate([jnp.asarray(p, jnp.float32) for p in priorities])
+  return unflatten(_drop_ranked(flat_mask, flat_priority, drop_count(flat_mask, fraction), key))
+
+
+@jax.jit
+def drop_lowest_per_layer(masks: Masks, priorities: tuple[jax.Array, ...], fraction, key: jax.Array) -> Masks:
+  """The exact layer-wise rule: in every layer, drops `drop_count` of its kept units, lowest priority first."""
+  _check_shapes(masks, priorities)
+  keys = jax.random.split(key, len(masks))
+  return tuple(_drop_ranked(m, jnp.asarray(p, jnp.float32), drop_count(m, fraction), k)
+               for m, p, k in zip(masks, priorities, keys))
+
+
+def _activation_criterion(name: str, score: Callable[[StatSums], tuple] | None, sign: float,
+                          layerwise: bool) -> None:
+  """Registers a criterion dropping the lowest `sign * score` (all tied, so random, without a score)."""
+  rule = drop_lowest_per_layer if layerwise else drop_lowest
+
+  def criterion(inputs: PruneInputs, context: Context) -> Masks:
+    del context
+    if score is None:
+      priorities = tuple(jnp.zeros_like(m) for m in inputs.mask)  # all tied: the tie-break is the draw
+    else:
+      priorities = tuple(sign * s for s in score(inputs.sums)) if sign < 0 else score(inputs.sums)
+    return rule(tuple(inputs.mask), priorities, inputs.fraction, inputs.key)
+
+  criterion.__name__ = criterion.__qualname__ = name
+  register(name)(criterion)
+
+
+for _suffix, _layerwise in (('', False), ('_layer', True)):
+  _activation_criterion('min' + _suffix, mean_abs, 1.0, _layerwise)
+  _activation_criterion('max' + _suffix, mean_abs, -1.0, _layerwise)
+  _activation_criterion('random' + _suffix, None, 1.0, _layerwise)
+  _activation_criterion('apoz' + _suffix, apoz, -1.0, _layerwise)  # the units most often zero go first
+
+
+# -- evaluating the network -----------------------------------------------------------------------
+
+
+@register('oracle')
+def oracle_criterion(inputs: PruneInputs, context: Context) -> Masks:
+  """The paper's oracle: greedily drops the units whose removal raises the training loss least,
+  with the trained θ and no retraining (`dropnet_jax.oracle`). Deterministic: the key is unused."""
+  theta = inputs.theta
+  if isinstance(theta, dict) and 'params' in theta:  # batch-norm models: θ holds the running stats
+    params, extra = theta['params'], {k: v for k, v in theta.items() if k != 'params'}
+  else:
+    params, extra = theta, None
+  return oracle.oracle_mask(context.apply_fn, params, tuple(inputs.mask), context.train_images,
+                            context.train_labels, inputs.fraction, max_examples=context.oracle_examples,
+                            extra_variables=extra or None)

@@ -1,0 +1,81 @@
+"""What every masked model is built from: masks, per-unit statistics and the masked activation.
+
+A node/filter *mask* is a tuple with one float32 vector per masked layer (1
+kept, 0 dropped), given to `apply` as an input, never held as module state.
+Models return, per masked layer, the per-example post-activation statistics
+that scoring needs (`UnitStats`), so no second "activation model" is built;
+a pass over data sums them per unit into `StatSums`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Masks = tuple[jax.Array, ...]
+
+# Keras' defaults (the paper's code is Keras): Glorot-uniform kernels, zero
+# biases. Flax's default is LeCun-normal; using Keras' keeps the dense accuracy
+# and the pruning curves comparable with the paper.
+KERNEL_INIT = nn.initializers.glorot_uniform()
+
+
+class UnitStats(NamedTuple):
+  """Per-example, per-unit post-activation statistics of one masked layer."""
+  abs_mean: jax.Array  # (batch, units): mean |a| (conv filters: over spatial positions)
+  zero_frac: jax.Array  # (batch, units): fraction of exact zeros (APoZ)
+
+
+class StatSums(NamedTuple):
+  """Per-unit sums of post-activation statistics over a set of examples."""
+  abs_sum: tuple[jax.Array, ...]  # sum over examples of mean |a|, per layer (units,)
+  zero_sum: tuple[jax.Array, ...]  # sum over examples of the fraction of zeros
+  count: jax.Array  # number of examples summed (scalar)
+
+
+def zero_sums(masks: Masks) -> StatSums:
+  return StatSums(tuple(jnp.zeros_like(m) for m in masks), tuple(jnp.zeros_like(m) for m in masks),
+                  jnp.zeros((), jnp.float32))
+
+
+def unit_stats(a: jax.Array) -> UnitStats:
+  """The statistics of a masked layer's output `a` (batch, [H, W,] units)."""
+  spatial_axes = tuple(range(1, a.ndim - 1))  # () for dense, (1, 2) for conv
+  abs_a = jnp.abs(a)
+  zero = (a == 0).astype(a.dtype)
+  if spatial_axes:
+    abs_a = abs_a.mean(axis=spatial_axes)
+    zero = zero.mean(axis=spatial_axes)
+  return UnitStats(abs_a, zero)
+
+
+def masked_relu(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, UnitStats]:
+  """ReLU, then the unit mask; returns the activations and their statistics.
+
+  The mask multiplies the post-activation, as in the paper: a dropped unit
+  outputs exactly 0, so nothing downstream sees it and its incoming weights get
+  zero gradient.
+  """
+  a = nn.relu(x) * mask.astype(x.dtype)
+  return a, unit_stats(a)
+
+
+def masked_linear(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, UnitStats]:
+  """The mask on an output with no activation (ResNet's projection shortcut), with the same stats."""
+  a = x * mask.astype(x.dtype)
+  return a, unit_stats(a)
+
+
+def to_float(images: jax.Array) -> jax.Array:
+  """uint8 pixels -> float32 in [0, 1]; float input is taken as already scaled."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def full_masks(model: nn.Module) -> Masks:
+  """The dense starting mask: one all-ones float32 vector per masked layer (`model.widths`)."""
+  return tuple(jnp.ones((w,), jnp.float32) for w in model.widths)

@@ -1,0 +1,81 @@
+"""The trained θ of finished cycles, kept beside a run's checkpoints, and loaded back by record.
+
+Layout under `<out>/params/`: `spec.json` (model name, widths, classes, image
+shape: enough to rebuild the model), then one orbax checkpoint per saved
+cycle, `seed<S>/dense` for cycle 0 (the dense network, shared by every metric
+of the seed) and `seed<S>/<metric>/cycle<C>` for the others. θ is the
+best-validation-loss params (with batch-norm statistics where the model has
+them): the params the record's accuracies were measured with.
+
+Modes (`--save_params`): `all` keeps every cycle (what compaction and
+ensemble selection need), `last` only each trial's newest cycle (the one it
+stopped at, once finished), `none` nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from dropnet_jax import reporting
+from dropnet_jax.mask_ops import masks_from_strings
+from dropnet_jax.models import create_model
+
+SAVE_MODES = ('all', 'last', 'none')
+
+
+def _path(root: str, seed: int, metric: str, cycle: int) -> str:
+  if cycle == 0:
+    return os.path.join(root, f'seed{seed}', 'dense')
+  return os.path.join(root, f'seed{seed}', metric, f'cycle{cycle}')
+
+
+class ParamsStore:
+  """Writes the θ of each finished cycle (`driver.Driver` calls `saved_cycle`)."""
+
+  def __init__(self, directory: str, mode: str, spec: dict[str, Any]):
+    if mode not in SAVE_MODES:
+      raise ValueError(f'--save_params must be one of {SAVE_MODES}, got {mode!r}')
+    self.root, self.mode = os.path.abspath(directory), mode
+    self._checkpointer = ocp.StandardCheckpointer()
+    if mode != 'none':
+      os.makedirs(self.root, exist_ok=True)
+      reporting.atomic_write_text(os.path.join(self.root, 'spec.json'), json.dumps(spec, indent=2))
+
+  def saved_cycle(self, trial, theta) -> None:
+    """Saves θ of `trial`'s newest record (rewritten if a resumed run trains that cycle again)."""
+    if self.mode == 'none':
+      return
+    record = trial.records[-1]
+    path = _path(self.root, trial.seed, trial.metric, record['cycle'])
+    if record['cycle'] > 0 or not os.path.exists(path):  # the dense θ is the same for every metric
+      self._checkpointer.save(path, theta, force=True)
+      self._checkpointer.wait_until_finished()
+    if self.mode == 'last' and record['cycle'] > 1:
+      previous = _path(self.root, trial.seed, trial.metric, record['cycle'] - 1)
+      shutil.rmtree(previous, ignore_errors=True)
+
+
+def load_params(run_dir: str, seed: int, metric: str, cycle: int) -> Any:
+  """θ saved for (seed, metric, cycle) of the run in `run_dir`; FileNotFoundError naming what is missing."""
+  path = _path(os.path.join(os.path.abspath(run_dir), 'params'), seed, metric, cycle)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'no saved params for seed {seed} metric {metric} cycle {cycle} at {path} '
+                            '(was the run made with --save_params=all?)')
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def load_network(run_dir: str, seed: int, metric: str, cycle: int):
+  """(model, θ, masks, record) of one record of a run: everything to evaluate it again."""
+  with open(os.path.join(run_dir, 'params', 'spec.json')) as f:
+    spec = json.load(f)
+  model = create_model(spec['model'], spec['widths'], spec['num_classes'])
+  records = [r for r in reporting.read_jsonl(os.path.join(run_dir, 'results.jsonl'))
+             if (r['seed'], r['metric'], r['cycle']) == (seed, metric, cycle)]
+  if not records:
+    raise KeyError(f'{run_dir}/results.jsonl has no record for seed {seed} metric {metric} cycle {cycle}')
+  return model, load_params(run_dir, seed, metric, cycle), masks_from_strings(records[0]['mask']), records[0]
