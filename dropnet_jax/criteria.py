@@ -16,6 +16,9 @@ Node/filter criteria (masks: one 0/1 vector per masked layer):
   random_layer
   apoz, apoz_layer            APoZ (Hu et al. 2016): the units most often exactly zero
   oracle                      greedy by training loss (`dropnet_jax.oracle`)
+  min_official, max_official, the official notebook's selection rule (`getmask`), for
+  min_layer_official,         reproducing its curves: see `drop_official`
+  max_layer_official
 
 The exact rule: drop max(floor(p * remaining), 1) units (per layer for the
 layer-wise ones), never the last remaining unit (of the network, or of a
@@ -33,7 +36,7 @@ import numpy as np
 
 from dropnet_jax import oracle
 from dropnet_jax.layers import Masks, StatSums
-from dropnet_jax.mask_ops import drop_count
+from dropnet_jax.mask_ops import drop_count, num_to_drop
 
 
 class PruneInputs(NamedTuple):
@@ -158,6 +161,66 @@ for _suffix, _layerwise in (('', False), ('_layer', True)):
   _activation_criterion('max' + _suffix, mean_abs, -1.0, _layerwise)
   _activation_criterion('random' + _suffix, None, 1.0, _layerwise)
   _activation_criterion('apoz' + _suffix, apoz, -1.0, _layerwise)  # the units most often zero go first
+
+
+# -- the official notebook's selection rule --------------------------------------------------
+
+
+def _drop_official(mask: jax.Array, priority: jax.Array, layer: jax.Array, fraction, key: jax.Array) -> jax.Array:
+  """`getmask` of the official DropNet notebook on one flat vector (lowest priority first).
+
+  It thresholds at the (k+1)-th lowest kept value, k = floor(p * kept), so k+1
+  units (more with ties) are candidates, then spends the budget of
+  max(k, 1) drops layer by layer in layer order, in random order inside a
+  layer. Against the exact rule, one candidate too many competes and the
+  earliest layers go first: the last layer holding candidates keeps a random
+  one of them (often not the highest-priority one), and a later layer is never
+  emptied while an earlier layer has candidates. (The notebook can also drop a
+  network's last unit; like the exact rule, this never does.)
+  """
+  kept = mask > 0
+  n = kept.sum().astype(jnp.int32)
+  threshold_index = jnp.clip(num_to_drop(fraction, n), 0, jnp.maximum(n - 1, 0))
+  threshold = jnp.sort(jnp.where(kept, priority, jnp.inf))[threshold_index]
+  candidate = kept & (priority <= threshold)
+  n_drop = jnp.minimum(drop_count(mask, fraction), candidate.sum().astype(jnp.int32))
+  order = jnp.where(candidate, layer.astype(jnp.float32), jnp.inf)  # layer by layer; random inside a layer
+  return _drop_ranked(mask, order, n_drop, key)
+
+
+@jax.jit
+def drop_official(masks: Masks, priorities: tuple[jax.Array, ...], fraction, key: jax.Array) -> Masks:
+  """The official global rule over all layers (see `_drop_official`)."""
+  _check_shapes(masks, priorities)
+  flat_mask, unflatten = _flat(masks)
+  layer = jnp.concatenate([jnp.full(m.shape, i, jnp.int32) for i, m in enumerate(masks)])
+  flat_priority = jnp.concatenate([jnp.asarray(p, jnp.float32) for p in priorities])
+  return unflatten(_drop_official(flat_mask, flat_priority, layer, fraction, key))
+
+
+@jax.jit
+def drop_official_per_layer(masks: Masks, priorities: tuple[jax.Array, ...], fraction, key: jax.Array) -> Masks:
+  """The official layer-wise rule: threshold and budget inside every layer."""
+  _check_shapes(masks, priorities)
+  keys = jax.random.split(key, len(masks))
+  return tuple(_drop_official(m, jnp.asarray(p, jnp.float32), jnp.zeros(m.shape, jnp.int32), fraction, k)
+               for m, p, k in zip(masks, priorities, keys))
+
+
+def _official_criterion(name: str, sign: float, layerwise: bool) -> None:
+  rule = drop_official_per_layer if layerwise else drop_official
+
+  def criterion(inputs: PruneInputs, context: Context) -> Masks:
+    del context
+    return rule(tuple(inputs.mask), tuple(sign * s for s in mean_abs(inputs.sums)), inputs.fraction, inputs.key)
+
+  criterion.__name__ = criterion.__qualname__ = name
+  register(name)(criterion)
+
+
+for _suffix, _layerwise in (('', False), ('_layer', True)):
+  _official_criterion(f'min{_suffix}_official', 1.0, _layerwise)
+  _official_criterion(f'max{_suffix}_official', -1.0, _layerwise)
 
 
 # -- evaluating the network -----------------------------------------------------------------------

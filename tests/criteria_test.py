@@ -177,3 +177,54 @@ def test_registry_names_every_criterion_once():
     criteria.register('min')(lambda inputs, context: inputs.mask)
   with pytest.raises(ValueError, match='unknown metric'):
     criteria.get('median')
+
+
+# -- the official notebook's rule -------------------------------------------------------------
+
+OFFICIAL_CASES = [
+    # p = 0.25, 8 kept: k = 2, threshold = 3rd lowest (0.2); candidates 0.1 (layer 0), 0.05 and 0.2
+    # (layer 1); layer 0 first drops its 0.1, then one of layer 1's two candidates at random.
+    ('min_official', [[[1, 0, 1, 1], [1, 1, 0, 1]], [[1, 0, 1, 1], [0, 1, 1, 1]]]),
+    # max: threshold = 3rd highest (0.7); 0.9 (layer 0) goes, then 0.8 or 0.7 (layer 1).
+    ('max_official', [[[1, 1, 0, 1], [1, 0, 1, 1]], [[1, 1, 0, 1], [1, 1, 1, 0]]]),
+]
+
+
+@pytest.mark.parametrize('metric,outcomes', OFFICIAL_CASES)
+def test_official_rule_hand_worked(metric, outcomes):
+  seen = {str(as_lists(update_mask(FULL, SCORES, metric, 0.25, jax.random.key(i)))) for i in range(40)}
+  assert seen == {str(o) for o in outcomes}  # both, and nothing else
+  exact = as_lists(update_mask(FULL, SCORES, metric.replace('_official', ''), 0.25, KEY))
+  assert exact == outcomes[0]  # the exact rule: always the two extreme units
+
+
+def test_official_max_never_empties_a_later_layer():
+  # Layer 1's single unit has the highest score; the exact max rule drops it (the layer empties),
+  # the official rule spends its budget of 1 on layer 0's candidate first.
+  masks = (jnp.ones(7), jnp.ones(1))
+  scores = (jnp.arange(1., 8.), jnp.array([10.]))
+  for i in range(10):
+    official = as_lists(update_mask(masks, scores, 'max_official', 0.2, jax.random.key(i)))
+    assert official == [[1, 1, 1, 1, 1, 1, 0], [1]]
+  assert as_lists(update_mask(masks, scores, 'max', 0.2, KEY)) == [[1] * 7, [0]]
+
+
+@pytest.mark.parametrize('metric', ['min_official', 'max_official', 'min_layer_official', 'max_layer_official'])
+def test_official_rule_drops_the_same_count_and_only_shrinks(metric):
+  rng = np.random.default_rng(1)
+  masks = (jnp.ones(30), jnp.ones(17))
+  exact_metric = metric.replace('_official', '')
+  for cycle in range(10):
+    scores = tuple(jnp.asarray(rng.random(m.shape), jnp.float32) for m in masks)
+    new = update_mask(masks, scores, metric, 0.2, jax.random.key(cycle))
+    exact = update_mask(masks, scores, exact_metric, 0.2, jax.random.key(cycle))
+    assert mask_ops.units_per_layer(new) == mask_ops.units_per_layer(exact) or not metric.endswith('_layer') \
+        and sum(mask_ops.units_per_layer(new)) == sum(mask_ops.units_per_layer(exact))
+    for old_m, new_m in zip(masks, new):
+      assert np.all(np.asarray(new_m) <= np.asarray(old_m))
+    # At most one unit is swapped against the exact choice (per layer for the layer-wise rule).
+    groups = list(zip(new, exact)) if metric.endswith('_layer_official') else [(jnp.concatenate(new),
+                                                                                 jnp.concatenate(exact))]
+    for a, b in groups:
+      assert np.sum(np.asarray(a) != np.asarray(b)) in (0, 2)
+    masks = new
