@@ -1,0 +1,64 @@
+"""Trained params saved per cycle, loaded back by (seed, metric, cycle), reproduce the records."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dropnet_jax import dropnet, reporting, saved_params
+from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.input_pipeline import load_dataset
+from dropnet_jax.models import create_model
+from dropnet_jax.train import DeviceData, Trainer
+
+CONFIG = DropNetConfig(metrics=('min', 'max_layer'), fraction=0.4, floor=0.3,
+                       train=TrainConfig(max_epochs=3, patience=1))
+
+
+@pytest.fixture(scope='module')
+def digits():
+  ds = load_dataset('digits')
+  return ds, DeviceData.from_dataset(ds)
+
+
+def run(tmp_path, digits, mode, batch_trials=False):
+  ds, data = digits
+  model = create_model('fc', (12, 10), ds.num_classes)
+  spec = {'model': 'fc', 'widths': [12, 10], 'num_classes': ds.num_classes, 'image_shape': list(ds.image_shape)}
+  store = saved_params.ParamsStore(str(tmp_path / 'params'), mode, spec)
+  records = dropnet.run_experiment(model, ds.image_shape, data, [0, 1], CONFIG, log=lambda s: None,
+                                   log_epochs=False, params_store=store, batch_trials=batch_trials)
+  reporting.write_jsonl(tmp_path / 'results.jsonl', records)
+  return model, data, records
+
+
+@pytest.mark.parametrize('batch_trials', [False, True])
+def test_every_saved_cycle_reproduces_its_record(tmp_path, digits, batch_trials):
+  model, data, records = run(tmp_path, digits, 'all', batch_trials)
+  assert len(records) >= 8
+  trainer = Trainer(model, CONFIG.train)
+  for r in records:
+    loaded_model, theta, masks, record = saved_params.load_network(str(tmp_path), r['seed'], r['metric'], r['cycle'])
+    assert loaded_model.widths == model.widths and record == r
+    result = trainer.evaluate(theta, masks, data.test_images, data.test_labels)
+    assert float(result.accuracy) == r['test_accuracy']
+    np.testing.assert_allclose(float(result.loss), r['test_loss'], rtol=1e-6)
+  # Cycle 0 is stored once per seed and shared by the metrics.
+  assert sorted(os.listdir(tmp_path / 'params' / 'seed0')) == ['dense', 'max_layer', 'min']
+
+
+def test_last_keeps_only_each_trials_final_cycle(tmp_path, digits):
+  _, _, records = run(tmp_path, digits, 'last')
+  final = {(r['seed'], r['metric']): r['cycle'] for r in records}
+  for (seed, metric), cycle in final.items():
+    kept = os.listdir(tmp_path / 'params' / f'seed{seed}' / metric)
+    assert kept == [f'cycle{cycle}']
+  with pytest.raises(FileNotFoundError, match='save_params=all'):
+    saved_params.load_params(str(tmp_path), 0, 'min', 1)
+  assert json.loads((tmp_path / 'params' / 'spec.json').read_text())['widths'] == [12, 10]
+
+
+def test_none_writes_nothing(tmp_path, digits):
+  run(tmp_path, digits, 'none')
+  assert not (tmp_path / 'params').exists()
