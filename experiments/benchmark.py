@@ -1,11 +1,11 @@
 r"""Training speed of dropnet_jax: epoch time, model-epochs/s, FLOP rate, PyTorch ratio, memory.
 
   python -m experiments.benchmark --models=fc,conv,modelc --trials=1,15 --epochs=2 \
-      --batch_size=32 --data_dir=../shared/data/mnist_subset --out=runs/benchmark.json
+      --batch_size=32 --data_dir=../shared/data/mnist_subset --out=runs/benchmark
 
 For every model and trial count it times the production programs: one trial
 is `Trainer.epoch_step` (an SGD epoch plus the validation pass) and its pure
-`Trainer.train_epoch`; T trials are `Trainer.batched_epoch_step` with T lanes
+`Trainer.train_epoch`; T trials are `lanes.Lanes.epoch_step` with T lanes
 (T seeds' θ0, distinct shuffles). Reported per configuration:
 
   * epoch time and model-epochs per second (trials / epoch time);
@@ -44,19 +44,19 @@ import numpy as np
 from absl import app, flags
 
 from dropnet_jax import models
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer
+from dropnet_jax.config import TrainConfig
+from dropnet_jax.lanes import Lanes
+from dropnet_jax.train import DeviceData, Trainer
+from experiments import common  # the shared flags: --batch_size, --data_dir (MNIST for A and B), --out
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', 'fc,conv,modelc', 'Models: fc (A), conv (B), modelc (C).')
-flags.DEFINE_list('trials', '1,15', 'Trial counts to time (1 = Trainer.epoch_step, T>1 = batched_epoch_step).')
+flags.DEFINE_list('trials', '1,15', 'Trial counts to time (1 = Trainer.epoch_step, T>1 = Lanes.epoch_step).')
 flags.DEFINE_integer('epochs', 2, 'Timed epochs per configuration (after one warm-up epoch); the best is reported.')
-flags.DEFINE_integer('batch_size', 32, 'SGD batch size.')
-flags.DEFINE_string('data_dir', None, 'MNIST IDX directory for Models A and B (random MNIST-shaped data if unset).')
 flags.DEFINE_integer('fc_examples', 0, 'Training examples for Model A (0: all of the MNIST subset).')
 flags.DEFINE_integer('conv_examples', 2048, 'Training examples for Model B (reduced for CPU; 0: all).')
 flags.DEFINE_integer('modelc_examples', 256, 'Training examples for Model C (random CIFAR-shaped data).')
 flags.DEFINE_bool('torch', True, 'Time the PyTorch reference too (when torch is installed).')
-flags.DEFINE_string('out', None, 'Where to write the JSON of all figures.')
 
 VAL_FRACTION = 0.1
 
@@ -195,6 +195,7 @@ def time_jax(name, model, data, image_shape, trials: int) -> dict[str, Any]:
     out['train_epoch_s'] = best_time(lambda: trainer.train_epoch(
         params, opt_state, masks, data.train_images, data.train_labels, jax.random.key(2)), FLAGS.epochs)
     out['epoch_s'] = best_time(lambda: trainer.epoch_step(state, data), FLAGS.epochs)
+    out['lanes_per_chunk'] = 1
     if len(jax.local_devices()) > 1 and FLAGS.batch_size % len(jax.local_devices()) == 0:
       parallel = Trainer(model, config)
       pstate = parallel.init_fit(params, masks, jax.random.key(1))
@@ -202,16 +203,16 @@ def time_jax(name, model, data, image_shape, trials: int) -> dict[str, Any]:
       out['data_parallel_devices'] = parallel.num_devices
     out['devices'] = 1
   else:
-    trainer = Trainer(model, config)
-    # As run_seeds_batched does: lanes padded to a multiple of the device count with done lanes.
-    lanes = -(-trials // trainer.num_devices) * trainer.num_devices
+    runner = Lanes(Trainer(model, config))
+    # As the driver does: lanes padded to a multiple of the device count with done lanes.
+    lanes = runner.pad(trials)
     params = stack([models.init_params(model, jax.random.key(s % trials), image_shape) for s in range(lanes)])
-    state = trainer.batched_init_fit(params, stack([masks] * lanes), jax.random.split(jax.random.key(1), lanes))
+    state = runner.init_fit(params, stack([masks] * lanes), jax.random.split(jax.random.key(1), lanes))
     state = state._replace(done=jnp.arange(lanes) >= trials)
     out['lanes'] = lanes
-    out['epoch_s'] = best_time(lambda: trainer.batched_epoch_step(state, data), FLAGS.epochs)
-    out['devices'] = trainer.num_devices
-  out['lanes_per_chunk'] = trainer.lanes_per_chunk
+    out['epoch_s'] = best_time(lambda: runner.epoch_step(state, data), FLAGS.epochs)
+    out['devices'] = runner.trainer.num_devices
+    out['lanes_per_chunk'] = runner.lanes_per_chunk
   out['model_epochs_per_s'] = trials / out['epoch_s']
   return out
 
@@ -314,11 +315,11 @@ def main(argv):
   report = {'machine': machine, 'batch_size': FLAGS.batch_size, 'timed_epochs': FLAGS.epochs, 'data': notes,
             'note': 'shared machine: timings are noisy; best of the timed epochs after a warm-up epoch',
             'results': results}
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, 'w') as f:
-      json.dump(report, f, indent=2)
-    print(f'\nwrote {FLAGS.out}')
+  path = os.path.join(FLAGS.out, 'benchmark.json')
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=2)
+  print(f'\nwrote {path}')
 
 
 if __name__ == '__main__':
