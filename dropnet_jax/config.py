@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
+from dropnet_jax import criteria
+
 SCORE_SOURCES = ('data', 'epoch')
 SCORE_PARAMS = ('best', 'last')
 
@@ -47,7 +49,6 @@ class DropNetConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the offending setting."""
-    from dropnet_jax import criteria  # the registry; imported here so config stays a leaf module
     if not self.metrics:
       raise ValueError('metrics: at least one metric is needed')
     for m in self.metrics:

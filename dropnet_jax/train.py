@@ -41,7 +41,6 @@ fast inside loops (`cpu_grads.with_fast_grads`).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -51,6 +50,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dropnet_jax.config import TrainConfig
+from dropnet_jax.batches import padded_batches, RowSums, take_rows, cross_entropy, shuffle_order
 from dropnet_jax.cpu_grads import with_fast_grads
 from dropnet_jax.layers import Masks, StatSums, zero_sums
 
@@ -132,101 +132,6 @@ def _join_theta(like, params, batch_stats):
 
 def _normalise_theta(theta):
   return _join_theta(theta, *split_theta(theta)) if is_variables(theta) else theta
-
-
-# -- per-batch terms -------------------------------------------------------------------------------
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy with integer labels.
-
-  logsumexp minus the label's logit picked by a one-hot product: the same
-  value as optax's version, but the gradient is elementwise (softmax - one
-  hot) instead of a gather/scatter pair, which is cheaper inside a scan step.
-  """
-  logits = logits.astype(jnp.float32)
-  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-  return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(one_hot * logits, axis=-1)
-
-
-def _padded_batches(order: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
-  """Splits example indices into full batches; the last is padded with weight 0.
-
-  Keeping every batch the same shape keeps one compiled step, and weight 0
-  makes the padding invisible to losses, gradients and statistics.
-  """
-  n = order.shape[0]
-  num_batches = math.ceil(n / batch_size)
-  pad = num_batches * batch_size - n
-  idx = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).reshape(num_batches, batch_size)
-  weights = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
-  return idx, weights.reshape(num_batches, batch_size)
-
-
-def shuffle_order(key: jax.Array, n: int) -> jax.Array:
-  """Exactly `jax.random.permutation(key, n)` (int32), about 3x faster on CPU.
-
-  jax shuffles by sorting with fresh random uint32 keys a few times (a stable
-  sort of the current order by each round's keys). XLA's CPU sort is fast for
-  one operand of a primitive type but calls a generated comparator for
-  key/value pairs, so each stable key/value sort here is done as two
-  single-operand uint32 sorts (LSD radix on the 16-bit halves, the position
-  packed into the low 16 bits), which gives the same order. Needs n <= 2^16;
-  larger n use jax.random.permutation itself. Tested against it.
-  """
-  if n > 1 << 16:
-    return jax.random.permutation(key, n)
-  pos = jnp.arange(n, dtype=jnp.uint32)
-
-  def stable_argsort(keys):
-    by_low = jnp.sort(((keys & 0xFFFF) << 16) | pos) & 0xFFFF
-    by_high = jnp.sort(((keys[by_low] >> 16) << 16) | pos) & 0xFFFF
-    return by_low[by_high]
-
-  x = jnp.arange(n, dtype=jnp.int32)
-  num_rounds = int(np.ceil(3 * np.log(max(1, n)) / np.log(np.iinfo(np.uint32).max)))  # as jax's _shuffle
-  for _ in range(num_rounds):
-    key, subkey = jax.random.split(key)
-    x = x[stable_argsort(jax.random.bits(subkey, (n,), jnp.uint32))]
-  return x
-
-
-def _take(a: jax.Array, idx: jax.Array) -> jax.Array:
-  """a[idx] along axis 0 for in-range indices, as whole rows of a 2-D view.
-
-  Row gathers of the flattened array, with 'clip' instead of the default
-  mode's bounds handling, run many times faster on XLA:CPU than the
-  element-wise gather of a[idx] on the N-d array.
-  """
-  rows = jnp.take(a.reshape(a.shape[0], -1), idx, axis=0, mode='clip')
-  return rows.reshape(idx.shape + a.shape[1:])
-
-
-class _RowSums(NamedTuple):
-  """Per-row accumulators of a pass: row r sums the weighted terms of the r-th example of every
-  batch. Adding elementwise each step fuses with the producers (no per-step reductions); the
-  rows are summed once at the end of the pass."""
-  loss: jax.Array  # (B,)
-  correct: jax.Array  # (B,)
-  abs_sum: tuple[jax.Array, ...]  # (B, units) per layer
-  zero_sum: tuple[jax.Array, ...]
-
-  @classmethod
-  def zeros(cls, rows: int, masks: Masks) -> '_RowSums':
-    z = lambda: tuple(jnp.zeros((rows, m.shape[-1]), jnp.float32) for m in masks)
-    return cls(jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32), z(), z())
-
-  def add(self, w, ce, logits, labels, stats) -> '_RowSums':
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    wc = w[:, None]
-    return _RowSums(self.loss + w * ce, self.correct + w * correct,
-                    tuple(a + wc * s.abs_mean for a, s in zip(self.abs_sum, stats)),
-                    tuple(z + wc * s.zero_frac for z, s in zip(self.zero_sum, stats)))
-
-  def totals(self):
-    """(loss sum, correct sum, per-unit abs sums, per-unit zero sums)."""
-    return (self.loss.sum(), self.correct.sum(), tuple(a.sum(0) for a in self.abs_sum),
-            tuple(z.sum(0) for z in self.zero_sum))
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -330,15 +235,15 @@ class Trainer:
     """Mean loss, accuracy and per-unit stat sums over all of (images, labels)."""
     params, batch_stats = split_theta(params)
     bs = self.eval_batch_size(images.shape[0])
-    idx, weights = _padded_batches(jnp.arange(images.shape[0]), bs)
+    idx, weights = padded_batches(jnp.arange(images.shape[0]), bs)
 
     def body(acc, batch):
       b_idx, w = batch
-      x, y, w = self._batch_constraint((_take(images, b_idx), _take(labels, b_idx), w), split_batch)
+      x, y, w = self._batch_constraint((take_rows(images, b_idx), take_rows(labels, b_idx), w), split_batch)
       logits, stats, _ = self._apply(params, batch_stats, masks, x, train=False)
       return acc.add(w, cross_entropy(logits, y), logits, y, stats), None
 
-    acc, _ = jax.lax.scan(body, _RowSums.zeros(bs, masks), (idx, weights))
+    acc, _ = jax.lax.scan(body, RowSums.zeros(bs, masks), (idx, weights))
     loss_sum, correct_sum, abs_sum, zero_sum = acc.totals()
     n = images.shape[0]
     return EvalResult(loss_sum / n, correct_sum / n, StatSums(abs_sum, zero_sum, jnp.asarray(n, jnp.float32)))
@@ -351,7 +256,7 @@ class Trainer:
     # Keras' fit(shuffle=False) order (the official notebook) when shuffling is off.
     order = shuffle_order(key, n) if self.config.shuffle else jnp.arange(n, dtype=jnp.int32)
     tail = n % bs if batch_stats is not None else 0  # batch norm: the partial batch runs at its size
-    idx, weights = _padded_batches(order[:n - tail], bs)
+    idx, weights = padded_batches(order[:n - tail], bs)
     counts = weights.sum(axis=1)
     per_epoch = self.gather_per_epoch
     if per_epoch is None:
@@ -371,8 +276,8 @@ class Trainer:
       return params, new_bs, opt_state, acc, (w, ce, logits, y, stats)
 
     if per_epoch:  # the epoch's batches in order, as one array: steps slice it contiguously
-      rows = jnp.take(images.reshape(n, -1), idx, axis=0, mode='clip')  # (batches, bs, pixels): see _take
-      batches = (rows, _take(labels, idx), weights, counts)
+      rows = jnp.take(images.reshape(n, -1), idx, axis=0, mode='clip')  # (batches, bs, pixels): see take_rows
+      batches = (rows, take_rows(labels, idx), weights, counts)
     else:
       batches = (idx, weights, counts)
 
@@ -385,22 +290,22 @@ class Trainer:
         x = x.reshape(x.shape[:1] + images.shape[1:])
       else:
         b_idx, w, count = batch
-        x, y = _take(images, b_idx), _take(labels, b_idx)
+        x, y = take_rows(images, b_idx), take_rows(labels, b_idx)
       x, y, w = self._batch_constraint((x, y, w), split_batch)
       params, new_bs, opt_state, acc, terms = step(carry, x, y, w, count)
       return (params, new_bs, opt_state, acc.add(*terms)), None
 
-    init = (params, batch_stats, opt_state, _RowSums.zeros(bs, masks))
+    init = (params, batch_stats, opt_state, RowSums.zeros(bs, masks))
     (params, batch_stats, opt_state, acc), _ = jax.lax.scan(body, init, jnp.arange(idx.shape[0]),
                                                              unroll=self.unroll)
     loss_sum, correct_sum, abs_sum, zero_sum = acc.totals()
     if tail:
       t_idx = order[n - tail:]
-      x, y, w = self._batch_constraint((_take(images, t_idx), _take(labels, t_idx), jnp.ones((tail,), jnp.float32)),
+      x, y, w = self._batch_constraint((take_rows(images, t_idx), take_rows(labels, t_idx), jnp.ones((tail,), jnp.float32)),
                                        split_batch)
       params, batch_stats, opt_state, _, terms = step((params, batch_stats, opt_state, None), x, y, w,
                                                       jnp.asarray(tail, jnp.float32))
-      l, c, a, z = _RowSums.zeros(tail, masks).add(*terms).totals()
+      l, c, a, z = RowSums.zeros(tail, masks).add(*terms).totals()
       loss_sum, correct_sum = loss_sum + l, correct_sum + c
       abs_sum = tuple(map(jnp.add, abs_sum, a))
       zero_sum = tuple(map(jnp.add, zero_sum, z))

@@ -164,7 +164,7 @@ def test_fast_max_pool_grads_pick_the_first_maximum_like_autodiff():
 
 @pytest.mark.parametrize('n', [1, 31, 20428, 1 << 16, (1 << 16) + 3])
 def test_shuffle_order_is_jax_random_permutation(n):
-  from dropnet_jax.train import shuffle_order
+  from dropnet_jax.batches import shuffle_order
   for seed in range(2):
     key = jax.random.fold_in(jax.random.key(seed), n)
     want = np.asarray(jax.random.permutation(key, n))

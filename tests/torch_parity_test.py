@@ -21,7 +21,8 @@ import optax  # noqa: E402
 from dropnet_jax import criteria, dropnet, mask_ops, models  # noqa: E402
 from dropnet_jax.layers import StatSums  # noqa: E402
 from dropnet_jax.config import DropNetConfig, TrainConfig  # noqa: E402
-from dropnet_jax.train import DeviceData, Trainer, _padded_batches, cross_entropy, fit  # noqa: E402
+from dropnet_jax.batches import padded_batches, cross_entropy  # noqa: E402
+from dropnet_jax.train import DeviceData, Trainer, fit  # noqa: E402
 from experiments.torch_reference import dropnet as tdropnet  # noqa: E402
 from experiments.torch_reference import models as tmodels  # noqa: E402
 from experiments.torch_reference import train as ttrain  # noqa: E402
@@ -155,7 +156,7 @@ def test_forward_same_logits_and_stats(name, widths, image_shape):
 def jax_sgd_steps(flax_model, params, masks, images, labels, orders, batch_size, lr):
   """Per-step mean losses and final params of Trainer's SGD step over the given epoch orders."""
   tx = optax.sgd(lr)
-  batches = [_padded_batches(jnp.asarray(o), batch_size) for o in orders]
+  batches = [padded_batches(jnp.asarray(o), batch_size) for o in orders]
   idx = jnp.concatenate([b[0] for b in batches])
   weights = jnp.concatenate([b[1] for b in batches])
 

@@ -8,7 +8,8 @@ import pytest
 
 from dropnet_jax import models
 from dropnet_jax.config import TrainConfig
-from dropnet_jax.train import DeviceData, Trainer, _padded_batches, fit
+from dropnet_jax.batches import padded_batches
+from dropnet_jax.train import DeviceData, Trainer, fit
 
 
 def small_data(n=96, seed=0):
@@ -26,7 +27,7 @@ def small_data(n=96, seed=0):
 
 def test_padded_batches_cover_every_example_once():
   order = jnp.array([4, 2, 0, 1, 3, 6, 5])
-  idx, w = _padded_batches(order, 3)
+  idx, w = padded_batches(order, 3)
   assert idx.shape == (3, 3) and w.shape == (3, 3)
   real = np.asarray(idx)[np.asarray(w) > 0]
   assert sorted(real.tolist()) == list(range(7))
