@@ -12,27 +12,37 @@ import math
 from typing import Any
 
 from dropnet_jax import criteria
+from dropnet_jax.optim import OptimizerConfig
 
 SCORE_SOURCES = ('data', 'epoch')
 SCORE_PARAMS = ('best', 'last')
 
 
+AUGMENTATIONS = ('none', 'flip', 'crop', 'crop,flip')
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Hyperparameters of one training run (the paper's defaults)."""
-  lr: float = 0.1
+  """Hyperparameters of one training run (the paper's defaults: plain SGD, lr 0.1, batch 32)."""
   batch_size: int = 32
   max_epochs: int = 100
   patience: int = 5
   eval_batch_size: int = 1000
   shuffle: bool = True  # reshuffle the training set every epoch (the official notebook did not)
+  augment: str = 'none'  # on-device training augmentation: random crop (pad 4) and/or horizontal flip
+  optim: OptimizerConfig = OptimizerConfig()  # optimiser, learning rate and its schedule (dropnet_jax.optim)
+
+  @property
+  def lr(self) -> float:
+    return self.optim.lr
 
   def validate(self) -> None:
-    if not math.isfinite(self.lr) or self.lr <= 0:
-      raise ValueError(f'lr must be a positive finite number, got {self.lr}')
+    self.optim.validate()
     for name in ('batch_size', 'max_epochs', 'patience', 'eval_batch_size'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be a positive integer, got {getattr(self, name)}')
+    if self.augment not in AUGMENTATIONS:
+      raise ValueError(f'augment must be one of {AUGMENTATIONS}, got {self.augment!r}')
 
 
 @dataclasses.dataclass(frozen=True)

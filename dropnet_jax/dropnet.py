@@ -140,7 +140,8 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
   keeps the trained θ of finished cycles.
   """
   config.validate()
-  trainer = trainer or Trainer(model, config.train)
+  trainer = trainer or Trainer(model, config.train, steps_per_epoch=train_lib.steps_per_epoch(
+      data.train_labels.shape[0], config.train.batch_size))
   method = DropNetMethod(model, image_shape, data, config, log)
   trials = [Trial(seed, metric, method.full_mask()) for seed in seeds for metric in config.metrics]
   if not trials:

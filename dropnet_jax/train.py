@@ -50,11 +50,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dropnet_jax.config import TrainConfig
+from dropnet_jax.augment import random_crop_flip
 from dropnet_jax.batches import padded_batches, RowSums, take_rows, cross_entropy, shuffle_order
 from dropnet_jax.cpu_grads import with_fast_grads
 from dropnet_jax.layers import Masks, StatSums, zero_sums
+from dropnet_jax.optim import make_optimizer
 
 DATA_AXIS = 'data'
+AUGMENT_SALT = 0xA06  # the augmentation key of an epoch: fold_in(epoch key, salt); the shuffle uses the epoch key
 
 
 class DeviceData(NamedTuple):
@@ -154,13 +157,20 @@ class Trainer:
   take at most 64 MiB. `fast_grads`: compute the training gradients of
   convolutions and max pools with `with_fast_grads` (None: on CPU, where
   XLA runs autodiff's versions slowly inside loops).
+  `steps_per_epoch`: optimiser steps per epoch (ceil(training examples /
+  batch size)), which converts the epoch-based learning-rate schedules into
+  steps; needed for every schedule but 'constant'.
   """
 
   def __init__(self, model, config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
-               unroll: int = 1, gather_per_epoch: bool | None = None, fast_grads: bool | None = None):
+               unroll: int = 1, gather_per_epoch: bool | None = None, fast_grads: bool | None = None,
+               steps_per_epoch: int | None = None):
     self.model = model
     self.config = config
-    self.tx = optax.sgd(config.lr)
+    if steps_per_epoch is None and config.optim.schedule != 'constant':
+      raise ValueError(f'the {config.optim.schedule} schedule needs steps_per_epoch (training examples / batch size)')
+    # A fresh optimiser state with θ0 every cycle (init_fit), as the paper's SGD restarts.
+    self.tx = make_optimizer(config.optim, steps_per_epoch or 1, config.max_epochs)
     self.unroll = unroll
     self.gather_per_epoch = gather_per_epoch
     self.mesh = data_mesh(devices)
@@ -261,6 +271,7 @@ class Trainer:
     per_epoch = self.gather_per_epoch
     if per_epoch is None:
       per_epoch = images.size * images.dtype.itemsize <= 64 << 20
+    augment = self._augmenter(jax.random.fold_in(key, AUGMENT_SALT))
 
     def step(carry, x, y, w, count):
       params, batch_stats, opt_state, acc = carry
@@ -291,7 +302,7 @@ class Trainer:
       else:
         b_idx, w, count = batch
         x, y = take_rows(images, b_idx), take_rows(labels, b_idx)
-      x, y, w = self._batch_constraint((x, y, w), split_batch)
+      x, y, w = self._batch_constraint((augment(x, i), y, w), split_batch)
       params, new_bs, opt_state, acc, terms = step(carry, x, y, w, count)
       return (params, new_bs, opt_state, acc.add(*terms)), None
 
@@ -301,8 +312,8 @@ class Trainer:
     loss_sum, correct_sum, abs_sum, zero_sum = acc.totals()
     if tail:
       t_idx = order[n - tail:]
-      x, y, w = self._batch_constraint((take_rows(images, t_idx), take_rows(labels, t_idx), jnp.ones((tail,), jnp.float32)),
-                                       split_batch)
+      x = augment(take_rows(images, t_idx), idx.shape[0])
+      x, y, w = self._batch_constraint((x, take_rows(labels, t_idx), jnp.ones((tail,), jnp.float32)), split_batch)
       params, batch_stats, opt_state, _, terms = step((params, batch_stats, opt_state, None), x, y, w,
                                                       jnp.asarray(tail, jnp.float32))
       l, c, a, z = RowSums.zeros(tail, masks).add(*terms).totals()
@@ -311,6 +322,15 @@ class Trainer:
       zero_sum = tuple(map(jnp.add, zero_sum, z))
     sums = StatSums(abs_sum, zero_sum, jnp.asarray(n, jnp.float32))
     return _join_theta(theta, params, batch_stats), opt_state, loss_sum / n, correct_sum / n, sums
+
+  def _augmenter(self, key: jax.Array) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """(batch images, batch index) -> the batch as trained on: with --augment, random crops (zero
+    padding 4) and/or flips drawn from (epoch key, batch index), so a resumed run sees the same ones."""
+    kind = self.config.augment
+    if kind == 'none':
+      return lambda x, i: x
+    padding, flip = (4 if 'crop' in kind else 0), 'flip' in kind
+    return lambda x, i: random_crop_flip(jax.random.fold_in(key, i), x, padding=padding, flip=flip)
 
   # -- early stopping -------------------------------------------------------
 
@@ -350,6 +370,11 @@ class Trainer:
         val_loss=val.loss, val_accuracy=val.accuracy)
     # Freeze finished runs, so a vmapped batch of trials can run until the last one stops.
     return jax.tree.map(lambda o, n: jnp.where(state.done, o, n), state, new)
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+  """Optimiser steps in one epoch: every batch, the last (padded or partial) one included."""
+  return -(-num_train // batch_size)
 
 
 def fit(epoch_step: Callable[[FitState, DeviceData], FitState], state: FitState, data: DeviceData,

@@ -13,12 +13,13 @@ from absl import flags, logging
 
 from dropnet_jax import reporting
 from dropnet_jax.checkpoint import Checkpointer
-from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.config import AUGMENTATIONS, DropNetConfig, TrainConfig
 from dropnet_jax.dropnet import run_experiment
 from dropnet_jax.input_pipeline import DATASETS, Dataset, load_dataset
 from dropnet_jax.models import MODELS, create_model, parse_widths
+from dropnet_jax.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from dropnet_jax.saved_params import SAVE_MODES, ParamsStore
-from dropnet_jax.train import DeviceData, Trainer
+from dropnet_jax.train import DeviceData, Trainer, steps_per_epoch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('model', 'fc', sorted(MODELS), 'Model: fc (Model A), conv (Model B), modelc (Model C), resnet18, vgg19.')
@@ -34,8 +35,24 @@ flags.DEFINE_float('floor', 0.1, 'Stop once the fraction of units remaining is <
 flags.DEFINE_float('kappa', None, 'Stop once val accuracy <= kappa * dense val accuracy, in (0, 1].')
 flags.DEFINE_integer('max_epochs', 100, 'Maximum epochs per training run.')
 flags.DEFINE_integer('patience', 5, 'Early-stopping patience on validation loss.')
-flags.DEFINE_integer('batch_size', 32, 'SGD batch size.')
-flags.DEFINE_float('lr', 0.1, 'SGD learning rate.')
+flags.DEFINE_integer('batch_size', 32, 'Batch size.')
+flags.DEFINE_enum('optimizer', 'sgd', list(OPTIMIZERS), 'sgd (the paper\'s), momentum, adam, adamw, rmsprop, adagrad '
+                  'or adadelta, with torch.optim\'s formulas and defaults.')
+flags.DEFINE_float('lr', 0.1, 'Peak / initial learning rate (torch\'s default for adadelta is 1.0).')
+flags.DEFINE_float('momentum', None, 'momentum: heavy-ball coefficient (default 0.9); rmsprop: momentum (default 0); '
+                   'not accepted by the other optimisers.')
+flags.DEFINE_bool('nesterov', False, 'Nesterov momentum (--optimizer=momentum).')
+flags.DEFINE_float('weight_decay', 0.0, 'L2 coupled into the gradient, as torch\'s weight_decay; decoupled for adamw.')
+flags.DEFINE_enum('lr_schedule', 'constant', list(SCHEDULES), 'Learning-rate schedule, counted in optimiser steps.')
+flags.DEFINE_float('schedule_epochs', None, 'Length of cosine/linear/warmup_cosine in epochs (default --max_epochs).')
+flags.DEFINE_float('min_lr_factor', 0.0, 'Lowest lr as a fraction of --lr (cosine/linear end, cyclic low point).')
+flags.DEFINE_float('warmup_epochs', 5.0, 'warmup_cosine: epochs of linear warmup.')
+flags.DEFINE_float('warmup_start_factor', 0.0, 'warmup_cosine: the warmup starts at this fraction of --lr.')
+flags.DEFINE_float('step_epochs', 30.0, 'step: epochs between learning-rate drops.')
+flags.DEFINE_float('lr_gamma', 0.1, 'step: factor of each drop.')
+flags.DEFINE_float('cyclic_half_epochs', 2.0, 'cyclic (triangular): epochs from the low point to the peak.')
+flags.DEFINE_enum('augment', 'none', list(AUGMENTATIONS), 'On-device training augmentation: random crop with zero '
+                  'padding 4 and/or horizontal flip (off by default, as in the paper\'s MNIST/CIFAR runs).')
 flags.DEFINE_enum('score_from', 'data', ['data', 'epoch'],
                   'data: score with a pass over all training samples (paper); epoch: from the best epoch\'s running sums.')
 flags.DEFINE_enum('score_params', 'best', ['best', 'last'],
@@ -57,12 +74,21 @@ flags.DEFINE_enum('save_params', 'auto', ['auto', *SAVE_MODES],
 RESUMABLE_DIFFERENCES = ('data_dir', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints', 'save_params')
 
 
+def optimizer_from_flags() -> OptimizerConfig:
+  return OptimizerConfig(
+      optimizer=FLAGS.optimizer, lr=FLAGS.lr, momentum=FLAGS.momentum, nesterov=FLAGS.nesterov,
+      weight_decay=FLAGS.weight_decay, schedule=FLAGS.lr_schedule, schedule_epochs=FLAGS.schedule_epochs,
+      min_lr_factor=FLAGS.min_lr_factor, warmup_epochs=FLAGS.warmup_epochs,
+      warmup_start_factor=FLAGS.warmup_start_factor, step_epochs=FLAGS.step_epochs, gamma=FLAGS.lr_gamma,
+      cyclic_half_epochs=FLAGS.cyclic_half_epochs)
+
+
 def build_config() -> DropNetConfig:
   config = DropNetConfig(
       metrics=tuple(FLAGS.metrics), fraction=FLAGS.fraction, floor=FLAGS.floor, kappa=FLAGS.kappa,
       score_from=FLAGS.score_from, score_params=FLAGS.score_params,
-      train=TrainConfig(lr=FLAGS.lr, batch_size=FLAGS.batch_size, max_epochs=FLAGS.max_epochs,
-                        patience=FLAGS.patience, shuffle=FLAGS.shuffle))
+      train=TrainConfig(batch_size=FLAGS.batch_size, max_epochs=FLAGS.max_epochs, patience=FLAGS.patience,
+                        shuffle=FLAGS.shuffle, augment=FLAGS.augment, optim=optimizer_from_flags()))
   config.validate()
   if FLAGS.seeds < 1:
     raise ValueError(f'--seeds must be >= 1, got {FLAGS.seeds}')
@@ -117,7 +143,10 @@ def setup_from_flags(**config_changes) -> Setup:
               'kappa': config.kappa, 'score_from': config.score_from, 'lr': config.train.lr,
               'batch_size': config.train.batch_size, 'max_epochs': config.train.max_epochs,
               'patience': config.train.patience, 'score_params': config.score_params,
-              'shuffle': config.train.shuffle, 'batch_trials': FLAGS.batch_trials}
+              'shuffle': config.train.shuffle, 'augment': config.train.augment,
+              'batch_trials': FLAGS.batch_trials,
+              # The optimiser's other settings (the paper's SGD: sgd, no decay, constant).
+              **{f'optim_{k}': v for k, v in config.train.optim.to_dict().items() if k != 'lr'}}
   logging.info('%s: train %d, val %d, test %d, image %s', FLAGS.dataset, len(dataset.train_labels),
                len(dataset.val_labels), len(dataset.test_labels), dataset.image_shape)
   return Setup(model, dataset, config, settings, list(range(FLAGS.seeds)))
@@ -156,7 +185,9 @@ def save_params_mode(model, image_shape) -> str:
 def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]:
   """Runs (or resumes) DropNet into `out`: config.json, results.jsonl, checkpoints/, params/, figures."""
   check_out_dir(out, setup.settings)
-  trainer = Trainer(setup.model, setup.config.train)  # checks the device split before anything is written
+  # Checks the device split and the optimiser before anything is written.
+  trainer = Trainer(setup.model, setup.config.train,
+                    steps_per_epoch=steps_per_epoch(len(setup.dataset.train_labels), setup.config.train.batch_size))
   mode = save_params_mode(setup.model, setup.dataset.image_shape)
   os.makedirs(out, exist_ok=True)
   reporting.atomic_write_text(os.path.join(out, 'config.json'), json.dumps(setup.settings, indent=2))

@@ -23,6 +23,7 @@ from absl import app, flags
 
 from dropnet_jax import large_models, models, reporting
 from dropnet_jax.input_pipeline import load_dataset
+from dropnet_jax.optim import OptimizerConfig
 from dropnet_jax.train import DeviceData, TrainConfig, Trainer, split_theta
 
 FLAGS = flags.FLAGS
@@ -58,7 +59,7 @@ def smoke(name: str, data: DeviceData, num_classes: int) -> dict:
   model = build(name, num_classes)
   theta0 = models.init_params(model, jax.random.key(0), data.train_images.shape[1:])
   masks = tuple(jnp.ones(w).at[:int(FLAGS.drop * w)].set(0) for w in model.widths)
-  trainer = Trainer(model, TrainConfig(lr=FLAGS.lr, batch_size=FLAGS.batch_size))
+  trainer = Trainer(model, TrainConfig(optim=OptimizerConfig(lr=FLAGS.lr), batch_size=FLAGS.batch_size))
   before = trainer.evaluate(theta0, masks, data.val_images, data.val_labels)
   opt_state = trainer.tx.init(split_theta(theta0)[0])
   start = time.perf_counter()

@@ -12,6 +12,7 @@ import optax
 from dropnet_jax import dropnet, models
 from dropnet_jax.layers import masked_relu, to_float
 from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.optim import OptimizerConfig
 from dropnet_jax.lanes import Lanes
 from dropnet_jax.train import DeviceData, Trainer, fit
 
@@ -129,7 +130,7 @@ def test_batch_norm_training_matches_reference_and_eval_uses_running_stats(mnist
   masks = (jnp.ones(6).at[4].set(0),)
   theta0 = models.init_params(model, jax.random.key(0), (28, 28, 1))
   assert set(theta0) == {'params', 'batch_stats'}
-  trainer = Trainer(model, TrainConfig(lr=0.1, batch_size=32, max_epochs=3, patience=5))
+  trainer = Trainer(model, TrainConfig(optim=OptimizerConfig(lr=0.1), batch_size=32, max_epochs=3, patience=5))
   key = jax.random.key(1)
   new, _, loss, _, sums = trainer.train_epoch(theta0, trainer.tx.init(theta0['params']), masks,
                                               data.train_images, data.train_labels, key)

@@ -8,6 +8,7 @@ import pytest
 
 from dropnet_jax import criteria, dropnet, mask_ops, models
 from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.optim import OptimizerConfig
 from dropnet_jax.train import DeviceData, Trainer
 
 FAST = TrainConfig(max_epochs=3, patience=2)
@@ -125,8 +126,8 @@ def test_should_stop_rules():
     ({'fraction': 0.0}, 'fraction'), ({'fraction': 1.5}, 'fraction'), ({'floor': 1.0}, 'floor'),
     ({'floor': 0.0}, 'floor'), ({'kappa': 0.0}, 'kappa'), ({'kappa': 1.2}, 'kappa'),
     ({'metrics': ('min', 'median')}, 'metric'), ({'score_from': 'cache'}, 'score_from'),
-    ({'train': TrainConfig(batch_size=0)}, 'batch_size'), ({'train': TrainConfig(lr=-1)}, 'lr'),
-    ({'train': TrainConfig(lr=float('nan'))}, 'lr'), ({'fraction': float('nan')}, 'fraction'),
+    ({'train': TrainConfig(batch_size=0)}, 'batch_size'), ({'train': TrainConfig(optim=OptimizerConfig(lr=-1))}, 'lr'),
+    ({'train': TrainConfig(optim=OptimizerConfig(lr=float('nan')))}, 'lr'), ({'fraction': float('nan')}, 'fraction'),
     ({'score_params': 'first'}, 'score_params'), ({'score_params': 'last', 'score_from': 'epoch'}, 'score_params'),
 ])
 def test_config_validation_names_the_setting(kwargs, flag):

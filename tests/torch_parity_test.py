@@ -21,6 +21,7 @@ import optax  # noqa: E402
 from dropnet_jax import criteria, dropnet, mask_ops, models  # noqa: E402
 from dropnet_jax.layers import StatSums  # noqa: E402
 from dropnet_jax.config import DropNetConfig, TrainConfig  # noqa: E402
+from dropnet_jax.optim import OptimizerConfig
 from dropnet_jax.batches import padded_batches, cross_entropy  # noqa: E402
 from dropnet_jax.train import DeviceData, Trainer, fit  # noqa: E402
 from experiments.torch_reference import dropnet as tdropnet  # noqa: E402
@@ -206,7 +207,7 @@ def test_training_same_loss_trajectory(mnist_head, name, widths):
 
   params_j, losses_j = jax_sgd_steps(flax_model, params0, tuple(map(jnp.asarray, masks)), images, labels,
                                      orders, bs, lr)
-  trainer = ttrain.Trainer(torch_model, TrainConfig(lr=lr, batch_size=bs))
+  trainer = ttrain.Trainer(torch_model, TrainConfig(optim=OptimizerConfig(lr=lr), batch_size=bs))
   opt = torch.optim.SGD(torch_model.parameters(), lr=lr)
   tmasks = tuple(map(torch.from_numpy, masks))
   timages, tlabels = torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels)).long()
@@ -221,7 +222,7 @@ def test_training_same_loss_trajectory(mnist_head, name, widths):
       assert rel_err(final_t[layer][leaf], params_j[layer][leaf]) <= 1e-4, (layer, leaf)
 
   # dropnet_jax's own Trainer.train_epoch: same epoch means and final params.
-  jtrainer = Trainer(flax_model, TrainConfig(lr=lr, batch_size=bs))
+  jtrainer = Trainer(flax_model, TrainConfig(optim=OptimizerConfig(lr=lr), batch_size=bs))
   p, s = params0, jtrainer.tx.init(params0)
   for e, r in zip(range(1, epochs + 1), results):
     p, s, loss, acc, _ = jtrainer.train_epoch(p, s, tuple(map(jnp.asarray, masks)), images, labels,
@@ -237,7 +238,7 @@ def test_early_stopping_same_epochs_and_best_params(mnist_head):
   images, labels = mnist_head
   data = split(images, labels, 600, 300, 0)
   flax_model, params0, torch_model = twins('fc', (24, 12), (28, 28, 1))
-  config = TrainConfig(lr=0.3, batch_size=32, max_epochs=12, patience=2)
+  config = TrainConfig(optim=OptimizerConfig(lr=0.3), batch_size=32, max_epochs=12, patience=2)
   masks = some_zero_masks((24, 12), seed=4)
   key = jax.random.key(7)
   jtrainer = Trainer(flax_model, config)
@@ -267,7 +268,7 @@ def test_divergence_stops_on_last_finite_params(mnist_head):
   images, labels = mnist_head
   data = split(images, labels, 200, 100, 0)
   _, _, torch_model = twins('fc', (8,), (28, 28, 1))
-  ttr = ttrain.Trainer(torch_model, TrainConfig(lr=1e30, batch_size=8, max_epochs=10, patience=5))
+  ttr = ttrain.Trainer(torch_model, TrainConfig(optim=OptimizerConfig(lr=1e30), batch_size=8, max_epochs=10, patience=5))
   state = ttr.fit(ttrain.snapshot(torch_model), (torch.ones(8),), to_torch_data(data),
                   lambda e: np.random.default_rng(e).permutation(200))
   assert state.diverged and state.done and state.epoch < 10
@@ -293,7 +294,7 @@ def trained_twins(request, mnist_head):
   images, labels = mnist_head
   data = split(images, labels, 1000 if name == 'fc' else 500, 0, 0)
   flax_model, params0, torch_model = twins(name, widths, (28, 28, 1))
-  trainer = Trainer(flax_model, TrainConfig(lr=0.1, batch_size=32))
+  trainer = Trainer(flax_model, TrainConfig(optim=OptimizerConfig(lr=0.1), batch_size=32))
   masks = tuple(jnp.ones(w) for w in widths)
   p, s = params0, trainer.tx.init(params0)
   for e in range(2 if name == 'fc' else 1):
@@ -368,7 +369,7 @@ def test_run_seed_same_records(mnist_head):
   flax_model = models.create_model('fc', (16, 12), 10)
   torch_model = tmodels.create_model('fc', (16, 12), 10, (28, 28, 1))
   config = DropNetConfig(metrics=('min', 'max', 'random_layer', 'apoz'), fraction=0.3, floor=0.3,
-                                 train=TrainConfig(lr=0.1, batch_size=32, max_epochs=4, patience=2))
+                                 train=TrainConfig(optim=OptimizerConfig(lr=0.1), batch_size=32, max_epochs=4, patience=2))
   quiet = lambda _: None
   rec_j = dropnet.run_seed(flax_model, (28, 28, 1), data, 0, config, log=quiet, log_epochs=False)
   rec_t = tdropnet.run_seed(flax_model, torch_model, (28, 28, 1), to_torch_data(data), 0, config, log=quiet,

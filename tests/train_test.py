@@ -8,6 +8,7 @@ import pytest
 
 from dropnet_jax import models
 from dropnet_jax.config import TrainConfig
+from dropnet_jax.optim import OptimizerConfig
 from dropnet_jax.batches import padded_batches
 from dropnet_jax.train import DeviceData, Trainer, fit
 
@@ -65,7 +66,7 @@ def test_evaluate_matches_float64_reference():
 def test_one_full_batch_epoch_is_one_sgd_step():
   data = small_data()
   model = models.MLP(widths=(6,), num_classes=4)
-  trainer = Trainer(model, TrainConfig(lr=0.5, batch_size=48))  # one batch = whole train set
+  trainer = Trainer(model, TrainConfig(optim=OptimizerConfig(lr=0.5), batch_size=48))  # one batch = whole train set
   params = models.init_params(model, jax.random.key(0), (4, 4, 1))
   masks = (jnp.ones(6),)
   new, _, loss, _, _ = trainer.train_epoch(params, trainer.tx.init(params), masks,
@@ -88,7 +89,7 @@ def test_one_full_batch_epoch_is_one_sgd_step():
 def test_early_stopping_rule_and_best_params():
   data = small_data()
   model = models.MLP(widths=(8,), num_classes=4)
-  trainer = Trainer(model, TrainConfig(lr=0.5, batch_size=8, max_epochs=60, patience=3))
+  trainer = Trainer(model, TrainConfig(optim=OptimizerConfig(lr=0.5), batch_size=8, max_epochs=60, patience=3))
   params0 = models.init_params(model, jax.random.key(0), (4, 4, 1))
   history = []
   state = fit(trainer.epoch_step, trainer.init_fit(params0, models.full_masks(model), jax.random.key(0)), data,
@@ -111,7 +112,7 @@ def test_early_stopping_rule_and_best_params():
 def test_divergence_is_detected_and_params_stay_finite():
   data = small_data()
   model = models.MLP(widths=(8,), num_classes=4)
-  trainer = Trainer(model, TrainConfig(lr=1e30, batch_size=8, max_epochs=10, patience=5))
+  trainer = Trainer(model, TrainConfig(optim=OptimizerConfig(lr=1e30), batch_size=8, max_epochs=10, patience=5))
   params0 = models.init_params(model, jax.random.key(0), (4, 4, 1))
   state = fit(trainer.epoch_step, trainer.init_fit(params0, models.full_masks(model), jax.random.key(0)), data)
   assert bool(state.diverged) and bool(state.done)
@@ -122,7 +123,7 @@ def test_divergence_is_detected_and_params_stay_finite():
 def test_fit_reuses_theta0_bit_for_bit_and_is_deterministic():
   data = small_data()
   model = models.MLP(widths=(8,), num_classes=4)
-  trainer = Trainer(model, TrainConfig(lr=0.5, batch_size=8, max_epochs=4))
+  trainer = Trainer(model, TrainConfig(optim=OptimizerConfig(lr=0.5), batch_size=8, max_epochs=4))
   params0 = models.init_params(model, jax.random.key(0), (4, 4, 1))
   snapshot = jax.tree.map(np.array, params0)
   masks = (jnp.ones(8).at[0].set(0),)
@@ -133,3 +134,52 @@ def test_fit_reuses_theta0_bit_for_bit_and_is_deterministic():
   c = fit(trainer.epoch_step, trainer.init_fit(params0, masks, jax.random.key(6)), data)
   with pytest.raises(AssertionError):
     chex.assert_trees_all_equal(a.params, c.params)  # another shuffle, another result
+
+
+def test_augmentation_changes_the_batches_only_when_on():
+  """--augment: the same epoch key gives the same crops/flips (resumable), off leaves training as it was."""
+  data = small_data()
+  model = models.MLP(widths=(16,), num_classes=4)
+  params0 = models.init_params(model, jax.random.key(0), (4, 4, 1))
+  masks = models.full_masks(model)
+  results = {}
+  for augment in ('none', 'flip', 'crop,flip'):
+    trainer = Trainer(model, TrainConfig(batch_size=8, augment=augment))
+    run = lambda: trainer.train_epoch(params0, trainer.tx.init(params0), masks, data.train_images,
+                                      data.train_labels, jax.random.key(3))
+    first, again = run(), run()
+    chex.assert_trees_all_equal(first[0], again[0])  # deterministic given the epoch key
+    results[augment] = first[0]
+  plain = Trainer(model, TrainConfig(batch_size=8))
+  default = plain.train_epoch(params0, plain.tx.init(params0), masks, data.train_images, data.train_labels,
+                              jax.random.key(3))[0]
+  chex.assert_trees_all_equal(results['none'], default)
+  for augment in ('flip', 'crop,flip'):
+    assert not np.allclose(np.asarray(results[augment]['Dense_0']['kernel']),
+                           np.asarray(results['none']['Dense_0']['kernel']))
+
+
+def test_augmented_run_resumes_exactly(tmp_path):
+  from dropnet_jax import dropnet
+  from dropnet_jax.checkpoint import Checkpointer
+  from dropnet_jax.config import DropNetConfig
+  data = small_data()
+  model = models.MLP(widths=(8,), num_classes=4)
+  config = DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3,
+                         train=TrainConfig(batch_size=8, max_epochs=4, patience=2, augment='crop,flip'))
+  run = lambda ckpt, **kw: dropnet.run_experiment(model, (4, 4, 1), data, [0], config, checkpointer=ckpt,
+                                                  checkpoint_every_epochs=1, **kw)
+  reference = run(None, log=lambda s: None)
+  epochs = []
+
+  def crash(line):
+    if 'train_loss' in line:
+      epochs.append(line)
+      if len(epochs) == 6:  # inside the second cycle
+        raise RuntimeError('crash')
+
+  with pytest.raises(RuntimeError):
+    run(Checkpointer(str(tmp_path)), log=crash)
+  resumed = run(Checkpointer(str(tmp_path)), log=lambda s: None)
+  strip = lambda rs: [{k: v for k, v in r.items() if k != 'seconds'} for r in rs]
+  assert strip(resumed) == strip(reference) and len(reference) >= 2
