@@ -55,6 +55,8 @@ class DropNetConfig:
   score_from: str = 'data'  # 'data': a full pass over the training set; 'epoch': the best epoch's running sums
   score_params: str = 'best'  # θ the criteria score: the best-validation-loss epoch's, or the last epoch's
   oracle_examples: int | None = None  # training examples the oracle's loss uses (None: all)
+  param_budget: int | None = None  # stop at the first cycle whose compact network has <= this many params
+  mac_budget: int | None = None  # ... or <= this many multiply-accumulates per example
   train: TrainConfig = TrainConfig()
 
   def validate(self) -> None:
@@ -73,6 +75,10 @@ class DropNetConfig:
       raise ValueError(f'floor must be in (0, 1), got {self.floor}')
     if self.kappa is not None and not (math.isfinite(self.kappa) and 0 < self.kappa <= 1):
       raise ValueError(f'kappa must be in (0, 1], got {self.kappa}')
+    for name in ('param_budget', 'mac_budget'):
+      value = getattr(self, name)
+      if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f'{name} must be a positive number, got {value}')
     if self.score_from not in SCORE_SOURCES:
       raise ValueError(f'score_from must be one of {SCORE_SOURCES}, got {self.score_from!r}')
     if self.score_params not in SCORE_PARAMS:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from dropnet_jax import criteria
+from dropnet_jax import accounting, criteria
 from dropnet_jax import train as train_lib
 from dropnet_jax.config import DropNetConfig
 from dropnet_jax.driver import Driver, Outcome, Trial, measure
@@ -64,6 +64,11 @@ def should_stop(record: dict[str, Any], dense_val_accuracy: float, config: DropN
   """Why Algorithm 1 stops after this cycle, or None to go on."""
   if record['diverged']:
     return 'diverged'
+  # Size budgets: the first network whose compact form fits is the answer.
+  if config.param_budget is not None and record['params'] <= config.param_budget:
+    return 'param_budget'
+  if config.mac_budget is not None and record['macs'] <= config.mac_budget:
+    return 'mac_budget'
   if record['fraction_remaining'] <= config.floor:
     return 'floor'
   if (config.kappa is not None and record['cycle'] > 0
@@ -99,7 +104,12 @@ class DropNetMethod:
   def shuffle_key(self, seed: int, cycle: int) -> jax.Array:
     return SeedKeys.for_seed(seed).shuffle_key(cycle)
 
-  mask_fields = staticmethod(unit_mask_fields)
+  def mask_fields(self, masks: Masks) -> dict[str, Any]:
+    """The mask's record fields, with the size of its compact network (`compact`, `accounting`)."""
+    size = accounting.summary(self.model, self.image_shape, masks)
+    fields = unit_mask_fields(masks)
+    return {'fraction_remaining': fields['fraction_remaining'], 'units': fields['units'],
+            'params': size['params'], 'macs': size['macs'], 'mask': fields['mask']}
 
   def advance(self, trial: Trial, outcome: Outcome, dense: Outcome) -> None:
     """Records the trial's cycle, then stops it or sets its next mask."""
@@ -174,7 +184,7 @@ def train_cycle(trainer: Trainer, params0, masks: Masks, data: DeviceData, shuff
   """One cycle outside the loop: trains `masks` from `params0` with early stopping and measures it."""
   start = time.perf_counter()
   state = train_lib.fit(trainer.epoch_step, trainer.init_fit(params0, masks, shuffle_key), data)
-  method = DropNetMethod(trainer.model, (), data, config)
+  method = DropNetMethod(trainer.model, data.train_images.shape[1:], data, config)
   return measure(OneLane(trainer), state, data, method, time.perf_counter() - start, [True])[0]
 
 

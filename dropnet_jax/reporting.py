@@ -177,12 +177,13 @@ def metric_order(metrics: Iterable[str]) -> list[str]:
 
 
 def aggregate(records: Iterable[Mapping[str, Any]], key: str,
-              confidence: float = 0.95
+              confidence: float = 0.95, x_key: str = 'fraction_remaining'
               ) -> dict[str, list[tuple[float, float, float, int]]]:
   """Averages `key` over seeds per (metric, cycle).
 
   Returns:
-    {metric: [(fraction_mean, mean, half_width, n), ...]} sorted by cycle;
+    {metric: [(x_mean, mean, half_width, n), ...]} sorted by cycle, x being `x_key` (the fraction
+    remaining, or the compact network's `params` / `macs`);
     metrics in `metric_order`. Records without `key` (or with None) are
     skipped, so optional fields such as `last_test_accuracy` aggregate too.
     The fraction is averaged although deterministic unit counts make it equal
@@ -194,7 +195,7 @@ def aggregate(records: Iterable[Mapping[str, Any]], key: str,
     if value is None:
       continue
     cell = groups.setdefault(str(r['metric']), {}).setdefault(int(r['cycle']), ([], []))
-    cell[0].append(float(r['fraction_remaining']))
+    cell[0].append(float(r[x_key]))
     cell[1].append(float(value))
   out: dict[str, list[tuple[float, float, float, int]]] = {}
   for metric in metric_order(groups):
@@ -286,10 +287,21 @@ def metric_styles(metrics: Iterable[str]) -> dict[str, dict[str, Any]]:
 _NICE_TICKS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 
 
-def _style_fraction_axis(ax: Any, fractions: Sequence[float]) -> None:
+X_AXES = {'fraction': 'fraction_remaining', 'params': 'params', 'macs': 'macs'}
+_XLABELS = {'fraction_remaining': 'fraction of nodes/filters remaining',
+            'params': 'parameters of the compact network', 'macs': 'multiply-accumulates of the compact network'}
+
+
+def _style_fraction_axis(ax: Any, fractions: Sequence[float], x_key: str = 'fraction_remaining') -> None:
   """Log x axis, inverted so the dense network (1.0) is on the left."""
   from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
   ax.set_xscale('log')
+  if x_key != 'fraction_remaining':  # counts: matplotlib's log ticks, still dense on the left
+    if fractions:
+      ax.set_xlim(max(fractions) * 1.15, min(fractions) / 1.15)
+    ax.grid(True, which='major', alpha=0.4)
+    ax.set_xlabel(_XLABELS[x_key])
+    return
   lo = min(fractions) if fractions else 0.1
   hi = max(max(fractions) if fractions else 1.0, lo)
   # Pad by a few percent in log space; giving left > right inverts the axis.
@@ -316,8 +328,8 @@ _YLABELS = {
 
 
 def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
-                title: str = '', confidence: float = 0.95) -> Any:
-  """Builds (without saving) a Figure with one panel per key vs fraction.
+                title: str = '', confidence: float = 0.95, x_key: str = 'fraction_remaining') -> Any:
+  """Builds (without saving) a Figure with one panel per key vs `x_key` (default the fraction).
 
   Each metric is a line with markers at the seed mean and a shaded band of
   mean ± CI half width. Returns a `matplotlib.figure.Figure` with an Agg
@@ -332,7 +344,7 @@ def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
   axes = fig.subplots(1, len(keys), squeeze=False)[0]
   styles = metric_styles(str(r['metric']) for r in records)
   for ax, key in zip(axes, keys):
-    agg = aggregate(records, key, confidence)
+    agg = aggregate(records, key, confidence, x_key)
     all_fractions = []
     for metric, rows in agg.items():
       frac = np.array([r[0] for r in rows])
@@ -346,7 +358,7 @@ def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
       if key.endswith('accuracy'):  # a t interval over few seeds can leave [0, 1]; accuracy cannot
         low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
       ax.fill_between(frac, low, high, color=style['color'], alpha=0.18, linewidth=0)
-    _style_fraction_axis(ax, all_fractions)
+    _style_fraction_axis(ax, all_fractions, x_key)
     ax.set_ylabel(_YLABELS.get(key, key.replace('_', ' ')))
     if agg:
       ax.legend(fontsize='small', loc='best')
@@ -355,9 +367,10 @@ def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
   return fig
 
 
-def save_figure(records: Iterable[Mapping[str, Any]], path: str, keys: Sequence[str], title: str = '') -> str:
+def save_figure(records: Iterable[Mapping[str, Any]], path: str, keys: Sequence[str], title: str = '',
+                x_key: str = 'fraction_remaining') -> str:
   """One figure of `keys` vs fraction remaining (paper conventions), written atomically to `path`."""
-  _save_png(make_figure(list(records), keys, title=title), os.fspath(path))
+  _save_png(make_figure(list(records), keys, title=title, x_key=x_key), os.fspath(path))
   return os.fspath(path)
 
 
@@ -369,13 +382,16 @@ def _save_png(fig: Any, path: str) -> None:
 
 
 def save_figures(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike[str],
-                 title: str = '') -> list[str]:
+                 title: str = '', x_axis: str = 'fraction') -> list[str]:
   """Writes the paper-style PNG figures into `out_dir`; returns their paths.
 
   test_accuracy.png: test accuracy vs fraction remaining.
   accuracy_panels.png: train / val / test accuracy panels.
   early_stopping.png: early-stopping epoch vs fraction remaining.
+  `x_axis`: 'fraction' (the paper's), or the compact network's 'params' or 'macs'.
   """
+  if x_axis not in X_AXES:
+    raise ValueError(f'x_axis must be one of {sorted(X_AXES)}, got {x_axis!r}')
   records = list(records)
   if not records:
     raise ValueError('save_figures: no records to plot')
@@ -388,7 +404,7 @@ def save_figures(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
   ]
   paths = []
   for name, keys in figures:
-    fig = make_figure(records, keys, title=title)
+    fig = make_figure(records, keys, title=title, x_key=X_AXES[x_axis])
     path = os.path.join(out_dir, name)
     _save_png(fig, path)
     paths.append(path)

@@ -24,6 +24,8 @@ from dropnet_jax.train import DeviceData, Trainer, steps_per_epoch
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('model', 'fc', sorted(MODELS), 'Model: fc (Model A), conv (Model B), modelc (Model C), resnet18, vgg19.')
 flags.DEFINE_list('widths', None, 'Units/filters per masked layer, e.g. 40,40 (default: the model\'s).')
+flags.DEFINE_float('width_multiplier', 1.0, 'Without --widths: the model\'s default widths scaled by this (e.g. 0.25 '
+                   'for a CPU-sized ResNet18/VGG19).')
 flags.DEFINE_enum('dataset', 'digits', DATASETS, 'digits is bundled with scikit-learn (offline default).')
 flags.DEFINE_string('data_dir', None, 'Local data files (for mnist: a directory of the four IDX files).')
 flags.DEFINE_list('metrics', 'min,max,random,min_layer,max_layer,random_layer',
@@ -33,6 +35,12 @@ flags.DEFINE_integer('seeds', 1, 'Number of seeds, run as 0..N-1.')
 flags.DEFINE_float('fraction', 0.2, 'p: fraction of remaining units dropped per cycle, in (0, 1].')
 flags.DEFINE_float('floor', 0.1, 'Stop once the fraction of units remaining is <= floor, in (0, 1).')
 flags.DEFINE_float('kappa', None, 'Stop once val accuracy <= kappa * dense val accuracy, in (0, 1].')
+flags.DEFINE_float('param_budget', None, 'Stop at the first cycle whose compact network has at most this many '
+                   'parameters (e.g. 5e6), and report that network.')
+flags.DEFINE_float('mac_budget', None, 'Stop at the first cycle whose compact network needs at most this many '
+                   'multiply-accumulates per example.')
+flags.DEFINE_enum('x_axis', 'fraction', ['fraction', 'params', 'macs'],
+                  'x axis of the figures: fraction of units remaining, or the compact network\'s params or MACs.')
 flags.DEFINE_integer('max_epochs', 100, 'Maximum epochs per training run.')
 flags.DEFINE_integer('patience', 5, 'Early-stopping patience on validation loss.')
 flags.DEFINE_integer('batch_size', 32, 'Batch size.')
@@ -87,6 +95,7 @@ def build_config() -> DropNetConfig:
   config = DropNetConfig(
       metrics=tuple(FLAGS.metrics), fraction=FLAGS.fraction, floor=FLAGS.floor, kappa=FLAGS.kappa,
       score_from=FLAGS.score_from, score_params=FLAGS.score_params,
+      param_budget=FLAGS.param_budget, mac_budget=FLAGS.mac_budget,
       train=TrainConfig(batch_size=FLAGS.batch_size, max_epochs=FLAGS.max_epochs, patience=FLAGS.patience,
                         shuffle=FLAGS.shuffle, augment=FLAGS.augment, optim=optimizer_from_flags()))
   config.validate()
@@ -133,16 +142,17 @@ def setup_from_flags(**config_changes) -> Setup:
   config.validate()
   if FLAGS.checkpoint_every_epochs < 0 or FLAGS.max_checkpoints < 1:
     raise ValueError('--checkpoint_every_epochs must be >= 0 and --max_checkpoints >= 1')
-  create_model(FLAGS.model, widths, 10)  # validates --model/--widths before any data is read
+  create_model(FLAGS.model, widths, 10, FLAGS.width_multiplier)  # validates --model/--widths before any data is read
   check_out_dir(FLAGS.out, None)
   dataset = load_dataset(FLAGS.dataset, FLAGS.data_dir, split_seed=FLAGS.split_seed)
-  model = create_model(FLAGS.model, widths, dataset.num_classes)
+  model = create_model(FLAGS.model, widths, dataset.num_classes, FLAGS.width_multiplier)
   settings = {'model': FLAGS.model, 'widths': list(model.widths), 'dataset': FLAGS.dataset,
               'data_dir': FLAGS.data_dir, 'seeds': FLAGS.seeds, 'split_seed': FLAGS.split_seed,
               'metrics': list(config.metrics), 'fraction': config.fraction, 'floor': config.floor,
               'kappa': config.kappa, 'score_from': config.score_from, 'lr': config.train.lr,
               'batch_size': config.train.batch_size, 'max_epochs': config.train.max_epochs,
               'patience': config.train.patience, 'score_params': config.score_params,
+              'param_budget': config.param_budget, 'mac_budget': config.mac_budget,
               'shuffle': config.train.shuffle, 'augment': config.train.augment,
               'batch_trials': FLAGS.batch_trials,
               # The optimiser's other settings (the paper's SGD: sgd, no decay, constant).
@@ -205,7 +215,7 @@ def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]
                            params_store=params_store)
   checkpointer.close()
   logging.info('%s: %d records, %.1fs in this invocation', out, len(records), time.perf_counter() - start)
-  reporting.save_figures(records, out, title=title or default_title(setup))
+  reporting.save_figures(records, out, title=title or default_title(setup), x_axis=FLAGS.x_axis)
   return records
 
 

@@ -1,5 +1,7 @@
 """Algorithm 1 end to end on real MNIST (small), and its stopping rules."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -172,3 +174,23 @@ def test_batch_norm_model_runs_resumes_and_resets_its_running_stats(tmp_path):
   again = dropnet.run_experiment(model, (32, 32, 3), data, [0], config, trainer,
                                  Checkpointer(str(tmp_path / 'ckpt')), log=lambda s: None)
   assert again == records and not steps  # finished: restored, nothing retrained
+
+
+def test_records_carry_compact_size_and_budgets_stop_at_the_first_fit(mnist_small):
+  """Every record has its compact network's params/MACs; --param_budget/--mac_budget stop there."""
+  from dropnet_jax import accounting
+  model = models.MLP(widths=(16, 16), num_classes=10)
+  data = DeviceData(*(jnp.asarray(a[:500]) for a in mnist_small))
+  base = DropNetConfig(metrics=('min',), fraction=0.3, floor=0.2, train=TrainConfig(max_epochs=2, patience=1))
+  full = dropnet.run_experiment(model, (28, 28, 1), data, [0], base, log=lambda s: None, log_epochs=False)
+  for r in full:
+    size = accounting.summary(model, (28, 28, 1), mask_ops.masks_from_strings(r['mask']))
+    assert (r['params'], r['macs']) == (size['params'], size['macs'])
+  assert full[0]['params'] == 784 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10  # the dense MLP, by hand
+  assert all(a['params'] > b['params'] for a, b in zip(full, full[1:]))
+  for name, key in (('param_budget', 'params'), ('mac_budget', 'macs')):
+    budget = full[2][key] + 1  # cycle 2 is the first to fit
+    config = dataclasses.replace(base, **{name: budget})
+    records = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, log=lambda s: None, log_epochs=False)
+    assert [r['cycle'] for r in records] == [0, 1, 2] and records[-1]['stop_reason'] == name
+    assert records[-1][key] <= budget < records[-2][key]

@@ -236,3 +236,19 @@ def test_accuracy_bands_stay_within_zero_and_one():
   loss_band = fig.axes[1].collections[0].get_paths()[0].vertices[:, 1]
   assert acc_band.min() >= 0.0 and acc_band.max() <= 1.0
   assert loss_band.min() < 0.0  # losses are not clipped
+
+
+def test_figures_can_use_the_compact_size_as_x_axis(tmp_path):
+  records = [{'seed': 0, 'metric': 'min', 'cycle': c, 'fraction_remaining': f, 'params': p, 'macs': m,
+              'test_accuracy': a, 'train_accuracy': a, 'val_accuracy': a, 'early_stop_epoch': 3}
+             for c, (f, p, m, a) in enumerate([(1.0, 33450, 33360, 0.95), (0.8, 26000, 25900, 0.94),
+                                              (0.5, 16000, 15950, 0.9)])]
+  agg = reporting.aggregate(records, 'test_accuracy', x_key='params')
+  assert [row[0] for row in agg['min']] == [33450, 26000, 16000]
+  for axis in ('fraction', 'params', 'macs'):
+    paths = reporting.save_figures(records, tmp_path / axis, x_axis=axis)
+    assert all(os.path.getsize(p) > 1000 for p in paths)
+  fig = reporting.make_figure(records, ('test_accuracy',), x_key='macs')
+  assert 'multiply-accumulates' in fig.axes[0].get_xlabel()
+  with pytest.raises(ValueError, match='x_axis'):
+    reporting.save_figures(records, tmp_path / 'bad', x_axis='flops')
