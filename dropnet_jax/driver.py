@@ -148,7 +148,8 @@ class Driver:
   def __init__(self, method: Method, trials: list[Trial], runner, data: DeviceData, *,
                group_size: int | None = None, checkpointer=None, checkpoint_every_epochs: int = 0,
                params_store=None, on_record: Callable[[list[dict[str, Any]]], None] | None = None,
-               log: Callable[[str], None] = print, log_epochs: bool = False):
+               log: Callable[[str], None] = print, log_epochs: bool = False,
+               monitor: Callable[[dict[str, Any]], None] | None = None):
     size = group_size or len(trials)
     if not runner.batched and size != 1:
       raise ValueError('one-trial programs (OneLane) need groups of one trial')
@@ -156,6 +157,10 @@ class Driver:
     self.groups = [trials[i:i + size] for i in range(0, len(trials), size)]
     self.checkpointer, self.every = checkpointer, checkpoint_every_epochs
     self.params_store, self.on_record, self.log, self.log_epochs = params_store, on_record, log, log_epochs
+    # `monitor` sees the run as events (a progress display): {'event': 'start', 'trials', 'finished',
+    # 'records'}, {'event': 'epoch', 'cycle', 'labels', 'epochs', 'val_accuracy', 'done'} (one entry per
+    # lane being trained) and {'event': 'record', 'record', 'finished'} (after each trial's cycle).
+    self.monitor = monitor
     self.lane_count = runner.pad(size) if runner.batched else 1
     self.pos = _Position()
 
@@ -171,6 +176,9 @@ class Driver:
                   if self.pos.fit is not None else ''))
       if self.on_record and self.records():
         self.on_record(self.records())
+    if self.monitor:
+      self.monitor({'event': 'start', 'trials': len(self.trials), 'finished': sum(t.stopped for t in self.trials),
+                    'records': len(self.records())})
     while self.pos.group < len(self.groups):
       group = self.groups[self.pos.group]
       active = [t for t in group if not t.stopped]
@@ -196,6 +204,8 @@ class Driver:
         self.method.advance(trial, outcome, self.pos.dense[trial.seed])
         if self.params_store is not None:
           self.params_store.saved_cycle(trial, outcome.best_theta)
+        if self.monitor:
+          self.monitor({'event': 'record', 'record': trial.records[-1], 'finished': trial.stopped})
       if all(t.stopped for t in group):
         self._next_group()
       self._save()
@@ -231,8 +241,8 @@ class Driver:
 
     def on_epoch(state: FitState) -> None:
       nonlocal started, seconds
-      if self.log_epochs:
-        self._log_epoch(state, labels, cycle)
+      if self.log_epochs or self.monitor:
+        self._report_epoch(state, labels, cycle)
       epoch = int(np.max(np.asarray(state.epoch)))
       if self.every and epoch % self.every == 0 and not np.all(np.asarray(state.done)):
         seconds += time.perf_counter() - started
@@ -246,11 +256,17 @@ class Driver:
     return measure(self.runner, state, self.data, self.method, seconds + time.perf_counter() - started,
                    active)[:n]
 
-  def _log_epoch(self, state: FitState, labels: list[str], cycle: int) -> None:
+  def _report_epoch(self, state: FitState, labels: list[str], cycle: int) -> None:
     s = jax.device_get(state._replace(params=None, opt_state=None, best_params=None, best_sums=None, key=None,
                                       masks=None))
     if not self.runner.batched:
       s = jax.tree.map(lambda x: np.asarray(x)[None], s)
+    n = len(labels)
+    if self.monitor:
+      self.monitor({'event': 'epoch', 'cycle': cycle, 'labels': labels, 'epochs': s.epoch[:n].tolist(),
+                    'val_accuracy': s.val_accuracy[:n].tolist(), 'done': s.done[:n].tolist()})
+    if not self.log_epochs:
+      return
     for t, label in enumerate(labels):
       if s.epoch[t] > 0 and (not s.done[t] or s.epoch[t] == np.max(s.epoch)):
         self.log(f'{label} cycle {cycle:2d} epoch {int(s.epoch[t]):3d} train_loss {float(s.train_loss[t]):.4f} '

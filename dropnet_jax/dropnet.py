@@ -137,7 +137,8 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
                    trainer: Trainer | None = None, checkpointer=None, checkpoint_every_epochs: int = 0,
                    on_record: Callable[[list[dict[str, Any]]], None] | None = None,
                    log: Callable[[str], None] = print, log_epochs: bool = True, batch_trials: bool = False,
-                   params_store=None, lanes_per_chunk: int | None = None) -> list[dict[str, Any]]:
+                   params_store=None, lanes_per_chunk: int | None = None,
+                   monitor: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
   """Algorithm 1 for every seed x metric; returns all records (seed by seed, metrics in config
   order, cycles ascending).
 
@@ -147,7 +148,8 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
   after cycles), and a rerun continues from the newest checkpoint with the
   same records (up to `seconds`). `on_record` gets all records so far after
   every cycle (and once on resume). `params_store` (`saved_params.ParamsStore`)
-  keeps the trained θ of finished cycles.
+  keeps the trained θ of finished cycles. `monitor` gets progress events
+  (`driver.Driver`).
   """
   config.validate()
   trainer = trainer or Trainer(model, config.train, steps_per_epoch=train_lib.steps_per_epoch(
@@ -159,7 +161,8 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
   runner = Lanes(trainer, lanes_per_chunk) if batch_trials else OneLane(trainer)
   driver = Driver(method, trials, runner, data, group_size=None if batch_trials else 1,
                   checkpointer=checkpointer, checkpoint_every_epochs=checkpoint_every_epochs,
-                  params_store=params_store, on_record=on_record, log=log, log_epochs=log_epochs)
+                  params_store=params_store, on_record=on_record, log=log, log_epochs=log_epochs,
+                  monitor=monitor)
   return driver.run()
 
 
