@@ -64,7 +64,7 @@ class DropNetConfig:
     if not self.metrics:
       raise ValueError('metrics: at least one metric is needed')
     for m in self.metrics:
-      criteria.get(m)
+      criteria.get(m, 'unit')
     if len(set(self.metrics)) != len(self.metrics):
       raise ValueError(f'metrics: duplicates in {self.metrics}')
     if self.oracle_examples is not None and self.oracle_examples < 1:

@@ -20,6 +20,10 @@ Node/filter criteria (masks: one 0/1 vector per masked layer):
   min_layer_official,         reproducing its curves: see `drop_official`
   max_layer_official
 
+Weight criteria (masks: a 0/1 array per prunable kernel, `weight_masks`), the
+semantics of `torch.nn.utils.prune` (`weight_criteria`): global_l1, layer_l1,
+global_random, layer_random.
+
 The exact rule: drop max(floor(p * remaining), 1) units (per layer for the
 layer-wise ones), never the last remaining unit (of the network, or of a
 layer), ties broken at random by the key.
@@ -34,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropnet_jax import oracle
+from dropnet_jax import oracle, weight_criteria
 from dropnet_jax.layers import Masks, StatSums
 from dropnet_jax.mask_ops import drop_count, num_to_drop
 
@@ -58,27 +62,33 @@ class Context:
 
 
 Criterion = Callable[[PruneInputs, Context], Any]
-_REGISTRY: dict[str, Criterion] = {}
+GRANULARITIES = ('unit', 'weight')
+_REGISTRY: dict[str, tuple[Criterion, str]] = {}
 
 
-def register(name: str) -> Callable[[Criterion], Criterion]:
-  """Decorator: makes `fn` the criterion called `name` (the --metrics value and the records' `metric`)."""
+def register(name: str, granularity: str = 'unit') -> Callable[[Criterion], Criterion]:
+  """Decorator: makes `fn` the criterion called `name` (the --metrics value and the records' `metric`)
+  for masks of `granularity` ('unit': node/filter masks; 'weight': weight masks)."""
+  if granularity not in GRANULARITIES:
+    raise ValueError(f'granularity must be one of {GRANULARITIES}, got {granularity!r}')
+
   def add(fn: Criterion) -> Criterion:
     if name in _REGISTRY:
       raise ValueError(f'criterion {name!r} is registered twice')
-    _REGISTRY[name] = fn
+    _REGISTRY[name] = (fn, granularity)
     return fn
   return add
 
 
-def get(name: str) -> Criterion:
-  if name not in _REGISTRY:
-    raise ValueError(f'unknown metric {name!r}; choose from {names()}')
-  return _REGISTRY[name]
+def get(name: str, granularity: str | None = None) -> Criterion:
+  """The criterion `name`; with `granularity`, one for that kind of mask (ValueError naming the choices)."""
+  if name not in _REGISTRY or (granularity is not None and _REGISTRY[name][1] != granularity):
+    raise ValueError(f'unknown metric {name!r}; choose from {names(granularity)}')
+  return _REGISTRY[name][0]
 
 
-def names() -> list[str]:
-  return sorted(_REGISTRY)
+def names(granularity: str | None = None) -> list[str]:
+  return sorted(n for n, (_, g) in _REGISTRY.items() if granularity in (None, g))
 
 
 # -- activation statistics ----------------------------------------------------------------------
@@ -221,6 +231,26 @@ def _official_criterion(name: str, sign: float, layerwise: bool) -> None:
 for _suffix, _layerwise in (('', False), ('_layer', True)):
   _official_criterion(f'min{_suffix}_official', 1.0, _layerwise)
   _official_criterion(f'max{_suffix}_official', -1.0, _layerwise)
+
+
+# -- weights (unstructured) ----------------------------------------------------------------------
+
+
+def _weight_criterion(name: str) -> None:
+  rule = weight_criteria.WEIGHT_CRITERIA[name]
+
+  def criterion(inputs: PruneInputs, context: Context):
+    del context
+    theta = inputs.theta
+    params = theta['params'] if isinstance(theta, dict) and 'params' in theta else theta
+    return rule(params, inputs.mask, float(inputs.fraction), inputs.key)
+
+  criterion.__name__ = criterion.__qualname__ = name
+  register(name, 'weight')(criterion)
+
+
+for _name in weight_criteria.WEIGHT_CRITERIA:
+  _weight_criterion(_name)
 
 
 # -- evaluating the network -----------------------------------------------------------------------

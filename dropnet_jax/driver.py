@@ -51,6 +51,8 @@ class Trial:
   cycle: int = 0
   stopped: bool = False
   records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  theta: Any = None  # θ the next cycle starts from, for methods that continue training (None: θ0)
+  epochs: int | None = None  # the next cycle's epoch limit, for methods that set one (None: the config's)
 
 
 class Outcome(NamedTuple):
@@ -170,6 +172,19 @@ class Driver:
   # -- the loop -------------------------------------------------------------------------------
 
   def run(self) -> list[dict[str, Any]]:
+    try:
+      records = self._run()
+      if self.checkpointer is not None:
+        self.checkpointer.wait()  # the final checkpoint is on disk when the run returns
+      return records
+    except BaseException:
+      # A crash or Ctrl-C: let an asynchronous checkpoint save in flight finish, so the newest
+      # checkpoint on disk is whole (a second Ctrl-C during the wait abandons it cleanly).
+      if self.checkpointer is not None:
+        self.checkpointer.wait()
+      raise
+
+  def _run(self) -> list[dict[str, Any]]:
     if self._restore():
       self.log(f'resuming: {len(self.records())} records so far, group {self.pos.group}'
                + (f', mid-cycle ({self.pos.fit_meta["phase"]}, epoch {int(np.max(self.pos.fit.epoch))})'
@@ -192,13 +207,13 @@ class Driver:
       cycle = active[0].cycle
       if cycle == 0 and any(t.seed not in self.pos.dense for t in active):
         seeds = sorted({t.seed for t in active if t.seed not in self.pos.dense})
-        lanes = [(s, self.method.full_mask()) for s in seeds]
+        lanes = [(s, self.method.full_mask(), None, None) for s in seeds]
         for seed, outcome in zip(seeds, self._train('dense', 0, lanes, [f'seed {s} {"dense":>12}' for s in seeds])):
           self.pos.dense[seed] = outcome
       if cycle == 0:
         outcomes = [self.pos.dense[t.seed] for t in active]
       else:
-        outcomes = self._train('cycle', cycle, [(t.seed, t.mask) for t in active],
+        outcomes = self._train('cycle', cycle, [(t.seed, t.mask, t.theta, t.epochs) for t in active],
                                [f'seed {t.seed} {t.metric:>12}' for t in active])
       for trial, outcome in zip(active, outcomes):
         self.method.advance(trial, outcome, self.pos.dense[trial.seed])
@@ -220,8 +235,10 @@ class Driver:
     self.pos.dense = {s: o for s, o in self.pos.dense.items() if s in needed}
     self.pos.theta0 = {s: th for s, th in self.pos.theta0.items() if s in needed}
 
-  def _train(self, phase: str, cycle: int, lanes: list[tuple[int, Any]], labels: list[str]) -> list[Outcome]:
-    """Trains (seed, mask) lanes from their θ0 to early stopping; an Outcome per lane."""
+  def _train(self, phase: str, cycle: int, lanes: list[tuple[int, Any, Any, int | None]],
+             labels: list[str]) -> list[Outcome]:
+    """Trains (seed, mask, start θ or None for θ0, epoch limit or None) lanes to early stopping;
+    an Outcome per lane."""
     started = time.perf_counter()
     n, count = len(lanes), self.lane_count
     resumed = self.pos.fit is not None and self.pos.fit_meta['phase'] == phase
@@ -230,13 +247,16 @@ class Driver:
       state = self.pos.fit
     else:
       padded = lanes + [lanes[0]] * (count - n)
-      theta0 = [self.pos.theta0[s] for s, _ in padded]
-      keys = [self.method.shuffle_key(s, cycle) for s, _ in padded]
+      start = [self.pos.theta0[s] if theta is None else theta for s, _, theta, _ in padded]
+      keys = [self.method.shuffle_key(s, cycle) for s, *_ in padded]
       if self.runner.batched:
-        state = self.runner.init_fit(_stack(theta0), _stack([m for _, m in padded]), jnp.stack(keys))
+        state = self.runner.init_fit(_stack(start), _stack([m for _, m, *_ in padded]), jnp.stack(keys))
         state = state._replace(done=jnp.arange(count) >= n)  # padding lanes are frozen from the start
       else:
-        state = self.runner.init_fit(theta0[0], lanes[0][1], keys[0])
+        state = self.runner.init_fit(start[0], lanes[0][1], keys[0])
+      if any(e is not None for *_, e in lanes):
+        limits = [int(state.max_epochs.reshape(-1)[0]) if e is None else e for *_, e in padded]
+        state = state._replace(max_epochs=jnp.asarray(limits if self.runner.batched else limits[0], jnp.int32))
     self.pos.fit, self.pos.fit_meta = None, None
 
     def on_epoch(state: FitState) -> None:
@@ -282,6 +302,7 @@ class Driver:
     arrays: dict[str, Any] = {
         'cycles': np.asarray([t.cycle for t in self.trials], np.int32),  # never empty (orbax refuses that)
         'masks': {f't{i}': leaves(t.mask) for i, t in enumerate(self.trials) if not t.stopped},
+        'thetas': {f't{i}': leaves(t.theta) for i, t in enumerate(self.trials) if not t.stopped and t.theta is not None},
         'theta0': {f's{s}': leaves(th) for s, th in self.pos.theta0.items()},
         'dense': {f's{s}': {'sums': leaves(o.sums), 'best': leaves(o.best_theta), 'score': leaves(o.score_theta)}
                   for s, o in self.pos.dense.items()},
@@ -290,8 +311,8 @@ class Driver:
       arrays['fit'] = leaves(_key_data(self.pos.fit))
     arrays = {k: v for k, v in arrays.items() if not isinstance(v, dict) or v}  # orbax stores no empty dicts
     meta = {'version': CHECKPOINT_VERSION, 'group': self.pos.group,
-            'trials': [{'seed': t.seed, 'metric': t.metric, 'stopped': t.stopped,
-                        'records': t.records} for t in self.trials],
+            'trials': [{'seed': t.seed, 'metric': t.metric, 'stopped': t.stopped, 'epochs': t.epochs,
+                        'has_theta': t.theta is not None, 'records': t.records} for t in self.trials],
             'theta0_seeds': sorted(self.pos.theta0), 'dense': {str(s): o.fields for s, o in self.pos.dense.items()},
             'fit': self.pos.fit_meta}
     self.checkpointer.save(arrays, meta)
@@ -305,6 +326,8 @@ class Driver:
     out: dict[str, Any] = {
         'cycles': jax.ShapeDtypeStruct((len(meta['trials']),), np.int32),
         'masks': {f't{i}': leaves(mask) for i, t in enumerate(meta['trials']) if not t['stopped']},
+        'thetas': {f't{i}': leaves(theta) for i, t in enumerate(meta['trials'])
+                   if not t['stopped'] and t['has_theta']},
         'theta0': {f's{s}': leaves(theta) for s in meta['theta0_seeds']},
         'dense': {f's{s}': {'sums': leaves(sums), 'best': leaves(theta), 'score': leaves(theta)}
                   for s in meta['dense']},
@@ -321,23 +344,30 @@ class Driver:
     n = self.lane_count
     return jax.vmap(self.runner.trainer.init_fit)(_stack([theta] * n), _stack([mask] * n), jnp.stack([key] * n))
 
-  def _restore(self) -> bool:
-    if self.checkpointer is None:
-      return False
-    meta = self.checkpointer.restore_meta()
-    if meta is None:
-      return False
+  def _check_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get('version') != CHECKPOINT_VERSION or [(t['seed'], t['metric']) for t in meta['trials']] != [
         (t.seed, t.metric) for t in self.trials]:
-      raise ValueError(f'{self.checkpointer.manager.directory} holds a checkpoint of another experiment '
+      raise ValueError(f'{self.checkpointer.directory} holds a checkpoint of another experiment '
                        '(other seeds, metrics or format); use another output directory')
-    arrays = self.checkpointer.restore_arrays(self._templates(meta))
+    return self._templates(meta)
+
+  def _restore(self) -> bool:
+    """Loads the newest readable checkpoint (an unreadable newer one is skipped with a warning)."""
+    if self.checkpointer is None:
+      return False
+    found = self.checkpointer.restore_latest(self._check_meta)
+    if found is None:
+      return False
+    _, meta, arrays = found
     unflatten = lambda like, xs: jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) for x in xs])
     theta, mask, sums = self.method.theta0(0), self.method.full_mask(), self.method.sums_template()
     for i, (trial, saved) in enumerate(zip(self.trials, meta['trials'])):
       trial.cycle, trial.stopped, trial.records = int(arrays['cycles'][i]), saved['stopped'], saved['records']
+      trial.epochs = saved['epochs']
       if not trial.stopped:
         trial.mask = unflatten(mask, arrays['masks'][f't{i}'])
+        if saved['has_theta']:
+          trial.theta = unflatten(theta, arrays['thetas'][f't{i}'])
     self.pos = _Position(group=meta['group'])
     for s in meta['theta0_seeds']:
       self.pos.theta0[s] = unflatten(theta, arrays['theta0'][f's{s}'])

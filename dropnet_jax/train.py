@@ -53,8 +53,9 @@ from dropnet_jax.config import TrainConfig
 from dropnet_jax.augment import random_crop_flip
 from dropnet_jax.batches import padded_batches, RowSums, take_rows, cross_entropy, shuffle_order
 from dropnet_jax.cpu_grads import with_fast_grads
-from dropnet_jax.layers import Masks, StatSums, zero_sums
+from dropnet_jax.layers import Masks, StatSums, full_masks, zero_sums
 from dropnet_jax.optim import make_optimizer
+from dropnet_jax.weight_masks import apply_weight_mask, masked_updates
 
 DATA_AXIS = 'data'
 AUGMENT_SALT = 0xA06  # the augmentation key of an epoch: fold_in(epoch key, salt); the shuffle uses the epoch key
@@ -106,6 +107,7 @@ class FitState(NamedTuple):
   train_accuracy: jax.Array
   val_loss: jax.Array  # of the last epoch
   val_accuracy: jax.Array
+  max_epochs: jax.Array  # this run's epoch limit (config.max_epochs unless a method sets a cycle's own)
 
 
 # -- θ: a params tree, or a variables dict with batch statistics --------------------------------
@@ -160,17 +162,25 @@ class Trainer:
   `steps_per_epoch`: optimiser steps per epoch (ceil(training examples /
   batch size)), which converts the epoch-based learning-rate schedules into
   steps; needed for every schedule but 'constant'.
+  `weight_masks`: the masks of `init_fit`/`evaluate` are weight masks
+  (`dropnet_jax.weight_masks`: a 0/1 array per prunable kernel of the
+  'params' collection) instead of node masks: the forward pass uses
+  params * mask with every unit kept, and the optimiser update is masked so a
+  pruned weight stays exactly 0 (`weight_masks.masked_updates`).
   """
 
   def __init__(self, model, config: TrainConfig, *, devices: Sequence[jax.Device] | None = None,
                unroll: int = 1, gather_per_epoch: bool | None = None, fast_grads: bool | None = None,
-               steps_per_epoch: int | None = None):
+               steps_per_epoch: int | None = None, weight_masks: bool = False):
     self.model = model
     self.config = config
+    self.weight_masks = weight_masks
     if steps_per_epoch is None and config.optim.schedule != 'constant':
       raise ValueError(f'the {config.optim.schedule} schedule needs steps_per_epoch (training examples / batch size)')
     # A fresh optimiser state with θ0 every cycle (init_fit), as the paper's SGD restarts.
     self.tx = make_optimizer(config.optim, steps_per_epoch or 1, config.max_epochs)
+    if weight_masks:
+      self.tx = masked_updates(self.tx)
     self.unroll = unroll
     self.gather_per_epoch = gather_per_epoch
     self.mesh = data_mesh(devices)
@@ -220,8 +230,14 @@ class Trainer:
 
   # -- the model --------------------------------------------------------------
 
+  def unit_masks(self, masks):
+    """The node masks the model gets: `masks` themselves, or all units for weight masks."""
+    return full_masks(self.model) if self.weight_masks else tuple(masks)
+
   def _apply(self, params, batch_stats, masks, images, train: bool):
     """(logits, stats, new batch_stats)."""
+    if self.weight_masks:  # inside the differentiated function: pruned weights get zero gradient
+      params, masks = apply_weight_mask(params, masks), full_masks(self.model)
     if batch_stats is None:
       apply = lambda p, x, m: self.model.apply({'params': p}, x, m)
       if train and self.fast_grads:
@@ -253,7 +269,7 @@ class Trainer:
       logits, stats, _ = self._apply(params, batch_stats, masks, x, train=False)
       return acc.add(w, cross_entropy(logits, y), logits, y, stats), None
 
-    acc, _ = jax.lax.scan(body, RowSums.zeros(bs, masks), (idx, weights))
+    acc, _ = jax.lax.scan(body, RowSums.zeros(bs, self.unit_masks(masks)), (idx, weights))
     loss_sum, correct_sum, abs_sum, zero_sum = acc.totals()
     n = images.shape[0]
     return EvalResult(loss_sum / n, correct_sum / n, StatSums(abs_sum, zero_sum, jnp.asarray(n, jnp.float32)))
@@ -282,7 +298,8 @@ class Trainer:
         return (w * ce).sum() / count, (logits, ce, stats, new_bs)
 
       grads, (logits, ce, stats, new_bs) = jax.grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = self.tx.update(grads, opt_state, params)
+      extra = {'weight_mask': masks} if self.weight_masks else {}
+      updates, opt_state = self.tx.update(grads, opt_state, params, **extra)
       params = self._replicated_constraint(optax.apply_updates(params, updates), split_batch)
       return params, new_bs, opt_state, acc, (w, ce, logits, y, stats)
 
@@ -306,7 +323,7 @@ class Trainer:
       params, new_bs, opt_state, acc, terms = step(carry, x, y, w, count)
       return (params, new_bs, opt_state, acc.add(*terms)), None
 
-    init = (params, batch_stats, opt_state, RowSums.zeros(bs, masks))
+    init = (params, batch_stats, opt_state, RowSums.zeros(bs, self.unit_masks(masks)))
     (params, batch_stats, opt_state, acc), _ = jax.lax.scan(body, init, jnp.arange(idx.shape[0]),
                                                              unroll=self.unroll)
     loss_sum, correct_sum, abs_sum, zero_sum = acc.totals()
@@ -316,7 +333,7 @@ class Trainer:
       x, y, w = self._batch_constraint((x, take_rows(labels, t_idx), jnp.ones((tail,), jnp.float32)), split_batch)
       params, batch_stats, opt_state, _, terms = step((params, batch_stats, opt_state, None), x, y, w,
                                                       jnp.asarray(tail, jnp.float32))
-      l, c, a, z = RowSums.zeros(tail, masks).add(*terms).totals()
+      l, c, a, z = RowSums.zeros(tail, self.unit_masks(masks)).add(*terms).totals()
       loss_sum, correct_sum = loss_sum + l, correct_sum + c
       abs_sum = tuple(map(jnp.add, abs_sum, a))
       zero_sum = tuple(map(jnp.add, zero_sum, z))
@@ -340,10 +357,12 @@ class Trainer:
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return FitState(
         params=params0, opt_state=self.tx.init(split_theta(params0)[0]), best_params=params0,
-        best_sums=zero_sums(masks), masks=tuple(masks), key=key, epoch=jnp.zeros((), jnp.int32),
+        best_sums=zero_sums(self.unit_masks(masks)), masks=masks if self.weight_masks else tuple(masks), key=key,
+        epoch=jnp.zeros((), jnp.int32),
         best_epoch=jnp.zeros((), jnp.int32), best_val_loss=f32(jnp.inf), bad_epochs=jnp.zeros((), jnp.int32),
         done=jnp.zeros((), bool), diverged=jnp.zeros((), bool), train_loss=f32(jnp.nan),
-        train_accuracy=f32(jnp.nan), val_loss=f32(jnp.nan), val_accuracy=f32(jnp.nan))
+        train_accuracy=f32(jnp.nan), val_loss=f32(jnp.nan), val_accuracy=f32(jnp.nan),
+        max_epochs=jnp.asarray(self.config.max_epochs, jnp.int32))
 
   def _epoch_step(self, state: FitState, data: DeviceData, *, split_batch: bool = True) -> FitState:
     """Trains one epoch and applies the early-stopping rule; a done state is returned unchanged."""
@@ -365,9 +384,9 @@ class Trainer:
         best_epoch=jnp.where(improved, epoch, state.best_epoch),
         best_val_loss=jnp.where(improved, val.loss, state.best_val_loss),
         bad_epochs=bad_epochs,
-        done=diverged | (bad_epochs >= self.config.patience) | (epoch >= self.config.max_epochs),
+        done=diverged | (bad_epochs >= self.config.patience) | (epoch >= state.max_epochs),
         diverged=diverged, train_loss=train_loss, train_accuracy=train_acc,
-        val_loss=val.loss, val_accuracy=val.accuracy)
+        val_loss=val.loss, val_accuracy=val.accuracy, max_epochs=state.max_epochs)
     # Freeze finished runs, so a vmapped batch of trials can run until the last one stops.
     return jax.tree.map(lambda o, n: jnp.where(state.done, o, n), state, new)
 

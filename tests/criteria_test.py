@@ -177,6 +177,10 @@ def test_registry_names_every_criterion_once():
     criteria.register('min')(lambda inputs, context: inputs.mask)
   with pytest.raises(ValueError, match='unknown metric'):
     criteria.get('median')
+  assert set(criteria.names('weight')) == {'global_l1', 'layer_l1', 'global_random', 'layer_random'}
+  assert not set(criteria.names('weight')) & set(criteria.names('unit'))
+  with pytest.raises(ValueError, match='unknown metric'):
+    criteria.get('global_l1', 'unit')  # a weight criterion is no DropNet metric
 
 
 # -- the official notebook's rule -------------------------------------------------------------
