@@ -244,18 +244,22 @@ def figure_records(records: Sequence[dict[str, Any]], dropnet_records: Sequence[
   """Records for one figure of test accuracy vs fraction of weights remaining: a line per method
   (per-target trials contribute their final record), and DropNet node pruning placed by the weights
   of its compact network (`params` / the dense network's)."""
-  out = []
+  out, dense_seen = [], set()
   for r in records:
-    if r['method'] in ('oneshot', 'iterative') and r['cycle'] > 0 and r['stop_reason'] != 'target':
+    if r['cycle'] == 0:  # the dense network starts every method's line, once per seed
+      if (r['seed'], r['method']) not in dense_seen:
+        dense_seen.add((r['seed'], r['method']))
+        out.append({**r, 'metric': r['method']})
+      continue
+    if r['method'] in ('oneshot', 'iterative') and r['stop_reason'] != 'target':
       continue  # intermediate rounds
-    metric = 'dense' if r['cycle'] == 0 else r['method']
-    out.append({**r, 'metric': metric, 'cycle': r['cycle'] if metric in ('lottery', 'lottery_reinit')
-                else round(1000 * r['sparsity'])})
+    lottery = r['method'] in ('lottery', 'lottery_reinit')
+    out.append({**r, 'metric': r['method'], 'cycle': r['cycle'] if lottery else 1 + round(1000 * r['sparsity'])})
   dense_params = {r['seed']: r['params'] for r in dropnet_records if r['cycle'] == 0}
   for r in dropnet_records:
     if r['metric'] in dropnet_metrics:
       out.append({**r, 'metric': f'DropNet {r["metric"]}', 'fraction_remaining': r['params'] / dense_params[r['seed']]})
-  return [r for r in out if r['metric'] != 'dense']
+  return out
 
 
 def run(model, image_shape, data, seeds: Sequence[int], config: MagnitudeConfig, trainer=None, checkpointer=None,

@@ -15,6 +15,7 @@ backend or leaves figures open in pyplot's global registry.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -145,6 +146,34 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                          f'got {type(obj).__name__}')
       records.append(obj)
   return records
+
+
+def write_csv(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> None:
+  """Atomically writes the records as CSV, for spreadsheets and pandas (results.jsonl stays the source).
+
+  Columns are every key in order of first appearance; a record without a key
+  leaves its cell empty, as does None. Lists and dicts (`units`, `mask`) are
+  written as JSON text, e.g. `[21, 20]`, so `json.loads` gives them back;
+  floats keep full precision (NaN/inf as `nan`/`inf`).
+  """
+  rows = [dict(r) for r in records]
+  columns = list(dict.fromkeys(k for r in rows for k in r))
+
+  def cell(value: Any) -> Any:
+    if value is None:
+      return ''
+    if isinstance(value, np.generic):
+      value = value.item()
+    if isinstance(value, (list, tuple, dict, np.ndarray)):
+      return json.dumps(value, default=_json_default)
+    return value
+
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator='\n')
+  if columns:  # no records: an empty file
+    writer.writeheader()
+  writer.writerows({k: cell(v) for k, v in r.items()} for r in rows)
+  atomic_write_text(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------
@@ -328,7 +357,8 @@ _YLABELS = {
 
 
 def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
-                title: str = '', confidence: float = 0.95, x_key: str = 'fraction_remaining') -> Any:
+                title: str = '', confidence: float = 0.95, x_key: str = 'fraction_remaining',
+                xlabel: str | None = None) -> Any:
   """Builds (without saving) a Figure with one panel per key vs `x_key` (default the fraction).
 
   Each metric is a line with markers at the seed mean and a shaded band of
@@ -359,6 +389,8 @@ def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
         low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
       ax.fill_between(frac, low, high, color=style['color'], alpha=0.18, linewidth=0)
     _style_fraction_axis(ax, all_fractions, x_key)
+    if xlabel:
+      ax.set_xlabel(xlabel)
     ax.set_ylabel(_YLABELS.get(key, key.replace('_', ' ')))
     if agg:
       ax.legend(fontsize='small', loc='best')
@@ -368,9 +400,9 @@ def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
 
 
 def save_figure(records: Iterable[Mapping[str, Any]], path: str, keys: Sequence[str], title: str = '',
-                x_key: str = 'fraction_remaining') -> str:
+                x_key: str = 'fraction_remaining', xlabel: str | None = None) -> str:
   """One figure of `keys` vs fraction remaining (paper conventions), written atomically to `path`."""
-  _save_png(make_figure(list(records), keys, title=title, x_key=x_key), os.fspath(path))
+  _save_png(make_figure(list(records), keys, title=title, x_key=x_key, xlabel=xlabel), os.fspath(path))
   return os.fspath(path)
 
 

@@ -136,3 +136,20 @@ def test_table_and_bad_config():
     magnitude.MagnitudeConfig(criterion='min').validate()
   with pytest.raises(ValueError, match='sparsities'):
     magnitude.MagnitudeConfig(sparsities=(1.0,)).validate()
+
+
+def test_cli_writes_table_and_figure_and_rejects_bad_input(tmp_path):
+  import subprocess
+  import sys
+  from pathlib import Path
+  repo = Path(__file__).resolve().parents[1]
+  cli = [sys.executable, '-m', 'experiments.magnitude', '--dataset=digits', '--widths=8,8', '--seeds=1',
+         '--methods=oneshot,lottery', '--sparsities=0.5', '--max_epochs=2', '--finetune_epochs=1']
+  done = subprocess.run(cli + [f'--out={tmp_path / "m"}'], cwd=repo, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert '| oneshot |' in (tmp_path / 'm' / 'table.md').read_text()
+  assert (tmp_path / 'm' / 'test_accuracy_vs_weights.png').stat().st_size > 1000
+  bad = subprocess.run(cli + ['--sparsities=1.5', f'--out={tmp_path / "bad"}'], cwd=repo, capture_output=True,
+                       text=True)
+  assert bad.returncode != 0 and 'sparsities' in bad.stderr and 'Traceback' not in bad.stderr
+  assert not (tmp_path / 'bad').exists()
