@@ -554,6 +554,51 @@ def worker_name(worker_id: int) -> str:
   return f'{socket.gethostname()}:{os.getpid()}:{worker_id}'
 
 
+def machine_id() -> str:
+  """This host and PID namespace (hostname, boot id, /proc/self/ns/pid): processes with the same id see
+  each other's PIDs. '' where unknown (then no trial is judged by its PID)."""
+  try:
+    with open('/proc/sys/kernel/random/boot_id') as f:
+      boot = f.read().strip()
+    return f'{socket.gethostname()}|{boot}|{os.readlink("/proc/self/ns/pid")}'
+  except OSError:
+    return ''
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, another user's
+    return True
+  return True
+
+
+def fail_dead_local_trials(study) -> list[int]:
+  """Fails the running trials of worker processes on this machine that no longer exist (killed, crashed)
+  without waiting for their heartbeat to go stale, and hands each to the storage's stale-trial callback
+  (the retry). A reused PID only delays this to the heartbeat's grace period."""
+  me, storage = machine_id(), study._storage
+  if not me:
+    return []
+  failed = []
+  for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    pid = t.user_attrs.get('worker_pid')
+    if t.user_attrs.get('worker_machine') != me or pid is None or pid == os.getpid() or _alive(pid):
+      continue
+    try:
+      if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+        failed.append(t)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
+      continue
+  callback = getattr(storage, 'heartbeat_stale_trial_callback', None) or getattr(storage, 'failed_trial_callback', None)
+  for t in failed:
+    if callback is not None:
+      callback(study, storage.get_trial(t._trial_id))
+  return [t.number for t in failed]
+
+
 def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, runner: LaneRunner | None = None,
                dropnet: DropNetObjective | None = None, batch: int = 1, worker_id: int = 0,
                log: Callable[[str], None] = print, poll_seconds: float = 1.0) -> WorkerReport:
@@ -569,13 +614,15 @@ def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, r
   # A killed worker's trial goes stale `grace` seconds after its last beat: waiting that long (and a
   # few beats) for nothing to do is enough to see it failed and re-enqueued before leaving.
   wait_limit = ((getattr(storage, 'grace_period', None) or 2 * interval) + 3 * interval) if heartbeat_on else 0
-  name, ran, start = worker_name(worker_id), [], time.perf_counter()
+  name, machine, ran, start = worker_name(worker_id), machine_id(), [], time.perf_counter()
   base_dropnet = dropnet.base if dropnet else None
   waited_since = None
   with Heartbeat(storage) as beat:
     while True:
       if heartbeat_on:
         _retry(lambda: optuna.storages.fail_stale_trials(study))
+      for number in _retry(lambda: fail_dead_local_trials(study)):
+        log(f'trial {number} belonged to a worker process that no longer exists: failed (retried if enabled)')
       c = state_counts(study)
       finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
       if finished >= n_trials:
@@ -589,10 +636,13 @@ def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, r
         time.sleep(poll_seconds)
         continue
       waited_since = None
-      k = max(1, min(batch, max(free, 0) + c[TrialState.WAITING]))
-      asked = _ask(study, k, space, base, base_dropnet, beat)
+      waiting = c[TrialState.WAITING]
+      # Queued trials (retries, other workers' followers) first, as they come; else a fresh batch.
+      asked = _ask(study, min(batch, waiting) if waiting else min(batch, free), space, base, base_dropnet, beat,
+                   followers=not waiting)
       for t, _ in asked:
-        _retry(lambda: t.set_user_attr('worker', name))
+        for key, value in (('worker', name), ('worker_machine', machine), ('worker_pid', os.getpid())):
+          _retry(lambda: t.set_user_attr(key, value))
       if dropnet is not None:
         for t, settings in asked:
           ran += _run_dropnet_trial(study, t, settings, dropnet, beat, log)
@@ -609,19 +659,21 @@ def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, r
   return WorkerReport(ran, time.perf_counter() - start)
 
 
-def _ask(study, k: int, space, base, base_dropnet, beat: Heartbeat) -> list[tuple[Any, dict[str, Any]]]:
-  """A leader trial, then k - 1 more with the leader's static parameters fixed."""
+def _ask(study, k: int, space, base, base_dropnet, beat: Heartbeat,
+         followers: bool = True) -> list[tuple[Any, dict[str, Any]]]:
+  """k trials: a leader, then (with `followers`) k - 1 enqueued with the leader's static parameters
+  fixed, so the sampler picks only their learning rate, momentum and weight decay."""
   leader = _retry(study.ask)
   beat.add(leader._trial_id)
   out = [(leader, suggest(leader, space, base, base_dropnet))]
-  if k > 1:
+  if k > 1 and followers:
     fixed = {p: v for p, v in leader.params.items() if p not in DYNAMIC}
     for _ in range(k - 1):
       _retry(lambda: study.enqueue_trial(fixed))
-    for _ in range(k - 1):
-      t = _retry(study.ask)  # pops a waiting trial: ours, or another worker's (grouped apart if it differs)
-      beat.add(t._trial_id)
-      out.append((t, suggest(t, space, base, base_dropnet)))
+  for _ in range(k - 1):
+    t = _retry(study.ask)  # pops the oldest waiting trial: ours, or another worker's (grouped apart if it differs)
+    beat.add(t._trial_id)
+    out.append((t, suggest(t, space, base, base_dropnet)))
   return out
 
 

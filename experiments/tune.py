@@ -29,6 +29,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 from absl import app, flags, logging
@@ -184,12 +185,14 @@ def write_outputs(tuning, study, space, setup, dataset, report) -> dict:
     summary.update(best_trial=best.number, best_value=best.value, best_params=best.params, best_settings=settings)
     seeds = list(range(FLAGS.retrain_seeds))
     if seeds:
-      logging.info('retraining the best configuration (trial %d) from seeds %s', best.number, seeds)
+      print(f'retraining the best configuration (trial {best.number}) from seeds {seeds}', flush=True)
       summary['retrain'] = retrain(tuning, setup, dataset, space, settings, seeds)
   reporting.atomic_write_text(os.path.join(FLAGS.out, 'best.json'), json.dumps(summary, indent=2, default=str))
   for name in FIGURES:
     try:
-      ax = getattr(ovm, f'plot_{name}')(study)
+      with warnings.catch_warnings():  # optuna warns about small studies (few trials per region)
+        warnings.simplefilter('ignore')
+        ax = getattr(ovm, f'plot_{name}')(study)
       fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
       fig.set_size_inches(10, 6)
       fig.tight_layout()
@@ -242,12 +245,12 @@ def main(argv):
                               seed=FLAGS.sampler_seed, worker_id=FLAGS.worker_id, startup_trials=FLAGS.startup_trials)
   except ValueError as e:
     sys.exit(f'error: {e}')
-  logging.info('study %s on %s: %s', FLAGS.study_name, redact(url), dict(tuning.state_counts(study)))
+  print(f'study {FLAGS.study_name} on {redact(url)}: {dict(tuning.state_counts(study))}', flush=True)
   data = DeviceData.from_dataset(dataset)
   if FLAGS.ready_file:
     open(FLAGS.ready_file, 'w').close()
   procs = spawn_workers(FLAGS.workers) if FLAGS.workers > 1 else []
-  log = lambda s: logging.info('[worker %d] %s', FLAGS.worker_id, s)
+  log = lambda s: print(f'[worker {FLAGS.worker_id}] {s}', flush=True)
   if FLAGS.objective == 'dropnet':
     objective = tuning.DropNetObjective(setup.model, dataset.image_shape, data, setup.config, FLAGS.units_remaining,
                                         FLAGS.trial_seed)

@@ -254,8 +254,7 @@ def test_dropnet_objective(digits):
 def _tune_cmd(out, *extra):
   return [sys.executable, '-m', 'experiments.tune', f'--out={out}', '--widths=8,8', '--max_epochs=2', '--patience=2',
           '--tune_optimizers=momentum', '--tune_batch_sizes=64', '--tune_schedules=constant', '--batch=2',
-          '--startup_trials=2', '--pruner_startup_trials=1', '--heartbeat_interval=1', '--grace_period=3',
-          '--verbose_epochs=false', *extra]
+          '--startup_trials=2', '--pruner_startup_trials=1', '--heartbeat_interval=1', '--grace_period=3', *extra]
 
 
 def _check_workers(out, study, n_trials, workers):
@@ -349,8 +348,8 @@ def test_two_processes_on_postgresql(tmp_path, postgres):
 
 
 def test_killed_worker_resumes(tmp_path):
-  """SIGKILL mid-study, then the same command again: the killed trial is failed (heartbeat) and retried,
-  and the study reaches its target."""
+  """SIGKILL mid-study, then the same command again: the killed trial is failed and retried with the
+  same parameters, and the study reaches its target."""
   out = tmp_path / 'kill'
   cmd = _tune_cmd(out, '--n_trials=2', '--batch=1', '--max_epochs=100', '--patience=100', '--pruner=none',
                   '--retrain_seeds=0')
@@ -372,6 +371,8 @@ def test_killed_worker_resumes(tmp_path):
     proc.wait()
   rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
+  # Failed at once (its process is gone), not after the heartbeat's grace period.
+  assert f'trial {running[0].number} belonged to a worker process that no longer exists' in rerun.stdout
   trials = optuna.load_study(study_name='tune', storage=url).get_trials()
   killed = [t for t in trials if t.number == running[0].number][0]
   assert killed.state == TrialState.FAIL
