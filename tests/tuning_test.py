@@ -351,8 +351,9 @@ def test_killed_worker_resumes(tmp_path):
   """SIGKILL mid-study, then the same command again: the killed trial is failed and retried with the
   same parameters, and the study reaches its target."""
   out = tmp_path / 'kill'
+  # A long grace period: the rerun must see that the process is gone rather than wait for the heartbeat.
   cmd = _tune_cmd(out, '--n_trials=2', '--batch=1', '--max_epochs=100', '--patience=100', '--pruner=none',
-                  '--retrain_seeds=0')
+                  '--retrain_seeds=0', '--grace_period=120')
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
   url = tuning.sqlite_url(str(out))
   try:
