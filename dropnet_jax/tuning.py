@@ -592,7 +592,9 @@ def fail_dead_local_trials(study) -> list[int]:
         failed.append(t)
     except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
       continue
-  callback = getattr(storage, 'heartbeat_stale_trial_callback', None) or getattr(storage, 'failed_trial_callback', None)
+  get = getattr(storage, 'get_heartbeat_stale_trial_callback', None) or getattr(storage, 'get_failed_trial_callback',
+                                                                                   lambda: None)
+  callback = get()
   for t in failed:
     if callback is not None:
       callback(study, storage.get_trial(t._trial_id))
@@ -613,7 +615,8 @@ def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, r
   heartbeat_on = interval is not None
   # A killed worker's trial goes stale `grace` seconds after its last beat: waiting that long (and a
   # few beats) for nothing to do is enough to see it failed and re-enqueued before leaving.
-  wait_limit = ((getattr(storage, 'grace_period', None) or 2 * interval) + 3 * interval) if heartbeat_on else 0
+  backend = getattr(storage, '_backend', storage)  # optuna wraps an RDBStorage in a cache
+  wait_limit = ((getattr(backend, 'grace_period', None) or 2 * interval) + 3 * interval) if heartbeat_on else 0
   name, machine, ran, start = worker_name(worker_id), machine_id(), [], time.perf_counter()
   base_dropnet = dropnet.base if dropnet else None
   waited_since = None
