@@ -188,11 +188,17 @@ def write_outputs(tuning, study, space, setup, dataset, report) -> dict:
       print(f'retraining the best configuration (trial {best.number}) from seeds {seeds}', flush=True)
       summary['retrain'] = retrain(tuning, setup, dataset, space, settings, seeds)
   reporting.atomic_write_text(os.path.join(FLAGS.out, 'best.json'), json.dumps(summary, indent=2, default=str))
+  import optuna
+  # Parameters every complete trial has (conditional ones, e.g. momentum, would crowd the plots with
+  # None); importances by fANOVA (seeded), over the same parameters.
+  common_params = sorted(set.intersection(*[set(t.params) for t in complete])) if complete else []
+  kwargs = {'param_importances': {'evaluator': optuna.importance.FanovaImportanceEvaluator(seed=0)},
+            'parallel_coordinate': {'params': common_params or None}}
   for name in FIGURES:
     try:
       with warnings.catch_warnings():  # optuna warns about small studies (few trials per region)
         warnings.simplefilter('ignore')
-        ax = getattr(ovm, f'plot_{name}')(study)
+        ax = getattr(ovm, f'plot_{name}')(study, **kwargs.get(name, {}))
       fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
       fig.set_size_inches(10, 6)
       fig.tight_layout()
