@@ -10,9 +10,6 @@ Run as a script for the save-cost figures (Model A-sized state, sync vs async):
 
 from __future__ import annotations
 
-import asyncio
-import gc
-import glob
 import logging as py_logging
 import os
 import random
@@ -20,15 +17,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from orbax.checkpoint._src.handlers import json_checkpoint_handler
-from orbax.checkpoint._src.path import atomicity
-
+from dropnet_jax import checkpoint
 from dropnet_jax.checkpoint import TMP_MARKER, Checkpointer, CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,9 +64,9 @@ def tmp_dirs(directory) -> list[str]:
 # -- saving ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('async_save', [True, False])
-def test_round_trip_newest_step(tmp_path, async_save):
-  write_steps(tmp_path, 4, async_save=async_save, max_to_keep=3)
+@pytest.mark.parametrize('async_save,fsync', [(True, False), (False, False), (True, True)])
+def test_round_trip_newest_step(tmp_path, async_save, fsync):
+  write_steps(tmp_path, 4, async_save=async_save, fsync=fsync, max_to_keep=3)
   with Checkpointer(str(tmp_path)) as ck:
     assert ck.all_steps() == [2, 3, 4]
     step, meta, arrays = ck.restore_latest(template)
@@ -90,15 +87,21 @@ def test_sync_save_is_on_disk_when_it_returns(tmp_path):
   ck.close()
 
 
+def delay_writes(monkeypatch, seconds: float, log: list | None = None) -> None:
+  """Delays the background write of the arrays, as a slow disk would; logs when each is written."""
+  original = checkpoint._write_arrays
+
+  def write(path, *args):
+    time.sleep(seconds)
+    original(path, *args)
+    if log is not None:
+      log.append((os.path.basename(os.path.dirname(path)), time.perf_counter()))
+
+  monkeypatch.setattr(checkpoint, '_write_arrays', write)
+
+
 def test_async_save_snapshots_inputs_the_caller_keeps_mutating(tmp_path, monkeypatch):
-  original = json_checkpoint_handler.JsonCheckpointHandler._save_fn
-
-  async def slow_json(self, *args, **kwargs):  # the meta is written after we mutate it
-    await asyncio.sleep(0.5)
-    return await original(self, *args, **kwargs)
-
-  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, '_save_fn', slow_json)
-  slow_finalize(monkeypatch, 0.5)
+  delay_writes(monkeypatch, 0.5)  # the write is still pending while we mutate
   arrays, meta = state(3)
   with Checkpointer(str(tmp_path)) as ck:
     ck.save(arrays, meta)
@@ -111,54 +114,37 @@ def test_async_save_snapshots_inputs_the_caller_keeps_mutating(tmp_path, monkeyp
   check_is_state(3, got_meta, got_arrays)
 
 
-def slow_finalize(monkeypatch, seconds: float, log: list | None = None) -> None:
-  """Delays orbax's commit (the rename of the tmp dir), as a slow disk would."""
-  original = atomicity.AtomicRenameTemporaryPath.finalize
-
-  async def finalize(self, *args, **kwargs):
-    name = os.path.basename(str(self._final_path))
-    if name.isdigit():  # a step, not one of its items (they commit inside it, first)
-      await asyncio.sleep(seconds)
-    await original(self, *args, **kwargs)
-    if log is not None:
-      log.append(('committed', name, time.perf_counter()))
-
-  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', finalize)
-
-
 def test_async_save_returns_before_the_commit_and_the_next_save_waits(tmp_path, monkeypatch):
   log = []
-  slow_finalize(monkeypatch, 1.0, log)
+  delay_writes(monkeypatch, 1.0, log)
   ck = Checkpointer(str(tmp_path))
   ck.save(*state(1))
   returned_1 = time.perf_counter()
-  assert '1' not in os.listdir(tmp_path) and not [e for e in log if e[1] == '1']  # still being written
+  assert ck.latest_step() == 1 and '1' not in os.listdir(tmp_path) and not log  # still being written
   ck.save(*state(2))
-  # Save 2 started only once save 1 was committed.
-  steps = [(name, t) for _, name, t in log if name.isdigit()]  # items commit inside the step, first
-  assert [name for name, _ in steps] == ['1'] and '1' in os.listdir(tmp_path)
-  assert steps[0][1] - returned_1 > 0.5  # save 1 had returned long before its commit
+  # Save 2 started only once save 1 was written and committed.
+  assert [name for name, _ in log] == ['1' + TMP_MARKER] and '1' in os.listdir(tmp_path)
+  assert log[0][1] - returned_1 > 0.5  # save 1 had returned long before its write ended
   ck.close()
   assert sorted(os.listdir(tmp_path)) == ['1', '2']
 
 
-def test_a_failed_background_write_is_reported_and_not_restored(tmp_path, monkeypatch, caplog):
-  original = atomicity.AtomicRenameTemporaryPath.finalize
-
+def test_a_failed_background_write_is_reported_and_not_restored(tmp_path, monkeypatch):
+  original = checkpoint._write_arrays
   failures = [OSError(28, 'No space left on device')]
 
-  async def finalize(self, *args, **kwargs):
-    if os.path.basename(str(self._final_path)) == '2' and failures:
+  def write(path, *args):
+    if f'{os.sep}2{TMP_MARKER}{os.sep}' in path and failures:
       raise failures.pop()
-    await original(self, *args, **kwargs)
+    original(path, *args)
 
-  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', finalize)
-  caplog.set_level(py_logging.CRITICAL)  # orbax logs the failure with a traceback of its own
+  monkeypatch.setattr(checkpoint, '_write_arrays', write)
   ck = Checkpointer(str(tmp_path))
   ck.save(*state(1))
   ck.save(*state(2))  # returns: the write fails in the background
   with pytest.raises(CheckpointError, match='checkpoint 2 failed: OSError.*No space left'):
     ck.save(*state(3))  # ... and the next save reports it
+  assert sorted(os.listdir(tmp_path)) == ['1']
   assert ck.save(*state(3)) == 2  # a retry works, under the number that failed
   ck.close()
   assert sorted(os.listdir(tmp_path)) == ['1', '2']
@@ -170,11 +156,13 @@ def test_a_failed_background_write_is_reported_and_not_restored(tmp_path, monkey
 
 def test_stale_tmp_dirs_are_removed_on_open(tmp_path):
   write_steps(tmp_path, 2)
-  stale = tmp_path / ('3' + TMP_MARKER)
-  (stale / 'arrays').mkdir(parents=True)
-  (stale / 'arrays' / '_METADATA').write_text('{"tree": ')  # a write cut short
+  stale = [tmp_path / ('3' + TMP_MARKER), tmp_path / ('1' + TMP_MARKER + '-deleting'),
+           tmp_path / '4.orbax-checkpoint-tmp']  # a write, a deletion and an old orbax write cut short
+  for d in stale:
+    d.mkdir()
+    (d / checkpoint.ARRAYS_FILE).write_bytes(checkpoint.MAGIC)
   with Checkpointer(str(tmp_path)) as ck:
-    assert not stale.exists()
+    assert not any(d.exists() for d in stale)
     assert ck.latest_step() == 2
     assert ck.save(*state(3)) == 3
   with Checkpointer(str(tmp_path)) as ck:
@@ -183,48 +171,76 @@ def test_stale_tmp_dirs_are_removed_on_open(tmp_path):
   check_is_state(3, meta, arrays)
 
 
+def test_abstract_templates_give_jax_arrays_numpy_ones_numpy_and_unusual_dtypes_round_trip(tmp_path):
+  arrays = {'b': jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3), 'key': jax.random.key_data(jax.random.key(3)),
+            'flag': np.array(True), 'empty': np.zeros((0, 4), np.float32), 'big_endian': np.arange(3, dtype='>i4')}
+  with Checkpointer(str(tmp_path)) as ck:
+    ck.save(arrays, {})
+    abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in arrays.items() if k != 'big_endian'}
+    got = ck.restore_arrays({**abstract, 'big_endian': np.zeros(3, '>i4')})
+  for name, want in arrays.items():
+    assert isinstance(got[name], np.ndarray if name == 'big_endian' else jax.Array), name
+    assert got[name].dtype == want.dtype.newbyteorder('='), name  # big-endian comes back native
+    np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want))
+
+
+def test_a_template_of_other_shapes_is_refused(tmp_path):
+  write_steps(tmp_path, 1)
+  with Checkpointer(str(tmp_path)) as ck:
+    wrong = template(None)
+    wrong['w'][0] = np.zeros((8, 6), np.float32)
+    with pytest.raises(CheckpointError, match=r"\['w'\]\[0\] is float32\[8, 5\], expected float32\[8, 6\]"):
+      ck.restore_arrays(wrong)
+    del wrong['mask']
+    with pytest.raises(CheckpointError, match='unexpected'):
+      ck.restore_arrays(wrong)
+
+
 # -- falling back past damaged checkpoints ----------------------------------------------------------
 
 
-def damage(step_dir: Path, pattern: str, how: str) -> list[str]:
-  paths = sorted(glob.glob(str(step_dir / pattern)))
-  assert paths, f'no {pattern} in {step_dir}: {sorted(os.listdir(step_dir))}'
-  for p in paths:
-    if how == 'delete':
-      os.remove(p)
-    else:
-      os.truncate(p, os.path.getsize(p) // 2)
-  return paths
-
-
-# The files a restore needs: the arrays' data, their tree metadata and the OCDBT manifest, and the JSON meta.
-NEEDED_FILES = ['arrays/d/*', 'arrays/_METADATA', 'arrays/manifest.ocdbt', 'meta/metadata']
+def damage(path: Path, how: str) -> None:
+  if how == 'delete':
+    os.remove(path)
+  else:
+    os.truncate(path, os.path.getsize(path) // 2)
 
 
 @pytest.mark.parametrize('how', ['delete', 'truncate'])
-@pytest.mark.parametrize('pattern', NEEDED_FILES)
-def test_falls_back_past_a_damaged_newest_checkpoint(tmp_path, caplog, monkeypatch, pattern, how):
+@pytest.mark.parametrize('name', [checkpoint.ARRAYS_FILE, checkpoint.META_FILE])
+def test_falls_back_past_a_damaged_newest_checkpoint(tmp_path, caplog, name, how):
   write_steps(tmp_path, 3)
-  damage(tmp_path / '3', pattern, how)
+  damage(tmp_path / '3' / name, how)
   caplog.set_level(py_logging.WARNING)
-  unraisable = []  # 'Exception ignored in ...' reports, which Python would print to stderr
-  monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
   with Checkpointer(str(tmp_path)) as ck:
     step, meta, arrays = ck.restore_latest(template)
   assert step == 2
   check_is_state(2, meta, arrays)
   messages = [r.getMessage() for r in caplog.records if r.levelno >= py_logging.WARNING]
-  assert len(messages) == 1, messages  # one warning, and no asyncio/orbax tracebacks
+  assert len(messages) == 1, messages
   assert str(tmp_path / '3') in messages[0] and '\n' not in messages[0]
-  time.sleep(0.2)  # late callbacks of the failed read
-  gc.collect()
-  assert not unraisable, [str(u.exc_value) for u in unraisable]
+
+
+def test_a_flipped_bit_anywhere_in_the_arrays_file_is_detected(tmp_path):
+  write_steps(tmp_path, 1)
+  path = tmp_path / '1' / checkpoint.ARRAYS_FILE
+  good = path.read_bytes()
+  with Checkpointer(str(tmp_path)) as ck:
+    for offset in range(0, len(good), 3):  # magic, header length, header, its CRC, the leaves' bytes
+      bad = bytearray(good)
+      bad[offset] ^= 0x04
+      path.write_bytes(bytes(bad))
+      with pytest.raises(Exception):
+        ck.restore_arrays(template(None), 1)
+    path.write_bytes(good + b'\0')
+    with pytest.raises(CheckpointError, match='trailing'):
+      ck.restore_arrays(template(None), 1)
 
 
 def test_falls_back_two_steps_and_saves_after_them(tmp_path, caplog):
   write_steps(tmp_path, 3)
-  damage(tmp_path / '3', 'arrays/d/*', 'delete')
-  damage(tmp_path / '2', 'meta/metadata', 'truncate')
+  damage(tmp_path / '3' / checkpoint.ARRAYS_FILE, 'delete')
+  damage(tmp_path / '2' / checkpoint.META_FILE, 'truncate')
   caplog.set_level(py_logging.WARNING)
   with Checkpointer(str(tmp_path)) as ck:
     step, meta, arrays = ck.restore_latest(template)
@@ -241,12 +257,19 @@ def test_falls_back_two_steps_and_saves_after_them(tmp_path, caplog):
 
 def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
   write_steps(tmp_path, 3)
-  for k, pattern in zip((1, 2, 3), NEEDED_FILES):
-    damage(tmp_path / str(k), pattern, 'truncate')
+  for k, name in zip((1, 2, 3), (checkpoint.ARRAYS_FILE, checkpoint.META_FILE, checkpoint.ARRAYS_FILE)):
+    damage(tmp_path / str(k) / name, 'truncate')
   with Checkpointer(str(tmp_path)) as ck, pytest.raises(CheckpointError) as e:
     ck.restore_latest(template)
   message = str(e.value)
   assert '\n' not in message and str(tmp_path) in message and 'none of the 3 checkpoints' in message
+
+
+def test_a_checkpoint_of_the_old_orbax_layout_is_named_as_such(tmp_path):
+  (tmp_path / '7' / 'meta').mkdir(parents=True)
+  (tmp_path / '7' / 'arrays').mkdir()
+  with Checkpointer(str(tmp_path)) as ck, pytest.raises(CheckpointError, match='orbax layout'):
+    ck.restore_latest(template)
 
 
 def test_an_error_of_make_template_is_not_taken_for_damage(tmp_path):
@@ -262,20 +285,18 @@ def test_an_error_of_make_template_is_not_taken_for_damage(tmp_path):
 # -- Ctrl-C and SIGKILL ------------------------------------------------------------------------------
 
 
-def test_ctrl_c_inside_orbax_save_is_deferred_until_the_save_is_consistent(tmp_path, monkeypatch):
-  original = json_checkpoint_handler.JsonCheckpointHandler.async_save
-
-  async def interrupted(self, *args, **kwargs):
-    signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of orbax's save
-    return await original(self, *args, **kwargs)
+def test_ctrl_c_inside_save_is_deferred_until_the_write_is_under_way(tmp_path, monkeypatch):
+  original = checkpoint._encode_arrays
+  def interrupted(*args):
+    signal.raise_signal(signal.SIGINT)  # Ctrl-C between copying the arrays and starting the write
+    return original(*args)
 
   ck = Checkpointer(str(tmp_path))
   ck.save(*state(1))
-  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, 'async_save', interrupted)
+  monkeypatch.setattr(checkpoint, '_encode_arrays', interrupted)
   with pytest.raises(KeyboardInterrupt) as e:
     ck.save(*state(2))
-  assert 'orbax' not in e.traceback[-1].path.as_posix()  # raised by us, after orbax returned
-  monkeypatch.undo()
+  assert e.traceback[-1].path.name == 'checkpoint.py'  # raised by sigint_deferred, after the copy
   ck.close()  # what the CLI does on KeyboardInterrupt: the save is finished, not torn
   assert sorted(os.listdir(tmp_path)) == ['1', '2']
   with Checkpointer(str(tmp_path)) as ck:
@@ -283,6 +304,21 @@ def test_ctrl_c_inside_orbax_save_is_deferred_until_the_save_is_consistent(tmp_p
   assert step == 2
   check_is_state(2, meta, arrays)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_while_waiting_for_a_write_leaves_it_running_and_close_finishes_it(tmp_path, monkeypatch):
+  delay_writes(monkeypatch, 1.0)
+  ck = Checkpointer(str(tmp_path))
+  ck.save(*state(1))
+  threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+  with pytest.raises(KeyboardInterrupt):
+    ck.wait()
+  assert '1' not in os.listdir(tmp_path)  # still being written
+  ck.close()
+  assert os.listdir(tmp_path) == ['1']
+  with Checkpointer(str(tmp_path)) as ck:
+    step, meta, arrays = ck.restore_latest(template)
+  check_is_state(1, meta, arrays)
 
 
 SAVER = textwrap.dedent('''
@@ -323,7 +359,7 @@ def test_signal_during_a_stream_of_async_saves_leaves_the_newest_checkpoint_read
   proc = start_saver(tmp_path, SAVER)
   try:
     last = read_steps(proc, 5)
-    time.sleep(random.uniform(0, 0.05))  # anywhere in a save: snapshot, wait, orbax's save, the commit
+    time.sleep(random.uniform(0, 0.05))  # anywhere in a save: snapshot, wait, copy, the background write
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
   finally:
@@ -346,22 +382,19 @@ def test_signal_during_a_stream_of_async_saves_leaves_the_newest_checkpoint_read
 
 
 HANGING_SAVER = textwrap.dedent('''
-    import asyncio, sys, time
+    import sys, time
     sys.path.insert(0, sys.argv[2])
-    from orbax.checkpoint._src.path import atomicity
     from checkpoint_test import state
-    from dropnet_jax.checkpoint import Checkpointer
-    original = atomicity.AtomicRenameTemporaryPath.finalize
+    from dropnet_jax import checkpoint
     hang = False
 
-    async def finalize(self, *args, **kwargs):
-      if hang:  # all files of the step are written; stop just before the commit
+    def before_commit(tmp):
+      if hang:  # all files of the step written; the rename is next
         print('writing', flush=True)
-        await asyncio.sleep(3600)
-      await original(self, *args, **kwargs)
+        time.sleep(3600)
 
-    atomicity.AtomicRenameTemporaryPath.finalize = finalize
-    ck = Checkpointer(sys.argv[1], max_to_keep=3)
+    checkpoint._before_commit = before_commit
+    ck = checkpoint.Checkpointer(sys.argv[1], max_to_keep=3)
     for k in (1, 2):
       ck.save(*state(k))
     ck.wait()
@@ -420,8 +453,9 @@ def bench(directory: str, n: int = 40) -> None:
         ck.save(*model_a_state(k))  # warm-up
       calls = []
       for k in range(n):
+        arrays, meta = model_a_state(k)
         t = time.perf_counter()
-        ck.save(*model_a_state(k))
+        ck.save(arrays, meta)
         calls.append(time.perf_counter() - t)
         time.sleep(gap)
       t = time.perf_counter()
