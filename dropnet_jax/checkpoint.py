@@ -387,6 +387,21 @@ def _like(a: np.ndarray, t: Any) -> Any:
   return jax.device_put(a, sharding) if sharding is not None else jnp.asarray(a)
 
 
+def newest_meta(directory: str) -> dict[str, Any] | None:
+  """The meta of the newest checkpoint in `directory` whose meta.json reads, without opening a
+  Checkpointer (nothing is written or cleaned up): for checks made before a run starts."""
+  if not os.path.isdir(directory):
+    return None
+  steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      with open(os.path.join(directory, str(step), META_FILE)) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      continue
+  return None
+
+
 def remove_stale_tmp_dirs(directory: str) -> list[str]:
   """Deletes the `*.tmp*` directories a killed save or deletion left in `directory` (never
   complete checkpoints); returns their paths. Only safe while no save into `directory`

@@ -151,7 +151,7 @@ class Driver:
                group_size: int | None = None, checkpointer=None, checkpoint_every_epochs: int = 0,
                params_store=None, on_record: Callable[[list[dict[str, Any]]], None] | None = None,
                log: Callable[[str], None] = print, log_epochs: bool = False,
-               monitor: Callable[[dict[str, Any]], None] | None = None):
+               monitor: Callable[[dict[str, Any]], None] | None = None, stamp: dict[str, Any] | None = None):
     size = group_size or len(trials)
     if not runner.batched and size != 1:
       raise ValueError('one-trial programs (OneLane) need groups of one trial')
@@ -163,6 +163,9 @@ class Driver:
     # 'records'}, {'event': 'epoch', 'cycle', 'labels', 'epochs', 'val_accuracy', 'done'} (one entry per
     # lane being trained) and {'event': 'record', 'record', 'finished'} (after each trial's cycle).
     self.monitor = monitor
+    # `stamp`: what the run's results depend on (settings, data fingerprint), stored in every checkpoint
+    # and compared on restore, so a checkpoint is never continued under other settings or data.
+    self.stamp = stamp
     self.lane_count = runner.pad(size) if runner.batched else 1
     self.pos = _Position()
 
@@ -313,7 +316,7 @@ class Driver:
     meta = {'version': CHECKPOINT_VERSION, 'group': self.pos.group,
             'trials': [{'seed': t.seed, 'metric': t.metric, 'stopped': t.stopped, 'epochs': t.epochs,
                         'has_theta': t.theta is not None, 'records': t.records} for t in self.trials],
-            'theta0_seeds': sorted(self.pos.theta0), 'dense': {str(s): o.fields for s, o in self.pos.dense.items()},
+            'stamp': self.stamp, 'theta0_seeds': sorted(self.pos.theta0), 'dense': {str(s): o.fields for s, o in self.pos.dense.items()},
             'fit': self.pos.fit_meta}
     self.checkpointer.save(arrays, meta)
 
@@ -349,6 +352,10 @@ class Driver:
         (t.seed, t.metric) for t in self.trials]:
       raise ValueError(f'{self.checkpointer.directory} holds a checkpoint of another experiment '
                        '(other seeds, metrics or format); use another output directory')
+    differences = stamp_differences(meta.get('stamp'), self.stamp)
+    if differences:
+      raise ValueError(f'{self.checkpointer.directory} holds a checkpoint made with other settings or data '
+                       f'({"; ".join(differences)}); use another output directory or the same settings')
     return self._templates(meta)
 
   def _restore(self) -> bool:
@@ -379,6 +386,14 @@ class Driver:
       self.pos.fit = _wrap_key(unflatten(_key_data(self._fit_template()), arrays['fit']))
       self.pos.fit_meta = meta['fit']
     return True
+
+
+def stamp_differences(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:
+  """'key: saved X, now Y' for every setting in which two stamps differ (none when either is absent)."""
+  if saved is None or current is None:
+    return []
+  return [f'{k}: saved {saved.get(k)!r}, now {current.get(k)!r}' for k in sorted(set(saved) | set(current))
+          if saved.get(k) != current.get(k)]
 
 
 def _key_data(state: FitState) -> FitState:

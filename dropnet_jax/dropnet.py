@@ -138,7 +138,8 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
                    on_record: Callable[[list[dict[str, Any]]], None] | None = None,
                    log: Callable[[str], None] = print, log_epochs: bool = True, batch_trials: bool = False,
                    params_store=None, lanes_per_chunk: int | None = None,
-                   monitor: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                   monitor: Callable[[dict[str, Any]], None] | None = None,
+                   stamp: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """Algorithm 1 for every seed x metric; returns all records (seed by seed, metrics in config
   order, cycles ascending).
 
@@ -149,6 +150,7 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
   same records (up to `seconds`). `on_record` gets all records so far after
   every cycle (and once on resume). `params_store` (`saved_params.ParamsStore`)
   keeps the trained θ of finished cycles. `monitor` gets progress events
+  and `stamp` (the settings and data fingerprint) guards the checkpoints
   (`driver.Driver`).
   """
   config.validate()
@@ -162,7 +164,7 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
   driver = Driver(method, trials, runner, data, group_size=None if batch_trials else 1,
                   checkpointer=checkpointer, checkpoint_every_epochs=checkpoint_every_epochs,
                   params_store=params_store, on_record=on_record, log=log, log_epochs=log_epochs,
-                  monitor=monitor)
+                  monitor=monitor, stamp=stamp)
   return driver.run()
 
 

@@ -264,7 +264,7 @@ def figure_records(records: Sequence[dict[str, Any]], dropnet_records: Sequence[
 
 def run(model, image_shape, data, seeds: Sequence[int], config: MagnitudeConfig, trainer=None, checkpointer=None,
         checkpoint_every_epochs: int = 0, on_record=None, log: Callable[[str], None] = print,
-        params_store=None, monitor=None, lanes_per_chunk: int | None = None) -> list[dict[str, Any]]:
+        params_store=None, monitor=None, lanes_per_chunk: int | None = None, stamp=None) -> list[dict[str, Any]]:
   """Every method x target x seed as lanes of one group (the lottery_reinit trials follow their
   lottery siblings cycle by cycle); resumable like DropNet. Returns the records."""
   from dropnet_jax.driver import Driver
@@ -280,5 +280,5 @@ def run(model, image_shape, data, seeds: Sequence[int], config: MagnitudeConfig,
   trials += make_trials(config, seeds, method.full_mask())
   driver = Driver(method, trials, Lanes(trainer, lanes_per_chunk), data, checkpointer=checkpointer,
                   checkpoint_every_epochs=checkpoint_every_epochs, params_store=params_store, on_record=on_record,
-                  log=log, monitor=monitor)
+                  log=log, monitor=monitor, stamp=stamp)
   return driver.run()
