@@ -13,5 +13,11 @@ from experiments import dropnet
 
 flags.FLAGS.set_default('metrics', ['min', 'apoz'])
 
-if __name__ == '__main__':
+
+def run() -> None:
+  """The `dropnet-apoz` console command (pyproject.toml [project.scripts])."""
   app.run(dropnet.main)
+
+
+if __name__ == '__main__':
+  run()

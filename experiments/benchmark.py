@@ -322,5 +322,10 @@ def main(argv):
   print(f'\nwrote {path}')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-benchmark` console command (pyproject.toml [project.scripts])."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

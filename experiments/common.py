@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 import numpy as np
-from absl import flags, logging
+from absl import app, flags, logging
 
-from dropnet_jax import reporting
+from dropnet_jax import progress, reporting
 from dropnet_jax.checkpoint import Checkpointer
 from dropnet_jax.config import AUGMENTATIONS, DropNetConfig, TrainConfig
 from dropnet_jax.dropnet import run_experiment
@@ -68,7 +68,9 @@ flags.DEFINE_enum('score_params', 'best', ['best', 'last'],
 flags.DEFINE_bool('shuffle', True, 'Reshuffle the training set every epoch (the official notebook did not).')
 flags.DEFINE_integer('split_seed', 0, 'Seed of the stratified validation split.')
 flags.DEFINE_string('out', None, 'Output directory.', required=True)
-flags.DEFINE_bool('verbose_epochs', True, 'Log every epoch (else only every cycle).')
+flags.DEFINE_bool('verbose', False, 'Also print a line per epoch (by default: a progress bar on a terminal and one '
+                  'line per finished cycle).')
+flags.DEFINE_alias('verbose_epochs', 'verbose')  # the former name, still accepted
 flags.DEFINE_integer('checkpoint_every_epochs', 10, 'Also checkpoint every N epochs inside a cycle (0: only after cycles).')
 flags.DEFINE_integer('max_checkpoints', 3, 'Checkpoints kept in <out>/checkpoints.')
 flags.DEFINE_bool('batch_trials', False, 'Train all seeds x metrics of a cycle together as lanes of one compiled '
@@ -79,7 +81,19 @@ flags.DEFINE_enum('save_params', 'auto', ['auto', *SAVE_MODES],
                   'for models under 1M parameters, else last.')
 
 # Settings that may differ between a run and its resumption (they do not change results).
-RESUMABLE_DIFFERENCES = ('data_dir', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints', 'save_params')
+RESUMABLE_DIFFERENCES = ('data_dir', 'verbose', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints',
+                         'save_params')
+
+
+def quiet_logging() -> None:
+  """Library logging at WARNING and above (orbax logs every save at INFO, jax its backend search),
+  unless --verbosity/-v was given. The run's own lines go through `progress.ProgressMonitor`."""
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+# Every entry point that imports this module: quiet from flag parsing on, before main runs.
+app.call_after_init(quiet_logging)
 
 
 def optimizer_from_flags() -> OptimizerConfig:
@@ -193,7 +207,10 @@ def save_params_mode(model, image_shape) -> str:
 
 
 def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]:
-  """Runs (or resumes) DropNet into `out`: config.json, results.jsonl, checkpoints/, params/, figures."""
+  """Runs (or resumes) DropNet into `out`: config.json, results.jsonl and .csv, checkpoints/, params/, figures.
+
+  Shows a progress bar on a terminal (elsewhere one line per cycle; per epoch too with --verbose).
+  """
   check_out_dir(out, setup.settings)
   # Checks the device split and the optimiser before anything is written.
   trainer = Trainer(setup.model, setup.config.train,
@@ -207,12 +224,23 @@ def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]
           'num_classes': setup.dataset.num_classes, 'image_shape': list(setup.dataset.image_shape)}
   params_store = ParamsStore(os.path.join(out, 'params'), mode, spec)
   start = time.perf_counter()
-  write = lambda rs: reporting.write_jsonl(results_path, rs)
+
+  def write(records: list[dict[str, Any]]) -> None:
+    reporting.write_jsonl(results_path, records)
+    reporting.write_csv(os.path.join(out, 'results.csv'), records)
+
   data = trainer.replicate(setup.data) if setup.settings['batch_trials'] else setup.data
-  records = run_experiment(setup.model, setup.dataset.image_shape, data, setup.seeds, setup.config, trainer,
-                           checkpointer, FLAGS.checkpoint_every_epochs, on_record=write, log=logging.info,
-                           log_epochs=FLAGS.verbose_epochs, batch_trials=setup.settings['batch_trials'],
-                           params_store=params_store)
+  trials = len(setup.seeds) * len(setup.config.metrics)
+  cycles = progress.expected_cycles(setup.settings['widths'], setup.config.fraction, setup.config.floor)
+  with progress.ProgressMonitor(trials, cycles) as monitor:
+    d = setup.dataset
+    monitor.log(f'{title or default_title(setup)}: {trials} trial{"s" * (trials != 1)} (seeds x metrics), up to '
+                f'{cycles} cycles each; train {len(d.train_labels)}, val {len(d.val_labels)}, '
+                f'test {len(d.test_labels)} images -> {out}')
+    records = run_experiment(setup.model, setup.dataset.image_shape, data, setup.seeds, setup.config, trainer,
+                             checkpointer, FLAGS.checkpoint_every_epochs, on_record=write, log=monitor.log,
+                             log_epochs=FLAGS.verbose, batch_trials=setup.settings['batch_trials'],
+                             params_store=params_store, monitor=monitor)
   checkpointer.close()
   logging.info('%s: %d records, %.1fs in this invocation', out, len(records), time.perf_counter() - start)
   reporting.save_figures(records, out, title=title or default_title(setup), x_axis=FLAGS.x_axis)

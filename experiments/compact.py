@@ -323,6 +323,11 @@ def main(argv):
     sys.exit('error: the export does not reproduce the record (see above)')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-compact` console command (pyproject.toml [project.scripts])."""
   define_flags()
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

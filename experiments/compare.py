@@ -312,5 +312,10 @@ share its CPUs (load averages above).
   print(f'\nreport: {os.path.join(FLAGS.out, "report.md")}')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-compare` console command (pyproject.toml [project.scripts])."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

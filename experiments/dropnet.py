@@ -30,5 +30,10 @@ def main(argv):
   print(f'wall time {time.perf_counter() - start:.1f}s (this invocation); results in {common.FLAGS.out}')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-run` console command (pyproject.toml [project.scripts])."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

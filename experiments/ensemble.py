@@ -378,6 +378,11 @@ def main(argv):
         f'wrote {", ".join(paths)} and members.jsonl, summary.json in {out}')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-ensemble` console command (pyproject.toml [project.scripts])."""
   define_flags()
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -38,5 +38,10 @@ def main(argv):
   print(reporting.summary_table(combined, 'test_accuracy'))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-fraction` console command (pyproject.toml [project.scripts])."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -59,5 +59,10 @@ def main(argv):
   print(reporting.summary_table(similarity, 'oracle_similarity'))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-oracle` console command (pyproject.toml [project.scripts])."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

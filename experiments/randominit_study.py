@@ -46,5 +46,10 @@ def main(argv):
   print(reporting.summary_table(both, 'test_accuracy'))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-randominit` console command (pyproject.toml [project.scripts])."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

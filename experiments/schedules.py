@@ -161,6 +161,11 @@ def main(argv):
   print(f'outputs in {FLAGS.out}')
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The `dropnet-schedules` console command (pyproject.toml [project.scripts]; `run` is the study)."""
   flags.FLAGS.set_default('max_epochs', 50)
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

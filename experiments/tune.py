@@ -282,6 +282,11 @@ def main(argv):
   print(f'outputs in {FLAGS.out}')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-tune` console command (pyproject.toml [project.scripts])."""
   flags.FLAGS.set_default('max_epochs', 25)
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()
