@@ -20,13 +20,15 @@ Batched trials. What fixes a compiled training program (`optim` module docstring
 kind, batch size, schedule kind and its parameters, augmentation, and which optimiser terms exist.
 What does not: the values of the learning rate, momentum and weight decay, which live in the
 optimiser state (`optim.with_hyperparams`). `run_worker` asks a *leader* trial, lets the sampler
-choose all its parameters, then enqueues the rest of the batch with the leader's static parameters
-fixed (`study.enqueue_trial`) and asks them, so the sampler chooses only their dynamic ones. Trials
+choose all its parameters, then asks the rest of the batch with the leader's static parameters
+pinned (`PinnedSampler`), so the sampler chooses only their dynamic ones. Trials
 with the same static parameters (`template_config`) train as lanes of one compiled program
 (`lanes.Lanes`, lane count fixed per batch so nothing recompiles between batches of the same
 static shape); each lane reports every epoch and is pruned on its own (its `done` flag is set, a
 frozen lane is not computed on CPU), and each result is told separately. With `batch=1` every trial
-runs alone with the one-trial programs, which are cached per static shape in the same way.
+runs alone with the one-trial programs, which are cached per static shape in the same way. The
+price: a batch of K explores the static parameters with one draw, so they are searched K times
+more slowly per trial (use a small batch when the static space is large, or fix static settings).
 
 Storage and workers. `make_storage` opens an Optuna RDB storage (an SQLite file by default,
 PostgreSQL for clusters) with a heartbeat: each worker beats for its running trials from a thread,
@@ -433,7 +435,8 @@ def open_study(storage, name: str, settings: dict[str, Any], *, pruner=None, see
             if saved.get(k) != json.loads(json.dumps(settings.get(k)))]
     raise ValueError(f'study {name!r} holds other settings ({"; ".join(diff)}); use another --study_name or --out')
   mixed = hash((seed, worker_id, len(study.get_trials(deepcopy=False)))) & 0x7FFFFFFF
-  study.sampler = optuna.samplers.TPESampler(seed=mixed, n_startup_trials=startup_trials, constant_liar=True)
+  study.sampler = PinnedSampler(optuna.samplers.TPESampler(seed=mixed, n_startup_trials=startup_trials,
+                                                           constant_liar=True))
   return study
 
 
@@ -662,21 +665,62 @@ def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, r
   return WorkerReport(ran, time.perf_counter() - start)
 
 
+class PinnedSampler(optuna.samplers.BaseSampler):
+  """A sampler that returns given values for some parameters of some trials (`pin`) and asks `base` for
+  the rest. Batches use it to give followers their leader's static parameters: kept in this process,
+  unlike `study.enqueue_trial`, whose queued trials another worker could take."""
+
+  def __init__(self, base: optuna.samplers.BaseSampler):
+    self.base = base
+    self._pins: dict[int, dict[str, Any]] = {}
+
+  def pin(self, number: int, params: dict[str, Any]) -> None:
+    self._pins[number] = dict(params)
+
+  def unpin(self, number: int) -> None:
+    self._pins.pop(number, None)
+
+  def infer_relative_search_space(self, study, trial):
+    return self.base.infer_relative_search_space(study, trial)
+
+  def sample_relative(self, study, trial, search_space):
+    pins = self._pins.get(trial.number, {})
+    return {k: v for k, v in self.base.sample_relative(study, trial, search_space).items() if k not in pins}
+
+  def sample_independent(self, study, trial, param_name, param_distribution):
+    pins = self._pins.get(trial.number, {})
+    if param_name in pins:
+      return pins[param_name]
+    return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+  def before_trial(self, study, trial):
+    self.base.before_trial(study, trial)
+
+  def after_trial(self, study, trial, state, values):
+    self.unpin(trial.number)
+    self.base.after_trial(study, trial, state, values)
+
+  def reseed_rng(self) -> None:
+    self.base.reseed_rng()
+
+
 def _ask(study, k: int, space, base, base_dropnet, beat: Heartbeat,
          followers: bool = True) -> list[tuple[Any, dict[str, Any]]]:
-  """k trials: a leader, then (with `followers`) k - 1 enqueued with the leader's static parameters
-  fixed, so the sampler picks only their learning rate, momentum and weight decay."""
+  """k trials: a leader, then k - 1 followers given the leader's static parameters (with `followers`;
+  else whatever the queue holds), so the sampler picks only their learning rate, momentum and weight decay."""
+  if not isinstance(study.sampler, PinnedSampler):
+    study.sampler = PinnedSampler(study.sampler)
   leader = _retry(study.ask)
   beat.add(leader._trial_id)
   out = [(leader, suggest(leader, space, base, base_dropnet))]
-  if k > 1 and followers:
-    fixed = {p: v for p, v in leader.params.items() if p not in DYNAMIC}
-    for _ in range(k - 1):
-      _retry(lambda: study.enqueue_trial(fixed))
+  fixed = {p: v for p, v in leader.params.items() if p not in DYNAMIC}
   for _ in range(k - 1):
-    t = _retry(study.ask)  # pops the oldest waiting trial: ours, or another worker's (grouped apart if it differs)
+    t = _retry(study.ask)  # a new trial, or a queued one (a retry: its own parameters win, grouped apart)
     beat.add(t._trial_id)
+    if followers:
+      study.sampler.pin(t.number, fixed)
     out.append((t, suggest(t, space, base, base_dropnet)))
+    study.sampler.unpin(t.number)
   return out
 
 
