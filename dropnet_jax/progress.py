@@ -127,6 +127,8 @@ class ProgressMonitor:
     elif kind == 'record':
       self._on_record(event['record'], bool(event['finished']))
     self._refresh()
+    if kind == 'record' and self._progress is not None:
+      self._progress.refresh()  # the counts change once a cycle: show them now
 
   def _trial_text(self, lanes: int) -> str:
     if lanes > 1:
@@ -168,6 +170,9 @@ class ProgressMonitor:
   def log(self, message: str) -> None:
     """One line of the run: above the bar on a terminal, else with elapsed time and ETA in front."""
     if self.live and self._progress is not None:
+      # rich redraws the bar below a printed line as last rendered: render it afresh first (else it can
+      # lag the line by up to a refresh period, 0.25 s, which is many epochs of a small model).
+      self._progress.refresh()
       self._progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
     elif self.live:
       print(message, file=self.stream, flush=True)
