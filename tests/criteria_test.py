@@ -232,3 +232,23 @@ def test_official_rule_drops_the_same_count_and_only_shrinks(metric):
     for a, b in groups:
       assert np.sum(np.asarray(a) != np.asarray(b)) in (0, 2)
     masks = new
+
+
+def test_a_registered_criterion_runs_in_the_loop_with_no_driver_change():
+  """The README's example: a new rule is one registered function; the driver runs it by name."""
+  from dropnet_jax import dropnet, models
+  from dropnet_jax.config import DropNetConfig, TrainConfig
+  from dropnet_jax.input_pipeline import load_dataset
+  from dropnet_jax.train import DeviceData
+  ds = load_dataset('digits')
+  model = models.create_model('fc', (12, 12), num_classes=10)
+
+  @criteria.register('test_min_again')
+  def min_again(inputs, context):
+    return criteria.drop_lowest(tuple(inputs.mask), criteria.mean_abs(inputs.sums), inputs.fraction, inputs.key)
+
+  config = DropNetConfig(metrics=('test_min_again', 'min'), train=TrainConfig(max_epochs=2))
+  records = dropnet.run_experiment(model, ds.image_shape, DeviceData.from_dataset(ds), [0], config,
+                                   log=lambda s: None, log_epochs=False)
+  masks = lambda m: [r['mask'] for r in records if r['metric'] == m]
+  assert len(masks('min')) > 3 and masks('test_min_again') == masks('min')  # continuous scores: no ties
