@@ -132,7 +132,8 @@ def run(out: str, model, dataset, base, schedules, seed: int, log=logging.info) 
       continue
     r = train_schedule(model, dataset.image_shape, data, config, seed)
     results[name] = {'settings': settings, **r}
-    log(f'{name}: {r["epochs"]} epochs in {r["seconds"]:.1f}s, last val {r["last"]["val"]:.4f} test {r["last"]["test"]:.4f}')
+    log(f'{name}: {r["epochs"]} epochs in {r["seconds"]:.1f}s, last val {r["last"]["val"]:.4f} '
+        f'test {r["last"]["test"]:.4f}')
     reporting.atomic_write_text(path, json.dumps({**saved, **results}, indent=1))
   reporting.atomic_write_text(os.path.join(out, 'schedules.md'), table(results))
   figure(results, os.path.join(out, 'schedules.png'))
@@ -155,7 +156,8 @@ def main(argv):
   dataset = setup.dataset
   if FLAGS.train_subset is not None and FLAGS.train_subset < len(dataset.train_labels):
     idx = np.sort(np.random.default_rng(0).permutation(len(dataset.train_labels))[:FLAGS.train_subset])
-    dataset = dataclasses.replace(dataset, train_images=dataset.train_images[idx], train_labels=dataset.train_labels[idx])
+    dataset = dataclasses.replace(dataset, train_images=dataset.train_images[idx],
+                                  train_labels=dataset.train_labels[idx])
   results = run(FLAGS.out, setup.model, dataset, base, FLAGS.schedules, FLAGS.seed)
   print(table(results))
   print(f'outputs in {FLAGS.out}')

@@ -1,0 +1,202 @@
+"""The search space of a study and the configs it maps to (see dropnet_jax.tuning).
+
+`suggest` samples a trial's parameters define-by-run (conditional on optimiser and schedule) and
+`complete` fills in the fixed ones; `train_config` is the trial's TrainConfig, `template_config` the
+config of the compiled program it trains with (searched learning rate, momentum and weight decay
+replaced by stand-ins, which every lane then sets to its own value: `lane_hyperparams`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from dropnet_jax import criteria
+from dropnet_jax.config import AUGMENTATIONS, DropNetConfig, TrainConfig
+from dropnet_jax.optim import DEFAULT_MOMENTUM, OPTIMIZERS, SCHEDULES
+
+DYNAMIC = ('lr', 'momentum', 'weight_decay')  # per-lane values; everything else is static
+_OPTAX_NAME = {'lr': 'learning_rate', 'momentum': 'momentum', 'weight_decay': 'weight_decay'}
+# Static stand-ins for searched dynamic values in a lane program's config (each lane sets its own):
+# non-zero so the momentum and weight-decay terms exist in the program.
+_PLACEHOLDER = {'lr': 1.0, 'momentum': 0.5, 'weight_decay': 1e-3}
+_SCHEDULES_WITH_FLOOR = ('cosine', 'linear', 'cyclic', 'warmup_cosine')
+
+# -- the search space -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """What a study searches. Ranges are (low, high); a None range or one choice is not searched."""
+  optimizers: tuple[str, ...] = ('sgd', 'momentum', 'adam')
+  lr: tuple[float, float] | None = (1e-5, 1e-1)  # log scale
+  momentum: tuple[float, float] | None = (0.5, 0.99)  # for 'momentum' and 'rmsprop'
+  weight_decay: tuple[float, float] | None = None  # log scale; None: the base config's
+  batch_sizes: tuple[int, ...] = (64, 128, 256)
+  schedules: tuple[str, ...] = ('constant', 'cosine', 'step')
+  min_lr_factor: tuple[float, float] | None = (0.0, 0.1)  # cosine/linear/cyclic/warmup_cosine floor
+  step_epochs: tuple[int, int] | None = (2, 10)  # step
+  gamma: tuple[float, float] | None = (0.1, 0.5)  # step, log scale
+  cyclic_half_epochs: tuple[int, int] | None = (1, 4)  # cyclic
+  warmup_epochs: tuple[int, int] | None = (1, 3)  # warmup_cosine (capped below max_epochs)
+  augments: tuple[str, ...] = ('none',)
+  fractions: tuple[float, float] | None = None  # DropNet p (objective 'dropnet')
+  metrics: tuple[str, ...] | None = None  # DropNet criteria (objective 'dropnet')
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'SearchSpace':
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'search space: unknown fields {unknown}; known: {sorted(names)}')
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
+
+  @classmethod
+  def load(cls, path: str) -> 'SearchSpace':
+    with open(path) as f:
+      return cls.from_dict(json.load(f))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  def validate(self) -> 'SearchSpace':
+    """Raises ValueError naming the field; returns self."""
+    for name, known in (('optimizers', OPTIMIZERS), ('schedules', SCHEDULES), ('augments', AUGMENTATIONS)):
+      choices = getattr(self, name)
+      if not choices or any(c not in known for c in choices):
+        raise ValueError(f'{name}: {list(choices)} must be a non-empty subset of {list(known)}')
+    if not self.batch_sizes or any(int(b) != b or b < 1 for b in self.batch_sizes):
+      raise ValueError(f'batch_sizes: positive integers, got {list(self.batch_sizes)}')
+    for name, low, high, log in (('lr', 0, None, True), ('momentum', 0, 1, False), ('weight_decay', 0, None, True),
+                                 ('min_lr_factor', 0, 1, False), ('gamma', 0, None, True), ('fractions', 0, 1, False),
+                                 ('step_epochs', 1, None, False), ('cyclic_half_epochs', 1, None, False),
+                                 ('warmup_epochs', 1, None, False)):
+      r = getattr(self, name)
+      if r is None:
+        continue
+      if len(r) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in r) or r[0] > r[1]:
+        raise ValueError(f'{name}: expected [low, high] with low <= high, got {r}')
+      if r[0] < low or (log and r[0] <= 0) or (high is not None and r[1] > high):
+        raise ValueError(f'{name}: {list(r)} must lie in [{low}, {high if high is not None else "inf"}]'
+                         + (' with low > 0 (log scale)' if log else ''))
+    if self.momentum is not None and self.momentum[1] >= 1:
+      raise ValueError(f'momentum: high must be < 1, got {self.momentum[1]}')
+    if self.fractions is not None and self.fractions[0] <= 0:
+      raise ValueError(f'fractions: low must be > 0, got {self.fractions[0]}')
+    if self.metrics is not None:
+      if not self.metrics:
+        raise ValueError('metrics: at least one criterion, or None')
+      for m in self.metrics:
+        criteria.get(m)
+    return self
+
+
+def suggest(trial, space: SearchSpace, base: TrainConfig, dropnet: DropNetConfig | None = None) -> dict[str, Any]:
+  """Samples the trial's searched parameters (define-by-run, conditional on optimiser and schedule)
+  and returns every setting, the fixed ones included (`complete`)."""
+  int_range = lambda r: r is not None and int(r[0]) < int(r[1])
+
+  def pick(name, choices):
+    if len(choices) > 1:
+      trial.suggest_categorical(name, list(choices))
+
+  def real(name, r, log=False):
+    if r is not None and r[0] < r[1]:
+      trial.suggest_float(name, float(r[0]), float(r[1]), log=log)
+
+  pick('optimizer', space.optimizers)
+  optimizer = trial.params.get('optimizer', space.optimizers[0])
+  real('lr', space.lr, log=True)
+  if optimizer in DEFAULT_MOMENTUM:
+    real('momentum', space.momentum)
+  real('weight_decay', space.weight_decay, log=True)
+  pick('batch_size', space.batch_sizes)
+  pick('schedule', space.schedules)
+  schedule = trial.params.get('schedule', space.schedules[0])
+  if schedule in _SCHEDULES_WITH_FLOOR:
+    real('min_lr_factor', space.min_lr_factor)
+  if schedule == 'step':
+    if int_range(space.step_epochs):
+      trial.suggest_int('step_epochs', int(space.step_epochs[0]), int(space.step_epochs[1]))
+    real('gamma', space.gamma, log=True)
+  if schedule == 'cyclic' and int_range(space.cyclic_half_epochs):
+    trial.suggest_int('cyclic_half_epochs', int(space.cyclic_half_epochs[0]), int(space.cyclic_half_epochs[1]))
+  if schedule == 'warmup_cosine' and space.warmup_epochs is not None:
+    high = min(int(space.warmup_epochs[1]), base.max_epochs - 1)
+    if int(space.warmup_epochs[0]) < high:
+      trial.suggest_int('warmup_epochs', int(space.warmup_epochs[0]), high)
+  pick('augment', space.augments)
+  if dropnet is not None:
+    real('fraction', space.fractions)
+    if space.metrics is not None:
+      pick('metric', space.metrics)
+  return complete(trial.params, space, base, dropnet)
+
+
+def complete(params: dict[str, Any], space: SearchSpace, base: TrainConfig,
+             dropnet: DropNetConfig | None = None) -> dict[str, Any]:
+  """All settings of a trial: its searched `params` plus the fixed ones (one choice, an empty
+  range, or the base config's value for what the space does not search)."""
+  o = base.optim
+  fixed = lambda r, default: r[0] if r is not None else default
+  s = {'optimizer': params.get('optimizer', space.optimizers[0]),
+       'lr': params.get('lr', fixed(space.lr, o.lr)),
+       'batch_size': int(params.get('batch_size', space.batch_sizes[0])),
+       'schedule': params.get('schedule', space.schedules[0]),
+       'augment': params.get('augment', space.augments[0])}
+  if s['optimizer'] in DEFAULT_MOMENTUM:
+    base_momentum = o.momentum if o.momentum is not None else DEFAULT_MOMENTUM[s['optimizer']]
+    s['momentum'] = params.get('momentum', fixed(space.momentum, base_momentum))
+  s['weight_decay'] = params.get('weight_decay', fixed(space.weight_decay, o.weight_decay))
+  if s['schedule'] in _SCHEDULES_WITH_FLOOR:
+    s['min_lr_factor'] = params.get('min_lr_factor', fixed(space.min_lr_factor, o.min_lr_factor))
+  if s['schedule'] == 'step':
+    s['step_epochs'] = params.get('step_epochs', fixed(space.step_epochs, o.step_epochs))
+    s['gamma'] = params.get('gamma', fixed(space.gamma, o.gamma))
+  if s['schedule'] == 'cyclic':
+    s['cyclic_half_epochs'] = params.get('cyclic_half_epochs', fixed(space.cyclic_half_epochs, o.cyclic_half_epochs))
+  if s['schedule'] == 'warmup_cosine':
+    s['warmup_epochs'] = params.get('warmup_epochs', min(fixed(space.warmup_epochs, o.warmup_epochs),
+                                                         base.max_epochs - 1))
+  if dropnet is not None:
+    s['fraction'] = params.get('fraction', fixed(space.fractions, dropnet.fraction))
+    s['metric'] = params.get('metric', space.metrics[0] if space.metrics else dropnet.metrics[0])
+  return s
+
+
+def train_config(settings: dict[str, Any], base: TrainConfig) -> TrainConfig:
+  """The TrainConfig of a trial's settings (`complete`'s output) over `base`."""
+  kind = settings['optimizer']
+  optim = dataclasses.replace(
+      base.optim, optimizer=kind, lr=float(settings['lr']),
+      momentum=float(settings['momentum']) if kind in DEFAULT_MOMENTUM else None,
+      nesterov=base.optim.nesterov and kind == 'momentum', weight_decay=float(settings['weight_decay']),
+      schedule=settings['schedule'],
+      **{k: type(getattr(base.optim, k))(settings[k]) for k in
+         ('min_lr_factor', 'step_epochs', 'gamma', 'cyclic_half_epochs', 'warmup_epochs') if k in settings})
+  config = dataclasses.replace(base, batch_size=int(settings['batch_size']), augment=settings['augment'], optim=optim)
+  config.validate()
+  return config
+
+
+def searched_dynamic(space: SearchSpace, settings: dict[str, Any]) -> tuple[str, ...]:
+  """The dynamic settings that vary between lanes of this static shape (always the learning rate)."""
+  out = ['lr']
+  if 'momentum' in settings and space.momentum is not None:
+    out.append('momentum')
+  if space.weight_decay is not None:
+    out.append('weight_decay')
+  return tuple(out)
+
+
+def template_config(settings: dict[str, Any], space: SearchSpace, base: TrainConfig) -> TrainConfig:
+  """The config of the compiled program a trial trains with: its settings with the per-lane values
+  replaced by fixed stand-ins. Trials with equal templates can share one program as lanes."""
+  stand_in = {k: _PLACEHOLDER[k] for k in searched_dynamic(space, settings)}
+  return train_config({**settings, **stand_in}, base)
+
+
+def lane_hyperparams(settings: dict[str, Any], space: SearchSpace) -> dict[str, float]:
+  """The optax names and values `optim.with_hyperparams` sets for one lane."""
+  return {_OPTAX_NAME[k]: float(settings[k]) for k in searched_dynamic(space, settings)}

@@ -1,0 +1,388 @@
+"""Studies, storage, heartbeats and the worker loop: asks, trains and tells (see dropnet_jax.tuning)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import json
+import os
+import random
+import socket
+import sqlite3
+import threading
+import time
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from dropnet_jax.config import TrainConfig
+from dropnet_jax.tuning.runner import DropNetObjective, LaneRunner
+from dropnet_jax.tuning.space import DYNAMIC, SearchSpace, lane_hyperparams, suggest, template_config
+
+# -- storage and studies --------------------------------------------------------------------------
+
+def sqlite_url(directory: str) -> str:
+  return f'sqlite:///{os.path.abspath(os.path.join(directory, "study.db"))}'
+
+
+def make_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int | None = None,
+                 max_retry: int | None = 2) -> 'optuna.storages.RDBStorage':
+  """An Optuna RDB storage with heartbeats and retries of stale trials. SQLite files are switched to
+  WAL (readers do not block the writer) and wait up to 60 s for a lock."""
+  engine_kwargs: dict[str, Any] = {'pool_pre_ping': True}
+  if url.startswith('sqlite:///'):
+    path = url[len('sqlite:///'):]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with sqlite3.connect(path, timeout=60) as con:  # persistent in the file
+      con.execute('PRAGMA journal_mode=WAL')
+    engine_kwargs = {'connect_args': {'timeout': 60}}
+  # optuna >= 4.9 renamed the callback and its argument.
+  retry = getattr(optuna.storages, 'RetryHeartbeatStaleTrialCallback', None) or optuna.storages.RetryFailedTrialCallback
+  callback = retry(max_retry=max_retry)
+  name = ('heartbeat_stale_trial_callback' if 'heartbeat_stale_trial_callback' in
+          inspect.signature(optuna.storages.RDBStorage).parameters else 'failed_trial_callback')
+  import sqlalchemy.exc
+  for attempt in range(6):
+    try:
+      return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                        grace_period=grace_period, **{name: callback})
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
+      # Workers started together on a fresh database race to create the schema; the loser retries.
+      if attempt == 5:
+        raise
+      time.sleep(0.5 * (attempt + 1) * (1 + random.random()))
+
+
+def make_pruner(kind: str, max_epochs: int, warmup_epochs: int = 2, startup_trials: int = 5):
+  if kind == 'median':
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+  if kind == 'hyperband':
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+  if kind == 'none':
+    return optuna.pruners.NopPruner()
+  raise ValueError(f'pruner: unknown {kind!r}; choose median, hyperband or none')
+
+
+def open_study(storage, name: str, settings: dict[str, Any], *, pruner=None, seed: int = 0, worker_id: int = 0,
+               startup_trials: int = 10) -> 'optuna.Study':
+  """Creates the study or loads it (load_if_exists). `settings` are stored with it; a rerun with other
+  settings is refused. The TPE sampler's seed mixes `seed`, the worker and the trials so far, so
+  workers and resumed runs draw different startup points."""
+  study = _retry(lambda: optuna.create_study(storage=storage, study_name=name, direction='maximize',
+                                             pruner=pruner, load_if_exists=True))
+  saved = study.user_attrs.get('settings')
+  if saved is None:
+    _retry(lambda: study.set_user_attr('settings', settings))
+  elif saved != json.loads(json.dumps(settings)):
+    diff = [f'{k}: saved {saved.get(k)!r}, now {settings.get(k)!r}' for k in sorted(set(saved) | set(settings))
+            if saved.get(k) != json.loads(json.dumps(settings.get(k)))]
+    raise ValueError(f'study {name!r} holds other settings ({"; ".join(diff)}); use another --study_name or --out')
+  mixed = hash((seed, worker_id, len(study.get_trials(deepcopy=False)))) & 0x7FFFFFFF
+  study.sampler = PinnedSampler(optuna.samplers.TPESampler(seed=mixed, n_startup_trials=startup_trials,
+                                                           constant_liar=True))
+  return study
+
+
+def _retry(fn, attempts: int = 8):
+  """A storage call, retried on lock contention (SQLite answers concurrent writers with errors)."""
+  for i in range(attempts):
+    try:
+      return fn()
+    except optuna.exceptions.StorageInternalError:
+      if i == attempts - 1:
+        raise
+      time.sleep(0.1 * 2 ** i * (1 + random.random()))
+
+
+class Heartbeat:
+  """Records heartbeats for this worker's running trials from a thread (Optuna's own heartbeat runs
+  only inside `study.optimize`)."""
+
+  def __init__(self, storage):
+    self.storage = storage
+    self.interval = storage.get_heartbeat_interval() if hasattr(storage, 'get_heartbeat_interval') else None
+    self.ids: set[int] = set()
+    self._lock, self._stop = threading.Lock(), threading.Event()
+    self._thread = threading.Thread(target=self._loop, daemon=True) if self.interval else None
+
+  def __enter__(self):
+    if self._thread:
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    if self._thread:
+      self._thread.join()
+
+  def add(self, trial_id: int) -> None:
+    if self.interval:
+      _retry(lambda: self.storage.record_heartbeat(trial_id))
+    with self._lock:
+      self.ids.add(trial_id)
+
+  def discard(self, trial_id: int) -> None:
+    with self._lock:
+      self.ids.discard(trial_id)
+
+  def _loop(self) -> None:
+    while not self._stop.wait(self.interval):
+      with self._lock:
+        ids = list(self.ids)
+      for i in ids:
+        try:
+          self.storage.record_heartbeat(i)
+        except Exception:  # a failed beat is retried next interval; a stale trial is retried by others
+          pass
+
+
+def state_counts(study) -> collections.Counter:
+  return collections.Counter(t.state for t in _retry(lambda: study.get_trials(deepcopy=False)))
+
+
+# -- the worker loop ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class WorkerReport:
+  trials: list[int]  # numbers of the trials this worker ran to an end
+  seconds: float
+
+
+def worker_name(worker_id: int) -> str:
+  return f'{socket.gethostname()}:{os.getpid()}:{worker_id}'
+
+
+def machine_id() -> str:
+  """This host and PID namespace (hostname, boot id, /proc/self/ns/pid): processes with the same id see
+  each other's PIDs. '' where unknown (then no trial is judged by its PID)."""
+  try:
+    with open('/proc/sys/kernel/random/boot_id') as f:
+      boot = f.read().strip()
+    return f'{socket.gethostname()}|{boot}|{os.readlink("/proc/self/ns/pid")}'
+  except OSError:
+    return ''
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, another user's
+    return True
+  return True
+
+
+def fail_dead_local_trials(study) -> list[int]:
+  """Fails the running trials of worker processes on this machine that no longer exist (killed, crashed)
+  without waiting for their heartbeat to go stale, and hands each to the storage's stale-trial callback
+  (the retry). A reused PID only delays this to the heartbeat's grace period."""
+  me, storage = machine_id(), study._storage
+  if not me:
+    return []
+  failed = []
+  for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    pid = t.user_attrs.get('worker_pid')
+    if t.user_attrs.get('worker_machine') != me or pid is None or pid == os.getpid() or _alive(pid):
+      continue
+    try:
+      if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+        failed.append(t)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
+      continue
+  get = getattr(storage, 'get_heartbeat_stale_trial_callback', None) or getattr(storage, 'get_failed_trial_callback',
+                                                                                   lambda: None)
+  callback = get()
+  for t in failed:
+    if callback is not None:
+      callback(study, storage.get_trial(t._trial_id))
+  return [t.number for t in failed]
+
+
+def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, runner: LaneRunner | None = None,
+               dropnet: DropNetObjective | None = None, batch: int = 1, worker_id: int = 0,
+               log: Callable[[str], None] = print, poll_seconds: float = 1.0) -> WorkerReport:
+  """Asks, trains and tells trials until the study has `n_trials` complete or pruned ones (see the
+  module docstring). `runner` trains the 'train' objective; `dropnet` replaces it for DropNet."""
+  if (runner is None) == (dropnet is None):
+    raise ValueError('give exactly one of runner (train objective) and dropnet')
+  if batch < 1 or (dropnet is not None and batch != 1):
+    raise ValueError(f'batch must be 1 with the dropnet objective and >= 1 otherwise, got {batch}')
+  storage = study._storage
+  interval = getattr(storage, 'get_heartbeat_interval', lambda: None)()
+  heartbeat_on = interval is not None
+  # A killed worker's trial goes stale `grace` seconds after its last beat: waiting that long (and a
+  # few beats) for nothing to do is enough to see it failed and re-enqueued before leaving.
+  backend = getattr(storage, '_backend', storage)  # optuna wraps an RDBStorage in a cache
+  wait_limit = ((getattr(backend, 'grace_period', None) or 2 * interval) + 3 * interval) if heartbeat_on else 0
+  name, machine, ran, start = worker_name(worker_id), machine_id(), [], time.perf_counter()
+  base_dropnet = dropnet.base if dropnet else None
+  waited_since = None
+  with Heartbeat(storage) as beat:
+    while True:
+      if heartbeat_on:
+        _retry(lambda: optuna.storages.fail_stale_trials(study))
+      for number in _retry(lambda: fail_dead_local_trials(study)):
+        log(f'trial {number} belonged to a worker process that no longer exists: failed (retried if enabled)')
+      c = state_counts(study)
+      finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
+      if finished >= n_trials:
+        break
+      free = n_trials - finished - c[TrialState.RUNNING] - c[TrialState.WAITING]
+      if free <= 0 and c[TrialState.WAITING] == 0:
+        # Others are running the rest; wait long enough to see one of them go stale, then leave.
+        waited_since = waited_since or time.perf_counter()
+        if time.perf_counter() - waited_since > wait_limit:
+          break
+        time.sleep(poll_seconds)
+        continue
+      waited_since = None
+      waiting = c[TrialState.WAITING]
+      # Queued trials (retries, other workers' followers) first, as they come; else a fresh batch.
+      asked = _ask(study, min(batch, waiting) if waiting else min(batch, free), space, base, base_dropnet, beat,
+                   followers=not waiting)
+      for t, _ in asked:
+        for key, value in (('worker', name), ('worker_machine', machine), ('worker_pid', os.getpid())):
+          _retry(lambda: t.set_user_attr(key, value))
+      if dropnet is not None:
+        for t, settings in asked:
+          ran += _run_dropnet_trial(study, t, settings, dropnet, beat, log)
+      else:
+        groups: dict[Any, list] = collections.OrderedDict()
+        for t, settings in asked:
+          try:
+            groups.setdefault(template_config(settings, space, base), []).append((t, settings))
+          except ValueError as e:  # a setting the config refuses (e.g. a schedule too short)
+            _tell(study, t, beat, state=TrialState.FAIL, attrs={'error': str(e)})
+            log(f'trial {t.number} failed: {e}')
+        for template, members in groups.items():
+          ran += _run_group(study, runner, template, members, space, batch, beat, log)
+  return WorkerReport(ran, time.perf_counter() - start)
+
+
+class PinnedSampler(optuna.samplers.BaseSampler):
+  """A sampler that returns given values for some parameters of some trials (`pin`) and asks `base` for
+  the rest. Batches use it to give followers their leader's static parameters: kept in this process,
+  unlike `study.enqueue_trial`, whose queued trials another worker could take."""
+
+  def __init__(self, base: optuna.samplers.BaseSampler):
+    self.base = base
+    self._pins: dict[int, dict[str, Any]] = {}
+
+  def pin(self, number: int, params: dict[str, Any]) -> None:
+    self._pins[number] = dict(params)
+
+  def unpin(self, number: int) -> None:
+    self._pins.pop(number, None)
+
+  def infer_relative_search_space(self, study, trial):
+    return self.base.infer_relative_search_space(study, trial)
+
+  def sample_relative(self, study, trial, search_space):
+    pins = self._pins.get(trial.number, {})
+    return {k: v for k, v in self.base.sample_relative(study, trial, search_space).items() if k not in pins}
+
+  def sample_independent(self, study, trial, param_name, param_distribution):
+    pins = self._pins.get(trial.number, {})
+    if param_name in pins:
+      return pins[param_name]
+    return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+  def before_trial(self, study, trial):
+    self.base.before_trial(study, trial)
+
+  def after_trial(self, study, trial, state, values):
+    self.unpin(trial.number)
+    self.base.after_trial(study, trial, state, values)
+
+  def reseed_rng(self) -> None:
+    self.base.reseed_rng()
+
+
+def _ask(study, k: int, space, base, base_dropnet, beat: Heartbeat,
+         followers: bool = True) -> list[tuple[Any, dict[str, Any]]]:
+  """k trials: a leader, then k - 1 followers given the leader's static parameters (with `followers`;
+  else whatever the queue holds), so the sampler picks only their learning rate, momentum and weight decay."""
+  if not isinstance(study.sampler, PinnedSampler):
+    study.sampler = PinnedSampler(study.sampler)
+  leader = _retry(study.ask)
+  beat.add(leader._trial_id)
+  out = [(leader, suggest(leader, space, base, base_dropnet))]
+  fixed = {p: v for p, v in leader.params.items() if p not in DYNAMIC}
+  for _ in range(k - 1):
+    t = _retry(study.ask)  # a new trial, or a queued one (a retry: its own parameters win, grouped apart)
+    beat.add(t._trial_id)
+    if followers:
+      study.sampler.pin(t.number, fixed)
+    out.append((t, suggest(t, space, base, base_dropnet)))
+    study.sampler.unpin(t.number)
+  return out
+
+
+def _tell(study, trial, beat: Heartbeat, value: float | None = None, state=None, attrs=None) -> bool:
+  """Sets the attributes and tells; False when the trial was already finished elsewhere (stale)."""
+  try:
+    for k, v in (attrs or {}).items():
+      _retry(lambda: trial.set_user_attr(k, v))
+    _retry(lambda: study.tell(trial, value, state=state))
+    return True
+  except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
+    return False
+  finally:
+    beat.discard(trial._trial_id)
+
+
+def _run_group(study, runner: LaneRunner, template, members, space, batch, beat, log) -> list[int]:
+  trials = [t for t, _ in members]
+  lost: set[int] = set()
+
+  nop = isinstance(study.pruner, optuna.pruners.NopPruner)  # a storage read per lane and epoch saved
+
+  def on_epoch(lane: int, epoch: int, acc: float) -> bool:
+    try:
+      _retry(lambda: trials[lane].report(acc, epoch))
+      return False if nop else _retry(trials[lane].should_prune)
+    except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
+      lost.add(lane)  # failed by another worker as stale: stop it, do not tell
+      return True
+
+  start = time.perf_counter()
+  results = runner.run(template, [lane_hyperparams(s, space) for _, s in members],
+                       lane_count=batch if batch > 1 else None, on_epoch=on_epoch)
+  seconds = time.perf_counter() - start
+  ran = []
+  for i, ((t, settings), r) in enumerate(zip(members, results)):
+    attrs = {'epochs': r.epochs, 'best_epoch': r.best_epoch, 'diverged': r.diverged, 'lanes': len(members),
+             'group_seconds': seconds}
+    ok = i not in lost and (
+        _tell(study, t, beat, state=TrialState.PRUNED, attrs=attrs) if r.pruned
+        else _tell(study, t, beat, value=r.best_val_accuracy, attrs=attrs))
+    if ok:
+      ran.append(t.number)
+    log(f'trial {t.number:3d} {"pruned" if r.pruned else "done  "} epochs {r.epochs:3d} '
+        f'val_acc {r.best_val_accuracy:.4f} lanes {len(members)} {_short(settings)}'
+        + ('' if ok else ' (finished elsewhere: not told)'))
+  return ran
+
+
+def _run_dropnet_trial(study, trial, settings, objective: DropNetObjective, beat, log) -> list[int]:
+  start = time.perf_counter()
+  try:
+    value, attrs = objective(trial, settings)
+  except optuna.TrialPruned:
+    ok = _tell(study, trial, beat, state=TrialState.PRUNED, attrs={'seconds': time.perf_counter() - start})
+    log(f'trial {trial.number:3d} pruned {_short(settings)}')
+    return [trial.number] if ok else []
+  except ValueError as e:
+    _tell(study, trial, beat, state=TrialState.FAIL, attrs={'error': str(e)})
+    log(f'trial {trial.number} failed: {e}')
+    return []
+  ok = _tell(study, trial, beat, value=value, attrs={**attrs, 'seconds': time.perf_counter() - start})
+  log(f'trial {trial.number:3d} done   val_acc@<=X {value:.4f} cycles {attrs["cycles"]} {_short(settings)}')
+  return [trial.number] if ok else []
+
+
+def _short(settings: dict[str, Any]) -> str:
+  return ' '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in settings.items())
