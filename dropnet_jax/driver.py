@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dropnet_jax import train as train_lib
+from dropnet_jax.checkpoint import CheckpointError
 from dropnet_jax.layers import StatSums
 from dropnet_jax.train import DeviceData, FitState
 
@@ -350,11 +351,11 @@ class Driver:
   def _check_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get('version') != CHECKPOINT_VERSION or [(t['seed'], t['metric']) for t in meta['trials']] != [
         (t.seed, t.metric) for t in self.trials]:
-      raise ValueError(f'{self.checkpointer.directory} holds a checkpoint of another experiment '
+      raise CheckpointError(f'{self.checkpointer.directory} holds a checkpoint of another experiment '
                        '(other seeds, metrics or format); use another output directory')
     differences = stamp_differences(meta.get('stamp'), self.stamp)
     if differences:
-      raise ValueError(f'{self.checkpointer.directory} holds a checkpoint made with other settings or data '
+      raise CheckpointError(f'{self.checkpointer.directory} holds a checkpoint made with other settings or data '
                        f'({"; ".join(differences)}); use another output directory or the same settings')
     return self._templates(meta)
 

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from absl import app, flags, logging
 
 from dropnet_jax import progress, reporting
-from dropnet_jax.checkpoint import Checkpointer
+from dropnet_jax.checkpoint import CheckpointError, Checkpointer, newest_meta
+from dropnet_jax.driver import stamp_differences
 from dropnet_jax.config import AUGMENTATIONS, DropNetConfig, TrainConfig
 from dropnet_jax.dropnet import run_experiment
-from dropnet_jax.input_pipeline import DATASETS, Dataset, load_dataset
+from dropnet_jax.input_pipeline import DATASETS, Dataset, dataset_fingerprint, load_dataset
 from dropnet_jax.models import MODELS, create_model, parse_widths
 from dropnet_jax.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+from dropnet_jax.run_lock import RunLock, RunLockedError
 from dropnet_jax.saved_params import SAVE_MODES, ParamsStore
 from dropnet_jax.train import DeviceData, Trainer, steps_per_epoch
 
@@ -160,6 +164,8 @@ def setup_from_flags(**config_changes) -> Setup:
   check_out_dir(FLAGS.out, None)
   dataset = load_dataset(FLAGS.dataset, FLAGS.data_dir, split_seed=FLAGS.split_seed)
   model = create_model(FLAGS.model, widths, dataset.num_classes, FLAGS.width_multiplier)
+  # The device split and the optimiser's schedule are checked here, before anything is written.
+  Trainer(model, config.train, steps_per_epoch=steps_per_epoch(len(dataset.train_labels), config.train.batch_size))
   settings = {'model': FLAGS.model, 'widths': list(model.widths), 'dataset': FLAGS.dataset,
               'data_dir': FLAGS.data_dir, 'seeds': FLAGS.seeds, 'split_seed': FLAGS.split_seed,
               'metrics': list(config.metrics), 'fraction': config.fraction, 'floor': config.floor,
@@ -170,14 +176,37 @@ def setup_from_flags(**config_changes) -> Setup:
               'shuffle': config.train.shuffle, 'augment': config.train.augment,
               'batch_trials': FLAGS.batch_trials,
               # The optimiser's other settings (the paper's SGD: sgd, no decay, constant).
-              **{f'optim_{k}': v for k, v in config.train.optim.to_dict().items() if k != 'lr'}}
+              **{f'optim_{k}': v for k, v in config.train.optim.to_dict().items() if k != 'lr'},
+              # What the data are, wherever they were loaded from: a resume must see the same.
+              'data_fingerprint': dataset_fingerprint(dataset)}
   logging.info('%s: train %d, val %d, test %d, image %s', FLAGS.dataset, len(dataset.train_labels),
                len(dataset.val_labels), len(dataset.test_labels), dataset.image_shape)
   return Setup(model, dataset, config, settings, list(range(FLAGS.seeds)))
 
 
+def stamp(settings: dict[str, Any]) -> dict[str, Any]:
+  """The settings a run's results depend on (those a resume may not change), stored in its checkpoints."""
+  return {k: v for k, v in settings.items() if k not in RESUMABLE_DIFFERENCES}
+
+
 def check_out_dir(out: str, settings: dict[str, Any] | None) -> None:
-  """Refuses an output directory that holds another configuration's run (or stray results)."""
+  """Refuses an unusable --out, or one that holds another configuration's run (config.json or, if
+  that is gone, the checkpoints' own record of their settings and data) or stray results."""
+  if not out:
+    raise ValueError('--out is empty; give an output directory')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out={out} is a file, not a directory')
+  parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f'--out={out}: {parent} is not writable')
+  if settings is not None:
+    saved_meta = newest_meta(os.path.join(out, 'checkpoints'))
+    differences = stamp_differences((saved_meta or {}).get('stamp'), stamp(settings))
+    if differences:
+      raise ValueError(f'{out}/checkpoints were made with other settings or data ({"; ".join(differences)}); '
+                       'use another --out or the same settings to resume')
   config_path = os.path.join(out, 'config.json')
   if os.path.exists(config_path):
     if settings is None:
@@ -193,6 +222,37 @@ def check_out_dir(out: str, settings: dict[str, Any] | None) -> None:
                        'use another --out or the same settings to resume')
   elif os.path.exists(os.path.join(out, 'results.jsonl')):
     raise ValueError(f'{out} has results.jsonl but no config.json; refusing to mix runs')
+
+
+def results_writer(out: str):
+  """A callback writing all records so far to <out>/results.jsonl and results.csv (atomically)."""
+  def write(records: list[dict[str, Any]]) -> None:
+    reporting.write_jsonl(os.path.join(out, 'results.jsonl'), records)
+    reporting.write_csv(os.path.join(out, 'results.csv'), records)
+  return write
+
+
+@contextlib.contextmanager
+def open_run(out: str, settings: dict[str, Any]) -> Iterator[Checkpointer]:
+  """The run's directory, held for this process: locked against a second run (one line naming the
+  holder), config.json written, checkpoints opened; on the way out the last save is finished. Errors
+  and Ctrl-C end the program with one line (and nothing half-written)."""
+  checkpointer = None
+  try:
+    os.makedirs(out, exist_ok=True)
+    with RunLock(out):
+      check_out_dir(out, settings)  # again, now that no other run can change it
+      reporting.atomic_write_text(os.path.join(out, 'config.json'), json.dumps(settings, indent=2))
+      checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
+      try:
+        yield checkpointer
+      finally:
+        checkpointer.close()  # waits for the save in flight: the newest checkpoint is whole
+  except KeyboardInterrupt:
+    print('interrupted; rerun the same command to resume', file=sys.stderr)
+    sys.exit(130)
+  except (RunLockedError, CheckpointError) as e:
+    sys.exit(f'error: {e}')
 
 
 def save_params_mode(model, image_shape) -> str:
@@ -216,23 +276,15 @@ def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]
   trainer = Trainer(setup.model, setup.config.train,
                     steps_per_epoch=steps_per_epoch(len(setup.dataset.train_labels), setup.config.train.batch_size))
   mode = save_params_mode(setup.model, setup.dataset.image_shape)
-  os.makedirs(out, exist_ok=True)
-  reporting.atomic_write_text(os.path.join(out, 'config.json'), json.dumps(setup.settings, indent=2))
-  results_path = os.path.join(out, 'results.jsonl')
-  checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
   spec = {'model': setup.settings['model'], 'widths': setup.settings['widths'],
           'num_classes': setup.dataset.num_classes, 'image_shape': list(setup.dataset.image_shape)}
-  params_store = ParamsStore(os.path.join(out, 'params'), mode, spec)
   start = time.perf_counter()
-
-  def write(records: list[dict[str, Any]]) -> None:
-    reporting.write_jsonl(results_path, records)
-    reporting.write_csv(os.path.join(out, 'results.csv'), records)
-
+  write = results_writer(out)
   data = trainer.replicate(setup.data) if setup.settings['batch_trials'] else setup.data
   trials = len(setup.seeds) * len(setup.config.metrics)
   cycles = progress.expected_cycles(setup.settings['widths'], setup.config.fraction, setup.config.floor)
-  with progress.ProgressMonitor(trials, cycles) as monitor:
+  with open_run(out, setup.settings) as checkpointer, progress.ProgressMonitor(trials, cycles) as monitor:
+    params_store = ParamsStore(os.path.join(out, 'params'), mode, spec)
     d = setup.dataset
     monitor.log(f'{title or default_title(setup)}: {trials} trial{"s" * (trials != 1)} (seeds x metrics), up to '
                 f'{cycles} cycles each; train {len(d.train_labels)}, val {len(d.val_labels)}, '
@@ -240,8 +292,7 @@ def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]
     records = run_experiment(setup.model, setup.dataset.image_shape, data, setup.seeds, setup.config, trainer,
                              checkpointer, FLAGS.checkpoint_every_epochs, on_record=write, log=monitor.log,
                              log_epochs=FLAGS.verbose, batch_trials=setup.settings['batch_trials'],
-                             params_store=params_store, monitor=monitor)
-  checkpointer.close()
+                             params_store=params_store, monitor=monitor, stamp=stamp(setup.settings))
   logging.info('%s: %d records, %.1fs in this invocation', out, len(records), time.perf_counter() - start)
   reporting.save_figures(records, out, title=title or default_title(setup), x_axis=FLAGS.x_axis)
   return records

@@ -16,14 +16,12 @@ weights of its compact networks).
 """
 
 import dataclasses
-import json
 import os
 import sys
 
 from absl import app, flags, logging
 
 from dropnet_jax import magnitude, reporting
-from dropnet_jax.checkpoint import Checkpointer
 from dropnet_jax.config import to_dict
 from dropnet_jax.train import Trainer, steps_per_epoch
 from experiments import common
@@ -72,17 +70,10 @@ def main(argv):
   except ValueError as e:
     sys.exit(f'error: {e}')
   out = FLAGS.out
-  os.makedirs(out, exist_ok=True)
-  reporting.atomic_write_text(os.path.join(out, 'config.json'), json.dumps(setup.settings, indent=2))
-  checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
-
-  def write(records):
-    reporting.write_jsonl(os.path.join(out, 'results.jsonl'), records)
-    reporting.write_csv(os.path.join(out, 'results.csv'), records)
-
-  records = magnitude.run(setup.model, setup.dataset.image_shape, trainer.replicate(setup.data), setup.seeds, config,
-                          trainer, checkpointer, FLAGS.checkpoint_every_epochs, on_record=write, log=logging.info)
-  checkpointer.close()
+  with common.open_run(out, setup.settings) as checkpointer:
+    records = magnitude.run(setup.model, setup.dataset.image_shape, trainer.replicate(setup.data), setup.seeds,
+                            config, trainer, checkpointer, FLAGS.checkpoint_every_epochs,
+                            on_record=common.results_writer(out), log=logging.info, stamp=common.stamp(setup.settings))
   table = magnitude.sparsity_table(records, sorted(config.sparsities), config.methods)
   reporting.atomic_write_text(os.path.join(out, 'table.md'), table + '\n')
   dropnet_records = reporting.read_jsonl(os.path.join(FLAGS.dropnet_run, 'results.jsonl')) if FLAGS.dropnet_run else []
