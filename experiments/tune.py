@@ -140,6 +140,9 @@ def spawn_workers(n: int) -> list[subprocess.Popen]:
   deadline = time.time() + 300
   while time.time() < deadline and not all(os.path.exists(r) or p.poll() is not None for r, p in zip(ready, procs)):
     time.sleep(0.2)
+  for r in ready:
+    if os.path.exists(r):
+      os.remove(r)
   return procs
 
 

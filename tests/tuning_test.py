@@ -332,8 +332,9 @@ def postgres():
 
 def test_two_processes_on_postgresql(tmp_path, postgres):
   out = tmp_path / 'pg'
-  cmd = _tune_cmd(out, '--n_trials=8', f'--storage={postgres}', '--retrain_seeds=0', '--max_epochs=20',
-                  '--patience=20', '--pruner=none')
+  # Started together with no barrier: trials long enough (40 epochs) that both get some.
+  cmd = _tune_cmd(out, '--n_trials=8', f'--storage={postgres}', '--retrain_seeds=0', '--max_epochs=40',
+                  '--patience=40', '--pruner=none')
   procs = [subprocess.Popen(cmd + [f'--worker_id={i}'] + (['--worker_only'] if i else []), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
