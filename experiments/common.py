@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 from absl import app, flags, logging
 
-from dropnet_jax import progress, reporting
+from dropnet_jax import distributed, progress, reporting
 from dropnet_jax.checkpoint import CheckpointError, Checkpointer, newest_meta
 from dropnet_jax.driver import stamp_differences
 from dropnet_jax.config import AUGMENTATIONS, DropNetConfig, TrainConfig
@@ -23,7 +23,7 @@ from dropnet_jax.models import MODELS, create_model, parse_widths
 from dropnet_jax.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
 from dropnet_jax.run_lock import RunLock, RunLockedError
 from dropnet_jax.saved_params import SAVE_MODES, ParamsStore
-from dropnet_jax.train import DeviceData, Trainer, steps_per_epoch
+from dropnet_jax.train import DeviceData, Trainer, data_mesh, steps_per_epoch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('model', 'fc', sorted(MODELS), 'Model: fc (Model A), conv (Model B), modelc (Model C), resnet18, vgg19.')
@@ -84,9 +84,16 @@ flags.DEFINE_enum('save_params', 'auto', ['auto', *SAVE_MODES],
                   'Trained params kept in <out>/params: all cycles, the last cycle per trial, or none. auto: all '
                   'for models under 1M parameters, else last.')
 
+flags.DEFINE_bool('distributed', False, 'Several processes (hosts) train the run data-parallel over all their devices '
+                  '(jax.distributed; on CPU with gloo collectives). Every process runs the same command; only '
+                  'process 0 writes. Without the next three flags they come from the cluster (SLURM, Open MPI).')
+flags.DEFINE_string('coordinator_address', None, '--distributed: host:port of process 0\'s coordinator service.')
+flags.DEFINE_integer('num_processes', None, '--distributed: number of processes.')
+flags.DEFINE_integer('process_id', None, '--distributed: this process\'s index, 0..num_processes-1.')
+
 # Settings that may differ between a run and its resumption (they do not change results).
 RESUMABLE_DIFFERENCES = ('data_dir', 'verbose', 'verbose_epochs', 'checkpoint_every_epochs', 'max_checkpoints',
-                         'save_params')
+                         'save_params', 'distributed', 'coordinator_address', 'num_processes', 'process_id')
 
 
 def quiet_logging() -> None:
@@ -98,6 +105,33 @@ def quiet_logging() -> None:
 
 # Every entry point that imports this module: quiet from flag parsing on, before main runs.
 app.call_after_init(quiet_logging)
+
+
+def initialize_distributed() -> None:
+  """--distributed: joins the processes of the run, after flag parsing and before main (and so
+  before any jax computation, which would fix the backends to this process alone)."""
+  if not FLAGS.distributed:
+    if FLAGS.coordinator_address or FLAGS.num_processes is not None or FLAGS.process_id is not None:
+      sys.exit('error: --coordinator_address, --num_processes and --process_id need --distributed')
+    return
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except (ValueError, RuntimeError) as e:
+    sys.exit(f'error: --distributed: {e}')
+  logging.info('distributed: %s', distributed.cluster_summary())
+
+
+app.call_after_init(initialize_distributed)
+
+
+def trainer_devices():
+  """The devices a Trainer spans: every process's with --distributed, else the default (local)."""
+  return distributed.global_devices() if FLAGS.distributed else None
+
+
+def writes_files() -> bool:
+  """False in the processes of a distributed run other than process 0: they write nothing."""
+  return distributed.is_main()
 
 
 def optimizer_from_flags() -> OptimizerConfig:
@@ -142,7 +176,14 @@ class Setup:
   @property
   def data(self) -> DeviceData:
     if not hasattr(self, '_data'):
-      self._data = DeviceData.from_dataset(self.dataset)
+      if FLAGS.distributed:  # every process loaded the same data: each fills its own devices' replicas
+        from jax.sharding import NamedSharding, PartitionSpec
+        sharding = NamedSharding(data_mesh(trainer_devices()), PartitionSpec())  # Trainer.replicated's
+        self._data = DeviceData(*(distributed.replicate_host_array(a, sharding) for a in (
+            self.dataset.train_images, self.dataset.train_labels, self.dataset.val_images,
+            self.dataset.val_labels, self.dataset.test_images, self.dataset.test_labels)))
+      else:
+        self._data = DeviceData.from_dataset(self.dataset)
     return self._data
 
   def with_config(self, **changes) -> 'Setup':
@@ -165,7 +206,8 @@ def setup_from_flags(**config_changes) -> Setup:
   dataset = load_dataset(FLAGS.dataset, FLAGS.data_dir, split_seed=FLAGS.split_seed)
   model = create_model(FLAGS.model, widths, dataset.num_classes, FLAGS.width_multiplier)
   # The device split and the optimiser's schedule are checked here, before anything is written.
-  Trainer(model, config.train, steps_per_epoch=steps_per_epoch(len(dataset.train_labels), config.train.batch_size))
+  Trainer(model, config.train, devices=trainer_devices(),
+          steps_per_epoch=steps_per_epoch(len(dataset.train_labels), config.train.batch_size))
   settings = {'model': FLAGS.model, 'widths': list(model.widths), 'dataset': FLAGS.dataset,
               'data_dir': FLAGS.data_dir, 'seeds': FLAGS.seeds, 'split_seed': FLAGS.split_seed,
               'metrics': list(config.metrics), 'fraction': config.fraction, 'floor': config.floor,
@@ -227,6 +269,8 @@ def check_out_dir(out: str, settings: dict[str, Any] | None) -> None:
 def results_writer(out: str):
   """A callback writing all records so far to <out>/results.jsonl and results.csv (atomically)."""
   def write(records: list[dict[str, Any]]) -> None:
+    if not writes_files():
+      return
     reporting.write_jsonl(os.path.join(out, 'results.jsonl'), records)
     reporting.write_csv(os.path.join(out, 'results.csv'), records)
   return write
@@ -238,12 +282,29 @@ def open_run(out: str, settings: dict[str, Any]) -> Iterator[Checkpointer]:
   holder), config.json written, checkpoints opened; on the way out the last save is finished. Errors
   and Ctrl-C end the program with one line (and nothing half-written)."""
   checkpointer = None
+  if not writes_files():  # a distributed run's other processes: no lock, no writes
+    try:
+      distributed.barrier('open_run')  # process 0 has made the directories and holds the lock
+      checkpointer = _SyncedCheckpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
+      try:
+        yield checkpointer
+      finally:
+        checkpointer.close()
+    except KeyboardInterrupt:
+      sys.exit(130)
+    except CheckpointError as e:
+      sys.exit(f'error: {e}')
+    return
   try:
     os.makedirs(out, exist_ok=True)
     with RunLock(out):
       check_out_dir(out, settings)  # again, now that no other run can change it
       reporting.atomic_write_text(os.path.join(out, 'config.json'), json.dumps(settings, indent=2))
-      checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
+      if FLAGS.distributed:
+        checkpointer = _SyncedCheckpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
+        distributed.barrier('open_run')
+      else:
+        checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), FLAGS.max_checkpoints)
       try:
         yield checkpointer
       finally:
@@ -253,6 +314,44 @@ def open_run(out: str, settings: dict[str, Any]) -> Iterator[Checkpointer]:
     sys.exit(130)
   except (RunLockedError, CheckpointError) as e:
     sys.exit(f'error: {e}')
+
+
+class _SyncedCheckpointer(Checkpointer):
+  """--distributed: every process restores the same step (no process moves on, and so no process 0
+  saves a newer one, until all have read it); saves are written by process 0 only (Checkpointer)."""
+
+  def restore_latest(self, make_template):
+    found = super().restore_latest(make_template)
+    distributed.barrier('restored')
+    return found
+
+
+class _NoParams:
+  """The params store of a distributed run's other processes: saves nothing."""
+
+  def saved_cycle(self, trial, theta) -> None:
+    del trial, theta
+
+
+class _MainParams(ParamsStore):
+  """--distributed, process 0: θ (replicated, so its local copy is the value) saved from host memory
+  by an orbax checkpointer active in this process alone (no barrier with the others)."""
+
+  def __init__(self, directory: str, mode: str, spec: dict[str, Any]):
+    super().__init__(directory, mode, spec)
+    import orbax.checkpoint as ocp
+    self._checkpointer = ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0}))
+
+  def saved_cycle(self, trial, theta) -> None:
+    import jax
+    super().saved_cycle(trial, jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), theta))
+
+
+def make_params_store(out: str, mode: str, spec: dict[str, Any]):
+  if not writes_files():
+    return _NoParams()
+  return (_MainParams if FLAGS.distributed else ParamsStore)(os.path.join(out, 'params'), mode, spec)
 
 
 def save_params_mode(model, image_shape) -> str:
@@ -273,7 +372,7 @@ def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]
   """
   check_out_dir(out, setup.settings)
   # Checks the device split and the optimiser before anything is written.
-  trainer = Trainer(setup.model, setup.config.train,
+  trainer = Trainer(setup.model, setup.config.train, devices=trainer_devices(),
                     steps_per_epoch=steps_per_epoch(len(setup.dataset.train_labels), setup.config.train.batch_size))
   mode = save_params_mode(setup.model, setup.dataset.image_shape)
   spec = {'model': setup.settings['model'], 'widths': setup.settings['widths'],
@@ -284,7 +383,7 @@ def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]
   trials = len(setup.seeds) * len(setup.config.metrics)
   cycles = progress.expected_cycles(setup.settings['widths'], setup.config.fraction, setup.config.floor)
   with open_run(out, setup.settings) as checkpointer, progress.ProgressMonitor(trials, cycles) as monitor:
-    params_store = ParamsStore(os.path.join(out, 'params'), mode, spec)
+    params_store = make_params_store(out, mode, spec)
     d = setup.dataset
     monitor.log(f'{title or default_title(setup)}: {trials} trial{"s" * (trials != 1)} (seeds x metrics), up to '
                 f'{cycles} cycles each; train {len(d.train_labels)}, val {len(d.val_labels)}, '
@@ -294,7 +393,8 @@ def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]
                              log_epochs=FLAGS.verbose, batch_trials=setup.settings['batch_trials'],
                              params_store=params_store, monitor=monitor, stamp=stamp(setup.settings))
   logging.info('%s: %d records, %.1fs in this invocation', out, len(records), time.perf_counter() - start)
-  reporting.save_figures(records, out, title=title or default_title(setup), x_axis=FLAGS.x_axis)
+  if writes_files():
+    reporting.save_figures(records, out, title=title or default_title(setup), x_axis=FLAGS.x_axis)
   return records
 
 
