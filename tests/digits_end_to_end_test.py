@@ -25,6 +25,7 @@ import os
 import struct
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -123,11 +124,22 @@ test_records_masks_and_stopping = dropnet_test.test_records_masks_and_stopping
 # --batch_trials gives the sequential records.
 test_batched_records_equal_one_trial_at_a_time = batched_test.test_batched_records_equal_one_trial_at_a_time
 
-# Nothing recompiles after the first pruned cycle, sequential and batched.
-test_run_seed_compiles_nothing_after_the_first_pruned_cycle = \
-    recompile_test.test_run_seed_compiles_nothing_after_the_first_pruned_cycle
-test_batched_trials_compile_nothing_after_the_first_pruned_cycle = \
-    recompile_test.test_batched_trials_compile_nothing_after_the_first_pruned_cycle
+# Nothing recompiles after the first pruned cycle, sequential and batched. These count compilations,
+# so they start from empty caches (an earlier test may have compiled the same shapes) and leave them
+# empty (recompile_test's originals, later in the session, must see their own first compilations).
+@pytest.fixture
+def fresh_compilation_caches():
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+def test_run_seed_compiles_nothing_after_the_first_pruned_cycle(fresh_compilation_caches, mnist_small):
+  recompile_test.test_run_seed_compiles_nothing_after_the_first_pruned_cycle(mnist_small)
+
+
+def test_batched_trials_compile_nothing_after_the_first_pruned_cycle(fresh_compilation_caches, mnist_small):
+  recompile_test.test_batched_trials_compile_nothing_after_the_first_pruned_cycle(mnist_small)
 
 # Crash and resume: the same records as an uninterrupted run.
 setup = resume_test.setup
