@@ -140,6 +140,15 @@ def _layers(model: nn.Module, image_shape: Sequence[int]) -> list[LayerCount]:
   raise TypeError(f'no counts for {type(model).__name__}')
 
 
+COUNTED = (ConstantModel, models.MLP, models.ConvNet, models.ModelC, large_models.VGG19, large_models.ResNet18,
+           CompactResNet18)
+
+
+def supports(model: nn.Module) -> bool:
+  """Whether params and MACs of `model` can be counted (the library's model families)."""
+  return isinstance(model, COUNTED)
+
+
 def count(model: nn.Module, image_shape: Sequence[int]) -> Counts:
   """Params and MACs of `model` as built (dense; for a masked network, its run cost)."""
   layers = tuple(_layers(model, image_shape))

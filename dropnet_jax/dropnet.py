@@ -105,11 +105,14 @@ class DropNetMethod:
     return SeedKeys.for_seed(seed).shuffle_key(cycle)
 
   def mask_fields(self, masks: Masks) -> dict[str, Any]:
-    """The mask's record fields, with the size of its compact network (`compact`, `accounting`)."""
-    size = accounting.summary(self.model, self.image_shape, masks)
+    """The mask's record fields, with the size of its compact network (`compact`, `accounting`) for
+    the library's model families (a model of one's own has no counts, so no size budgets)."""
     fields = unit_mask_fields(masks)
-    return {'fraction_remaining': fields['fraction_remaining'], 'units': fields['units'],
-            'params': size['params'], 'macs': size['macs'], 'mask': fields['mask']}
+    out = {'fraction_remaining': fields['fraction_remaining'], 'units': fields['units']}
+    if accounting.supports(self.model):
+      size = accounting.summary(self.model, self.image_shape, masks)
+      out.update(params=size['params'], macs=size['macs'])
+    return {**out, 'mask': fields['mask']}
 
   def advance(self, trial: Trial, outcome: Outcome, dense: Outcome) -> None:
     """Records the trial's cycle, then stops it or sets its next mask."""
@@ -154,6 +157,8 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
   (`driver.Driver`).
   """
   config.validate()
+  if (config.param_budget or config.mac_budget) and not accounting.supports(model):
+    raise ValueError(f'param_budget/mac_budget: no params/MACs counts for {type(model).__name__}')
   trainer = trainer or Trainer(model, config.train, steps_per_epoch=train_lib.steps_per_epoch(
       data.train_labels.shape[0], config.train.batch_size))
   method = DropNetMethod(model, image_shape, data, config, log)

@@ -53,6 +53,7 @@ def small(data):
 
 
 def test_run_seed_compiles_nothing_after_the_first_pruned_cycle(mnist_small):
+  jax.clear_caches()  # the counts below start from nothing, whatever ran earlier in the session
   model = models.MLP(widths=(10, 10), num_classes=10)
   trainer = Trainer(model, CONFIG.train)
   data = small(mnist_small)
@@ -71,6 +72,7 @@ def test_run_seed_compiles_nothing_after_the_first_pruned_cycle(mnist_small):
 
 
 def test_batched_trials_compile_nothing_after_the_first_pruned_cycle(mnist_small):
+  jax.clear_caches()
   model = models.MLP(widths=(10, 10), num_classes=10)
   trainer = Trainer(model, CONFIG.train)
   data = small(mnist_small)
