@@ -24,3 +24,15 @@ def mnist_small(mnist):
   return DeviceData(mnist.train_images[:2000], mnist.train_labels[:2000].astype(np.int32),
                     mnist.val_images[:500], mnist.val_labels[:500].astype(np.int32),
                     mnist.test_images[:1000], mnist.test_labels[:1000].astype(np.int32))
+
+
+@pytest.fixture(scope='module')
+def one_torch_thread():
+  """Torch on one thread for a module of parity tests: their ops are tiny, and on a busy 2-core machine
+  torch's OpenMP threads spin-wait for each other (100x slower). Results do not depend on it beyond
+  the order of float sums."""
+  torch = pytest.importorskip('torch')
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)

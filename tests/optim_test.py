@@ -32,13 +32,8 @@ STEPS = 60
 BATCH = 16
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-  """One torch thread: these ops are tiny, and OpenMP threads spin-wait on a busy 2-core machine."""
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
+# Torch on one thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def steps(epochs: float, steps_per_epoch: int) -> int:

@@ -32,15 +32,8 @@ from experiments.torch_reference.weights import load_flax_params, to_flax_params
 MNIST_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mnist_subset'
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-  """Torch on one thread here. Parity does not depend on it (the thread count only reorders float
-  sums), but with other processes busy on a small machine torch's default OpenMP threads can run
-  these tiny ops 100x slower (they spin-wait for each other)."""
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
+# Torch on one thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def rel_err(a, b):

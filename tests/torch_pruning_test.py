@@ -58,12 +58,8 @@ class Plain(nn.Module):
     return x
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
+# Torch on one thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.mark.parametrize('name,case', [('conv', 'keep60'), ('conv', 'keep25'), ('modelc', 'keep60'),

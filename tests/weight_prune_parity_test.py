@@ -34,13 +34,8 @@ AMOUNTS = (0.2, 0.2, 0.2, 0.5)
 JIT = {name: jax.jit(fn, static_argnums=2) for name, fn in wc.WEIGHT_CRITERIA.items()}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-  """One torch thread: tiny ops on a busy small machine run far faster without OpenMP spin-waits."""
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
+# Torch on one thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def twins(which: str, seed: int = 0):
