@@ -197,6 +197,10 @@ class Setup:
 def setup_from_flags(**config_changes) -> Setup:
   """Validates the flags, then loads the data; raises ValueError (DataError) naming the problem."""
   widths = parse_widths(FLAGS.widths)
+  if FLAGS.distributed and FLAGS.batch_trials:
+    # Lanes split over the devices are sharded across processes, which the driver's host reads
+    # (epoch counts, measurements) do not gather yet.
+    raise ValueError('--batch_trials is not supported with --distributed yet; run the trials sequentially')
   config = dataclasses.replace(build_config(), **config_changes)
   config.validate()
   if FLAGS.checkpoint_every_epochs < 0 or FLAGS.max_checkpoints < 1:
