@@ -205,20 +205,23 @@ class MagnitudeMethod:
 
 def at_targets(records: Sequence[dict[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
   """Per (seed, method, target) the record that reports it: the final record of a per-target trial,
-  or the lottery trials' first record at that sparsity; `drop` = dense test accuracy - its."""
+  or the lottery trials' record closest to that sparsity (the rounds land on it exactly, but the round
+  before can be within rounding too); `drop` = dense test accuracy - its."""
   dense = {r['seed']: r['test_accuracy'] for r in records if r['cycle'] == 0}
-  out = []
+  best: dict[tuple, tuple[float, dict[str, Any]]] = {}
   for r in records:
     if r['cycle'] == 0:
       continue
     for target in targets:
-      hit = abs(r['sparsity'] - target) < 1e-3
-      per_target = r['method'] in ('oneshot', 'iterative') and r['stop_reason'] == 'target' and hit
-      lottery = r['method'] in ('lottery', 'lottery_reinit') and hit
-      if per_target or lottery:
-        out.append({'seed': r['seed'], 'method': r['method'], 'target': target,
-                    'test_accuracy': r['test_accuracy'], 'drop': dense[r['seed']] - r['test_accuracy']})
-  return out
+      distance = abs(r['sparsity'] - target)
+      per_target = r['method'] in ('oneshot', 'iterative') and r['stop_reason'] == 'target'
+      lottery = r['method'] in ('lottery', 'lottery_reinit')
+      if distance < 1e-3 and (per_target or lottery):
+        key = (r['seed'], r.get('metric', r['method']), target)
+        if key not in best or distance < best[key][0]:
+          best[key] = (distance, r)
+  return [{'seed': r['seed'], 'method': r['method'], 'target': target, 'test_accuracy': r['test_accuracy'],
+           'drop': dense[r['seed']] - r['test_accuracy']} for (_, _, target), (_, r) in best.items()]
 
 
 def sparsity_table(records: Sequence[dict[str, Any]], targets: Sequence[float], methods: Sequence[str]) -> str:

@@ -247,16 +247,8 @@ def check_out_dir(out: str, settings: dict[str, Any] | None) -> None:
     parent = os.path.dirname(parent)
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ValueError(f'--out={out}: {parent} is not writable')
-  if settings is not None:
-    saved_meta = newest_meta(os.path.join(out, 'checkpoints'))
-    differences = stamp_differences((saved_meta or {}).get('stamp'), stamp(settings))
-    if differences:
-      raise ValueError(f'{out}/checkpoints were made with other settings or data ({"; ".join(differences)}); '
-                       'use another --out or the same settings to resume')
   config_path = os.path.join(out, 'config.json')
-  if os.path.exists(config_path):
-    if settings is None:
-      return
+  if os.path.exists(config_path) and settings is not None:
     with open(config_path) as f:
       try:
         saved = json.load(f)
@@ -266,8 +258,14 @@ def check_out_dir(out: str, settings: dict[str, Any] | None) -> None:
     if differences:
       raise ValueError(f'{out} holds a run with a different configuration ({"; ".join(differences)}); '
                        'use another --out or the same settings to resume')
-  elif os.path.exists(os.path.join(out, 'results.jsonl')):
+  elif not os.path.exists(config_path) and os.path.exists(os.path.join(out, 'results.jsonl')):
     raise ValueError(f'{out} has results.jsonl but no config.json; refusing to mix runs')
+  if settings is not None:  # the checkpoints' own stamp: also when config.json was deleted or edited
+    saved_meta = newest_meta(os.path.join(out, 'checkpoints'))
+    differences = stamp_differences((saved_meta or {}).get('stamp'), stamp(settings))
+    if differences:
+      raise ValueError(f'{out}/checkpoints were made with other settings or data ({"; ".join(differences)}); '
+                       'use another --out or the same settings to resume')
 
 
 def results_writer(out: str):

@@ -19,7 +19,7 @@ import dataclasses
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from dropnet_jax import magnitude, reporting
 from dropnet_jax.config import to_dict
@@ -73,7 +73,7 @@ def main(argv):
   with common.open_run(out, setup.settings) as checkpointer:
     records = magnitude.run(setup.model, setup.dataset.image_shape, trainer.replicate(setup.data), setup.seeds,
                             config, trainer, checkpointer, FLAGS.checkpoint_every_epochs,
-                            on_record=common.results_writer(out), log=logging.info, stamp=common.stamp(setup.settings))
+                            on_record=common.results_writer(out), log=lambda line: print(line, flush=True), stamp=common.stamp(setup.settings))
   table = magnitude.sparsity_table(records, sorted(config.sparsities), config.methods)
   reporting.atomic_write_text(os.path.join(out, 'table.md'), table + '\n')
   dropnet_records = reporting.read_jsonl(os.path.join(FLAGS.dropnet_run, 'results.jsonl')) if FLAGS.dropnet_run else []

@@ -153,3 +153,15 @@ def test_cli_writes_table_and_figure_and_rejects_bad_input(tmp_path):
                        text=True)
   assert bad.returncode != 0 and 'sparsities' in bad.stderr and 'Traceback' not in bad.stderr
   assert not (tmp_path / 'bad').exists()
+
+
+def test_each_target_is_reported_once_per_trial():
+  """The lottery round before a target can be within rounding of it too; only the closest counts."""
+  rows = [{'seed': 0, 'cycle': 0, 'test_accuracy': 0.9, 'method': 'lottery', 'metric': 'lottery',
+           'sparsity': 0.0, 'stop_reason': None},
+          {'seed': 0, 'cycle': 21, 'test_accuracy': 0.8, 'method': 'lottery', 'metric': 'lottery',
+           'sparsity': 0.979526, 'stop_reason': None},
+          {'seed': 0, 'cycle': 22, 'test_accuracy': 0.7, 'method': 'lottery', 'metric': 'lottery',
+           'sparsity': 0.980006, 'stop_reason': 'target'}]
+  [row] = magnitude.at_targets(rows, [0.98])
+  assert row['test_accuracy'] == 0.7 and abs(row['drop'] - 0.2) < 1e-12
