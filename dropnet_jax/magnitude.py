@@ -32,7 +32,6 @@ fingerprint (masks themselves never go into JSON).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import jax

@@ -47,7 +47,7 @@ from dropnet_jax import models
 from dropnet_jax.config import TrainConfig
 from dropnet_jax.lanes import Lanes
 from dropnet_jax.train import DeviceData, Trainer
-from experiments import common  # the shared flags: --batch_size, --data_dir (MNIST for A and B), --out
+from experiments import common  # noqa: F401 (the shared flags: --batch_size, --data_dir for A and B, --out)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', 'fc,conv,modelc', 'Models: fc (A), conv (B), modelc (C).')
