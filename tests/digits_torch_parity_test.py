@@ -20,9 +20,9 @@ from conftest import MNIST_DIR as REAL_MNIST_DIR
 from digits_end_to_end_test import digits_as_mnist
 from dropnet_jax.input_pipeline import load_dataset
 
-pytestmark = pytest.mark.skipif(REAL_MNIST_DIR.is_dir(), reason=f'the real-MNIST originals run ({REAL_MNIST_DIR})')
+pytestmark = [pytest.mark.skipif(REAL_MNIST_DIR.is_dir(), reason=f'the real-MNIST originals run ({REAL_MNIST_DIR})'),
+              pytest.mark.usefixtures('one_torch_thread')]  # torch on one thread here too (conftest)
 
-one_torch_thread = torch_parity_test.one_torch_thread  # autouse: torch on one thread in this module too
 
 
 @pytest.fixture(scope='module')
