@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from absl import app, flags, logging
@@ -398,6 +398,19 @@ def run_dropnet(out: str, setup: Setup, title: str = '') -> list[dict[str, Any]]
   if writes_files():
     reporting.save_figures(records, out, title=title or default_title(setup), x_axis=FLAGS.x_axis)
   return records
+
+
+def run_side_by_side(runs: dict[str, Setup], label: Callable[[str, str], str], title: str) -> list[dict[str, Any]]:
+  """Runs (or resumes) each setup into <out>/<name>, then writes the combined records (metric
+  relabelled `label(metric, name)`), results.jsonl/.csv, figures and table into <out>: for studies."""
+  combined = []
+  for name, setup in runs.items():
+    records = run_dropnet(os.path.join(FLAGS.out, name), setup)
+    combined += [{**r, 'metric': label(r['metric'], name)} for r in records]
+  results_writer(FLAGS.out)(combined)
+  reporting.save_figures(combined, FLAGS.out, title=title)
+  print(reporting.summary_table(combined, 'test_accuracy'))
+  return combined
 
 
 def default_title(setup: Setup) -> str:

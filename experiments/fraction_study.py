@@ -12,7 +12,6 @@ import sys
 
 from absl import app, flags
 
-from dropnet_jax import reporting
 from experiments import common
 
 flags.DEFINE_list('fractions', '0.2,0.3,0.4,0.5,0.9', 'Values of p to compare.')
@@ -29,13 +28,9 @@ def main(argv):
       common.check_out_dir(os.path.join(common.FLAGS.out, f'p{p}'), s.settings)
   except ValueError as e:
     sys.exit(f'error: --fractions/flags: {e}')
-  combined = []
-  for p, setup in setups.items():
-    records = common.run_dropnet(os.path.join(common.FLAGS.out, f'p{p}'), setup)
-    combined += [{**r, 'metric': f'{r["metric"]} p={p}'} for r in records]
-  reporting.write_jsonl(os.path.join(common.FLAGS.out, 'results.jsonl'), combined)
-  reporting.save_figures(combined, common.FLAGS.out, title=f'pruning fraction p: {common.default_title(base)}')
-  print(reporting.summary_table(combined, 'test_accuracy'))
+  common.run_side_by_side({f'p{p}': setup for p, setup in setups.items()},
+                          lambda metric, name: f'{metric} p={name[1:]}',
+                          title=f'pruning fraction p: {common.default_title(base)}')
 
 
 def run() -> None:

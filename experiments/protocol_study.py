@@ -18,7 +18,6 @@ import sys
 
 from absl import app
 
-from dropnet_jax import reporting
 from experiments import common
 
 
@@ -41,13 +40,8 @@ def main(argv):
       common.check_out_dir(os.path.join(common.FLAGS.out, name), setup.settings)
   except ValueError as e:
     sys.exit(f'error: {e}')
-  combined = []
-  for name, setup in runs.items():
-    records = common.run_dropnet(os.path.join(common.FLAGS.out, name), setup)
-    combined += [{**r, 'metric': f'{r["metric"].replace("_official", "")} ({name})'} for r in records]
-  reporting.write_jsonl(os.path.join(common.FLAGS.out, 'results.jsonl'), combined)
-  reporting.save_figures(combined, common.FLAGS.out, title=f'paper vs official protocol: {common.default_title(paper)}')
-  print(reporting.summary_table(combined, 'test_accuracy'))
+  common.run_side_by_side(runs, lambda metric, name: f'{metric.replace("_official", "")} ({name})',
+                          title=f'paper vs official protocol: {common.default_title(paper)}')
 
 
 def run() -> None:
