@@ -77,12 +77,6 @@ def should_stop(record: dict[str, Any], dense_val_accuracy: float, config: DropN
   return None
 
 
-def unit_mask_fields(masks: Masks) -> dict[str, Any]:
-  """The record's encoding of a node/filter mask."""
-  return {'fraction_remaining': fraction_remaining(masks), 'units': units_per_layer(masks),
-          'mask': mask_to_strings(masks)}
-
-
 class DropNetMethod:
   """Algorithm 1's side of the loop (`driver.Method`) for one model, dataset and configuration."""
 
@@ -107,12 +101,11 @@ class DropNetMethod:
   def mask_fields(self, masks: Masks) -> dict[str, Any]:
     """The mask's record fields, with the size of its compact network (`compact`, `accounting`) for
     the library's model families (a model of one's own has no counts, so no size budgets)."""
-    fields = unit_mask_fields(masks)
-    out = {'fraction_remaining': fields['fraction_remaining'], 'units': fields['units']}
+    out = {'fraction_remaining': fraction_remaining(masks), 'units': units_per_layer(masks)}
     if accounting.supports(self.model):
       size = accounting.summary(self.model, self.image_shape, masks)
       out.update(params=size['params'], macs=size['macs'])
-    return {**out, 'mask': fields['mask']}
+    return {**out, 'mask': mask_to_strings(masks)}
 
   def advance(self, trial: Trial, outcome: Outcome, dense: Outcome) -> None:
     """Records the trial's cycle, then stops it or sets its next mask."""
