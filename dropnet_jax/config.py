@@ -11,8 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
-from dropnet_jax import criteria
-from dropnet_jax.optim import OptimizerConfig
+from dropnet_jax.pruning import criteria
+from dropnet_jax.training.optim import OptimizerConfig
 
 SCORE_SOURCES = ('data', 'epoch')
 SCORE_PARAMS = ('best', 'last')
@@ -30,7 +30,7 @@ class TrainConfig:
   eval_batch_size: int = 1000
   shuffle: bool = True  # reshuffle the training set every epoch (the official notebook did not)
   augment: str = 'none'  # on-device training augmentation: random crop (pad 4) and/or horizontal flip
-  optim: OptimizerConfig = OptimizerConfig()  # optimiser, learning rate and its schedule (dropnet_jax.optim)
+  optim: OptimizerConfig = OptimizerConfig()  # optimiser, learning rate and its schedule (dropnet_jax.training.optim)
 
   @property
   def lr(self) -> float:

@@ -15,7 +15,7 @@ is `Trainer.epoch_step` (an SGD epoch plus the validation pass) and its pure
     XLA's cost analysis of one compiled step for comparison;
   * the achieved FLOP rate as a fraction of this machine's float32 matmul rate,
     measured in the same run (a jitted 4096^2 jnp matmul, best of 5);
-  * the ratio of the PyTorch epoch time (experiments.torch_reference: same
+  * the ratio of the PyTorch epoch time (tests.torch_reference: same
     models, SGD, batch size and data; one trial) to the JAX train epoch;
   * peak host memory (getrusage maxrss) and device memory_stats when available.
 
@@ -45,8 +45,8 @@ from absl import app, flags
 
 from dropnet_jax import models
 from dropnet_jax.config import TrainConfig
-from dropnet_jax.lanes import Lanes
-from dropnet_jax.train import DeviceData, Trainer
+from dropnet_jax.training.lanes import Lanes
+from dropnet_jax.training.trainer import DeviceData, Trainer
 from experiments import common  # noqa: F401 (the shared flags: --batch_size, --data_dir for A and B, --out)
 
 FLAGS = flags.FLAGS
@@ -226,8 +226,8 @@ def time_torch(name, data: DeviceData, image_shape, widths) -> dict[str, Any] | 
   images = torch.from_numpy(np.array(data.train_images))
   labels = torch.from_numpy(np.array(data.train_labels).astype(np.int64))
   order = np.random.default_rng(0).permutation(len(labels))
-  from experiments.torch_reference import models as tmodels
-  from experiments.torch_reference import train as ttrain
+  from tests.torch_reference import models as tmodels
+  from tests.torch_reference import train as ttrain
   model = tmodels.create_model(name, widths, 10, image_shape)
   masks = tmodels.full_masks(model)
   trainer = ttrain.Trainer(model, TrainConfig(batch_size=FLAGS.batch_size))

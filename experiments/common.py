@@ -13,17 +13,21 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from absl import app, flags, logging
 
-from dropnet_jax import distributed, progress, reporting
-from dropnet_jax.checkpoint import CheckpointError, Checkpointer, newest_meta
-from dropnet_jax.driver import stamp_differences
+from dropnet_jax.training import distributed
+
+from dropnet_jax.runs import progress
+
+from dropnet_jax.runs import reporting
+from dropnet_jax.runs.checkpoint import CheckpointError, Checkpointer, newest_meta
+from dropnet_jax.loop.driver import stamp_differences
 from dropnet_jax.config import AUGMENTATIONS, DropNetConfig, TrainConfig
-from dropnet_jax.dropnet import run_experiment
+from dropnet_jax.loop.dropnet import run_experiment
 from dropnet_jax.input_pipeline import DATASETS, Dataset, dataset_fingerprint, load_dataset
 from dropnet_jax.models import MODELS, create_model, parse_widths
-from dropnet_jax.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
-from dropnet_jax.run_lock import RunLock, RunLockedError
-from dropnet_jax.saved_params import SAVE_MODES, ParamsStore
-from dropnet_jax.train import DeviceData, Trainer, data_mesh, steps_per_epoch
+from dropnet_jax.training.optim import OPTIMIZERS, SCHEDULES, OptimizerConfig
+from dropnet_jax.runs.lock import RunLock, RunLockedError
+from dropnet_jax.runs.saved_params import SAVE_MODES, ParamsStore
+from dropnet_jax.training.trainer import DeviceData, Trainer, data_mesh, steps_per_epoch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('model', 'fc', sorted(MODELS), 'Model: fc (Model A), conv (Model B), modelc (Model C), resnet18, vgg19.')
@@ -33,7 +37,7 @@ flags.DEFINE_float('width_multiplier', 1.0, 'Without --widths: the model\'s defa
 flags.DEFINE_enum('dataset', 'digits', DATASETS, 'digits is bundled with scikit-learn (offline default).')
 flags.DEFINE_string('data_dir', None, 'Local data files (for mnist: a directory of the four IDX files).')
 flags.DEFINE_list('metrics', 'min,max,random,min_layer,max_layer,random_layer',
-                  'Criteria to run (dropnet_jax.criteria: min, max, random, their _layer forms, apoz, apoz_layer, '
+                  'Criteria to run (dropnet_jax.pruning.criteria: min, max, random, their _layer forms, apoz, apoz_layer, '
                   'oracle, and the official notebook\'s selection rule as *_official).')
 flags.DEFINE_integer('seeds', 1, 'Number of seeds, run as 0..N-1.')
 flags.DEFINE_float('fraction', 0.2, 'p: fraction of remaining units dropped per cycle, in (0, 1].')

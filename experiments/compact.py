@@ -9,11 +9,11 @@ layer. Its trained θ is kept beside the run when the run was made with
 entry point picks a record, either by (seed, metric, cycle) or as the record
 with the best *validation* accuracy whose compact network fits a parameter or
 MAC budget (the test split never selects anything), turns it into the smaller
-dense network with the same logits (`dropnet_jax.compact.compact`) and
+dense network with the same logits (`dropnet_jax.compaction.compact.compact`) and
 writes it with `compact.save`: `spec.json` (architecture, shapes, and the
 record's seed/metric/cycle/fraction, accuracies, params and MACs under
 `meta`) and an orbax checkpoint. `--torch` also writes the PyTorch twin
-(`experiments.torch_reference.compact.export`).
+(`tests.torch_reference.compact.export`).
 
 The export is then checked from the files alone: `compact.load` rebuilds the
 model, and its accuracy on the run's validation and test splits (reloaded
@@ -41,9 +41,15 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from dropnet_jax import accounting, compact, reporting, saved_params
+from dropnet_jax.compaction import accounting
+
+from dropnet_jax.compaction import compact
+
+from dropnet_jax.runs import reporting
+
+from dropnet_jax.runs import saved_params
 from dropnet_jax.input_pipeline import DataError, load_dataset
-from dropnet_jax.mask_ops import masks_from_strings
+from dropnet_jax.pruning.masks import masks_from_strings
 from dropnet_jax.models import create_model
 
 FLAGS = flags.FLAGS
@@ -65,7 +71,7 @@ def define_flags() -> None:
   flags.DEFINE_string('out', None, 'Directory of the export (created; an older export there is replaced).')
 
 
-TORCH_MODELS = ('fc', 'conv', 'modelc')  # experiments.torch_reference.models
+TORCH_MODELS = ('fc', 'conv', 'modelc')  # tests.torch_reference.models
 EVAL_BATCH = 1000
 FRESH_OUT = 'and a new --out (resuming a finished run does not train, or save, its cycles again)'
 
@@ -193,7 +199,7 @@ def recorded_count(accuracy: float, n: int) -> int:
 
 def torch_logits(twin, images: np.ndarray) -> np.ndarray:
   import torch  # only with --torch
-  from experiments.torch_reference import models as tmodels
+  from tests.torch_reference import models as tmodels
   out = []
   with torch.no_grad():
     for i in range(0, len(images), EVAL_BATCH):
@@ -221,7 +227,7 @@ def export(selection: Selection, run: str, out: str, data_dir: str | None, with_
           'dense_params': dense_counts.params, 'dense_macs': dense_counts.macs,
           'dataset': config['dataset'], 'split_seed': int(config.get('split_seed', 0))}
   if with_torch:
-    from experiments.torch_reference import compact as torch_compact
+    from tests.torch_reference import compact as torch_compact
     torch_compact.export(out, small, small_theta, image_shape, meta)
   else:
     compact.save(out, small, small_theta, meta, image_shape)
@@ -240,7 +246,7 @@ def export(selection: Selection, run: str, out: str, data_dir: str | None, with_
     masked = predictions(model, theta, dataset.test_images, masks)  # the record's network, for the diagnosis
     result['test_predictions_differing_from_masked'] = int((masked.argmax(-1) != test_logits.argmax(-1)).sum())
   if with_torch:
-    from experiments.torch_reference import compact as torch_compact
+    from tests.torch_reference import compact as torch_compact
     twin_logits = torch_logits(torch_compact.load_torch(out), dataset.test_images)
     result['torch_test_correct'] = correct_count(twin_logits, dataset.test_labels)
     result['torch_test_accuracy'] = result['torch_test_correct'] / len(dataset.test_labels)

@@ -14,10 +14,10 @@ after a warm-up (compilation) call:
   * dense: the model with all-ones masks;
   * masked: the same model with the mask (same arrays, same compute: a mask
     only zeroes activations);
-  * compact: dropnet_jax.compact's smaller dense network with the same logits
+  * compact: dropnet_jax.compaction.compact's smaller dense network with the same logits
     (checked here to 1e-4 of the largest logit).
 
-MACs and params are dropnet_jax.accounting's analytic counts (per example).
+MACs and params are dropnet_jax.compaction.accounting's analytic counts (per example).
 The machine may be shared: the figures are noisy, and tiny networks are
 dominated by per-call overhead rather than MACs.
 """
@@ -33,8 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from dropnet_jax import accounting, compact, models, saved_params
-from dropnet_jax.compact_models import model_name
+from dropnet_jax import models
+
+from dropnet_jax.compaction import accounting
+
+from dropnet_jax.compaction import compact
+
+from dropnet_jax.runs import saved_params
+from dropnet_jax.models.compact import model_name
 
 FLAGS = flags.FLAGS
 

@@ -51,7 +51,8 @@ def warm_up_jax(trainer, model, image_shape, data, config) -> dict[str, float]:
   Each program is called twice on real inputs; the compile estimate is the sum
   of (first call - second call).
   """
-  from dropnet_jax import criteria, dropnet
+  from dropnet_jax.pruning import criteria
+  from dropnet_jax.loop import dropnet
   from dropnet_jax.models import full_masks, init_params
 
   start = time.perf_counter()
@@ -82,8 +83,8 @@ def warm_up_jax(trainer, model, image_shape, data, config) -> dict[str, float]:
 
 def run_jax(model, ds, config, seeds, out_dir):
   import jax
-  from dropnet_jax.dropnet import run_seed
-  from dropnet_jax.train import DeviceData, Trainer
+  from dropnet_jax.loop.dropnet import run_seed
+  from dropnet_jax.training.trainer import DeviceData, Trainer
 
   data = DeviceData.from_dataset(ds)
   trainer = Trainer(model, config.train)
@@ -110,7 +111,7 @@ def run_jax(model, ds, config, seeds, out_dir):
 def timed_seeds(path, seeds, run_one):
   """Runs `run_one(seed, on_record)` for every seed, rewriting `path` (JSONL) as records arrive;
   returns (records, {'wall_s', 'load_before', 'load_after'})."""
-  from dropnet_jax import reporting
+  from dropnet_jax.runs import reporting
   records: list[dict] = []
 
   def on_record(r):
@@ -127,8 +128,8 @@ def timed_seeds(path, seeds, run_one):
 
 def run_torch(flax_model, torch_model, ds, config, seeds, out_dir):
   import jax
-  from experiments.torch_reference import dropnet as tdropnet
-  from experiments.torch_reference.train import TorchData, Trainer
+  from tests.torch_reference import dropnet as tdropnet
+  from tests.torch_reference.train import TorchData, Trainer
 
   data = TorchData.from_dataset(ds)
   trainer = Trainer(torch_model, config.train)
@@ -238,11 +239,11 @@ def main(argv):
   import jax
   import torch
 
-  from dropnet_jax import reporting
+  from dropnet_jax.runs import reporting
   from dropnet_jax.input_pipeline import load_dataset
   from dropnet_jax.models import create_model, parse_widths
-  from experiments.torch_reference import dropnet as tdropnet
-  from experiments.torch_reference import models as tmodels
+  from tests.torch_reference import dropnet as tdropnet
+  from tests.torch_reference import models as tmodels
 
   try:
     widths = parse_widths(FLAGS.widths)

@@ -13,7 +13,7 @@ import time
 
 from absl import app
 
-from dropnet_jax import reporting
+from dropnet_jax.runs import reporting
 from experiments import common
 
 

@@ -46,10 +46,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dropnet_jax import accounting, ensemble, reporting, saved_params
+from dropnet_jax import ensemble
+
+from dropnet_jax.compaction import accounting
+
+from dropnet_jax.runs import reporting
+
+from dropnet_jax.runs import saved_params
 from dropnet_jax.ensemble.report import VOTES, PoolResult, best_single
 from dropnet_jax.input_pipeline import load_dataset
-from dropnet_jax.mask_ops import masks_from_strings
+from dropnet_jax.pruning.masks import masks_from_strings
 from dropnet_jax.models import create_model
 
 FLAGS = flags.FLAGS

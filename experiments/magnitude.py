@@ -5,7 +5,7 @@ r"""Unstructured magnitude pruning: one-shot, iterative fine-tuning and lottery 
       --sparsities=0.5,0.75,0.9 --seeds=3 --out=runs/magnitude
 
 Every method runs in the one DropNet loop at weight granularity
-(`dropnet_jax.magnitude`), all methods x targets x seeds as lanes of one
+(`dropnet_jax.loop.magnitude`), all methods x targets x seeds as lanes of one
 group, resumable (rerun the same command). Writes config.json,
 results.jsonl/.csv (one record per trial and cycle: sparsity of the prunable
 weights and of all params, per-layer sparsity, accuracies), table.md (method
@@ -21,9 +21,11 @@ import sys
 
 from absl import app, flags
 
-from dropnet_jax import magnitude, reporting
+from dropnet_jax.loop import magnitude
+
+from dropnet_jax.runs import reporting
 from dropnet_jax.config import to_dict
-from dropnet_jax.train import Trainer, steps_per_epoch
+from dropnet_jax.training.trainer import Trainer, steps_per_epoch
 from experiments import common
 
 FLAGS = flags.FLAGS

@@ -5,11 +5,11 @@ r"""Seconds per prune-and-retrain round: dropnet_jax against PyTorch's prune-and
 
 One round is what iterative magnitude pruning repeats: prune `--amount` of the
 remaining weights by global |w| (every Dense/Conv kernel, the classifier's
-included, biases not: `dropnet_jax.magnitude`'s default selection), then
+included, biases not: `dropnet_jax.loop.magnitude`'s default selection), then
 `--epochs` epochs of plain SGD on the masked network. Both sides start from
 the same θ0 (the Flax init copied into the torch twin,
-`experiments.torch_reference`) and see the same batches (each epoch's order is
-`dropnet_jax.batches.shuffle_order` of the same key; the last batch is the
+`tests.torch_reference`) and see the same batches (each epoch's order is
+`dropnet_jax.training.batches.shuffle_order` of the same key; the last batch is the
 remainder):
 
   * JAX: `weight_criteria.global_l1` (jitted, the fraction static) and
@@ -81,11 +81,11 @@ def epoch_keys(seed: int, rounds: int, epochs: int) -> list[list[jax.Array]]:
 
 def jax_rounds(model, dataset, theta0, keys, *, amount: float, lr: float, batch_size: int) -> dict[str, Any]:
   """The rounds in dropnet_jax; returns times, the final params and mask."""
-  from dropnet_jax import weight_criteria
+  from dropnet_jax.pruning import weight_criteria
   from dropnet_jax.config import TrainConfig
-  from dropnet_jax.optim import OptimizerConfig
-  from dropnet_jax.train import DeviceData, Trainer, steps_per_epoch
-  from dropnet_jax.weight_masks import init_weight_mask
+  from dropnet_jax.training.optim import OptimizerConfig
+  from dropnet_jax.training.trainer import DeviceData, Trainer, steps_per_epoch
+  from dropnet_jax.pruning.weight_masks import init_weight_mask
 
   config = TrainConfig(batch_size=batch_size, optim=OptimizerConfig(optimizer='sgd', lr=lr))
   trainer = Trainer(model, config, weight_masks=True,
@@ -129,8 +129,8 @@ def torch_rounds(model_name: str, widths, dataset, theta0, orders, *, amount: fl
   import torch.nn.functional as F
   from torch.nn.utils import prune
 
-  from experiments.torch_reference import models as torch_models
-  from experiments.torch_reference.weights import load_flax_params
+  from tests.torch_reference import models as torch_models
+  from tests.torch_reference.weights import load_flax_params
 
   net = torch_models.create_model(model_name, widths, dataset.num_classes, dataset.image_shape)
   load_flax_params(net, jax.tree.map(np.asarray, theta0))
@@ -188,7 +188,7 @@ def _summary(times: list[dict[str, float]]) -> dict[str, Any]:
 
 def compare(model_name: str, widths, dataset, *, epochs: int, rounds: int, amount: float, lr: float,
             batch_size: int, seed: int) -> dict[str, Any]:
-  from dropnet_jax.batches import shuffle_order
+  from dropnet_jax.training.batches import shuffle_order
   from dropnet_jax.models import create_model, init_params
 
   model = create_model(model_name, widths, dataset.num_classes)

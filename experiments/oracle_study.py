@@ -15,9 +15,9 @@ import sys
 
 from absl import app, flags
 
-from dropnet_jax import reporting
-from dropnet_jax.mask_ops import masks_from_strings
-from dropnet_jax.oracle import mask_similarity
+from dropnet_jax.runs import reporting
+from dropnet_jax.pruning.masks import masks_from_strings
+from dropnet_jax.pruning.oracle import mask_similarity
 from experiments import common
 
 ORACLE = 'oracle'

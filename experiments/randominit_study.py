@@ -13,9 +13,9 @@ import sys
 
 from absl import app, logging
 
-from dropnet_jax import reporting
-from dropnet_jax.dropnet import retrain_from_random_init
-from dropnet_jax.train import Trainer
+from dropnet_jax.runs import reporting
+from dropnet_jax.loop.dropnet import retrain_from_random_init
+from dropnet_jax.training.trainer import Trainer
 from experiments import common
 
 

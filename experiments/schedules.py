@@ -38,11 +38,11 @@ flags.DEFINE_integer('train_subset', None, 'Use only this many training examples
 
 def train_schedule(model, image_shape, data, config, seed: int = 0) -> dict[str, Any]:
   """Trains `config` from seed's θ0 and returns per-epoch curves and the final accuracies."""
-  from dropnet_jax import optim
-  from dropnet_jax.dropnet import SeedKeys
-  from dropnet_jax.layers import full_masks
+  from dropnet_jax.training import optim
+  from dropnet_jax.loop.dropnet import SeedKeys
+  from dropnet_jax.models.layers import full_masks
   from dropnet_jax.models import init_params
-  from dropnet_jax.train import Trainer, fit, steps_per_epoch
+  from dropnet_jax.training.trainer import Trainer, fit, steps_per_epoch
 
   steps = steps_per_epoch(int(data.train_labels.shape[0]), config.batch_size)
   trainer = Trainer(model, config, steps_per_epoch=steps)
@@ -89,7 +89,7 @@ def figure(results: dict[str, dict[str, Any]], path: str, title: str = '') -> No
   import io
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  from dropnet_jax import reporting
+  from dropnet_jax.runs import reporting
   fig = Figure(figsize=(16, 4.5), layout='constrained')
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, 3)
@@ -114,9 +114,9 @@ def figure(results: dict[str, dict[str, Any]], path: str, title: str = '') -> No
 def run(out: str, model, dataset, base, schedules, seed: int, log=logging.info) -> dict[str, dict[str, Any]]:
   """Trains each schedule (skipping those already in <out>/schedules.json with the same settings) and
   writes the json, table and figure."""
-  from dropnet_jax import reporting
+  from dropnet_jax.runs import reporting
   from dropnet_jax.config import to_dict
-  from dropnet_jax.train import DeviceData
+  from dropnet_jax.training.trainer import DeviceData
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, 'schedules.json')
   saved = json.load(open(path)) if os.path.exists(path) else {}
@@ -142,7 +142,7 @@ def run(out: str, model, dataset, base, schedules, seed: int, log=logging.info) 
 
 def main(argv):
   del argv
-  from dropnet_jax.optim import SCHEDULES
+  from dropnet_jax.training.optim import SCHEDULES
   try:
     bad = [s for s in FLAGS.schedules if s not in SCHEDULES]
     if bad or not FLAGS.schedules:

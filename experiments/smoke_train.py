@@ -21,10 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dropnet_jax import large_models, models, reporting
+from dropnet_jax import models
+
+from dropnet_jax.models import large as large_models
+
+from dropnet_jax.runs import reporting
 from dropnet_jax.input_pipeline import load_dataset
-from dropnet_jax.optim import OptimizerConfig
-from dropnet_jax.train import DeviceData, TrainConfig, Trainer, split_theta
+from dropnet_jax.training.optim import OptimizerConfig
+from dropnet_jax.training.trainer import DeviceData, TrainConfig, Trainer, split_theta
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', 'modelc,resnet18,vgg19', 'Models to train.')

@@ -166,7 +166,7 @@ def write_outputs(tuning, study, space, setup, dataset, report) -> dict:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  from dropnet_jax import reporting
+  from dropnet_jax.runs import reporting
 
   rows = trials_rows(study)
   buf = io.StringIO()
@@ -213,7 +213,7 @@ def write_outputs(tuning, study, space, setup, dataset, report) -> dict:
 
 
 def retrain(tuning, setup, dataset, space, settings, seeds) -> dict:
-  from dropnet_jax.train import DeviceData
+  from dropnet_jax.training.trainer import DeviceData
   data = DeviceData.from_dataset(dataset)
   if FLAGS.objective == 'dropnet':
     obj = tuning.DropNetObjective(setup.model, dataset.image_shape, data, setup.config, FLAGS.units_remaining)
@@ -233,7 +233,7 @@ def retrain(tuning, setup, dataset, space, settings, seeds) -> dict:
 def main(argv):
   del argv
   from dropnet_jax import tuning
-  from dropnet_jax.train import DeviceData
+  from dropnet_jax.training.trainer import DeviceData
   try:
     if FLAGS.workers < 1 or FLAGS.batch < 1 or FLAGS.n_trials < 1:
       raise ValueError('--workers, --batch and --n_trials must be positive')

@@ -20,8 +20,12 @@ import numpy as np
 import pytest
 from jax import lax
 
-from dropnet_jax import accounting, compact, models
-from dropnet_jax.compact_models import ConstantModel
+from dropnet_jax import models
+
+from dropnet_jax.compaction import accounting
+
+from dropnet_jax.compaction import compact
+from dropnet_jax.models.compact import ConstantModel
 from compact_test import CASES, NUM_CLASSES, case_masks, setup  # noqa: E402  (shared fixtures of the compact tests)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropnet_jax.augment import random_crop_flip
+from dropnet_jax.training.augment import random_crop_flip
 
 B, H, W, C = 64, 8, 6, 3
 

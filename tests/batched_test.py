@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dropnet_jax import dropnet, models
-from dropnet_jax.layers import masked_relu, to_float
+from dropnet_jax import models
+
+from dropnet_jax.loop import dropnet
+from dropnet_jax.models.layers import masked_relu, to_float
 from dropnet_jax.config import DropNetConfig, TrainConfig
-from dropnet_jax.optim import OptimizerConfig
-from dropnet_jax.lanes import Lanes
-from dropnet_jax.train import DeviceData, Trainer, fit
+from dropnet_jax.training.optim import OptimizerConfig
+from dropnet_jax.training.lanes import Lanes
+from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 # --batch_trials: every trial of a cycle as a lane of one program.
 run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dropnet_jax import checkpoint
-from dropnet_jax.checkpoint import TMP_MARKER, Checkpointer, CheckpointError
+from dropnet_jax.runs import checkpoint
+from dropnet_jax.runs.checkpoint import TMP_MARKER, Checkpointer, CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -325,7 +325,7 @@ SAVER = textwrap.dedent('''
     import sys
     sys.path.insert(0, sys.argv[2])
     from checkpoint_test import state
-    from dropnet_jax.checkpoint import Checkpointer
+    from dropnet_jax.runs.checkpoint import Checkpointer
     ck = Checkpointer(sys.argv[1], max_to_keep=3)
     try:
       k = 0
@@ -385,7 +385,7 @@ HANGING_SAVER = textwrap.dedent('''
     import sys, time
     sys.path.insert(0, sys.argv[2])
     from checkpoint_test import state
-    from dropnet_jax import checkpoint
+    from dropnet_jax.runs import checkpoint
     hang = False
 
     def before_commit(tmp):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dropnet_jax import reporting
+from dropnet_jax.runs import reporting
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = [sys.executable, '-m', 'experiments.dropnet']

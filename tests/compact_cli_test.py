@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dropnet_jax import accounting, compact, reporting, saved_params
+from dropnet_jax.compaction import accounting
+
+from dropnet_jax.compaction import compact
+
+from dropnet_jax.runs import reporting
+
+from dropnet_jax.runs import saved_params
 from dropnet_jax.input_pipeline import load_dataset
 from experiments import compact as cli
 from experiments import compact_bench
@@ -89,8 +95,8 @@ def test_exported_cycle_reads_back_with_the_records_accuracy_and_a_matching_torc
   assert f'{record["params"]:,}' in proc.stdout
 
   import torch
-  from experiments.torch_reference import compact as torch_compact
-  from experiments.torch_reference import models as tmodels
+  from tests.torch_reference import compact as torch_compact
+  from tests.torch_reference import models as tmodels
   twin = torch_compact.load_torch(str(out))
   with torch.no_grad():
     twin_logits, _ = twin(torch.from_numpy(digits.test_images), tmodels.full_masks(twin), with_stats=False)

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropnet_jax import compact, models
-from dropnet_jax import large_models as L
-from dropnet_jax.compact_models import CompactResNet18, ConstantModel
+from dropnet_jax import models
+
+from dropnet_jax.compaction import compact
+from dropnet_jax.models import large as L
+from dropnet_jax.models.compact import CompactResNet18, ConstantModel
 
 NUM_CLASSES = 7
 CASES = {  # width multiplier ~1/8 for the large models, CIFAR-size inputs
@@ -203,8 +205,8 @@ def test_save_load_roundtrip(tmp_path, name, case):
                                        ('modelc', 'empty_layer')])
 def test_torch_twin_of_compact_model(tmp_path, name, case):
   torch = pytest.importorskip('torch')
-  from experiments.torch_reference import compact as tcompact
-  from experiments.torch_reference import models as tmodels
+  from tests.torch_reference import compact as tcompact
+  from tests.torch_reference import models as tmodels
   model, theta, images = setup(name)
   shape = CASES[name][1]
   masks = case_masks(name, case)

@@ -20,7 +20,7 @@ def mnist():
 @pytest.fixture(scope='session')
 def mnist_small(mnist):
   """2,000 train / 500 val / 1,000 test real MNIST images as DeviceData."""
-  from dropnet_jax.train import DeviceData
+  from dropnet_jax.training.trainer import DeviceData
   return DeviceData(mnist.train_images[:2000], mnist.train_labels[:2000].astype(np.int32),
                     mnist.val_images[:500], mnist.val_labels[:500].astype(np.int32),
                     mnist.test_images[:1000], mnist.test_labels[:1000].astype(np.int32))

@@ -18,8 +18,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from dropnet_jax import reporting
-from dropnet_jax.progress import expected_cycles
+from dropnet_jax.runs import reporting
+from dropnet_jax.runs.progress import expected_cycles
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['--widths=8,8', '--fraction=0.5', '--floor=0.3', '--max_epochs=4', '--checkpoint_every_epochs=0']

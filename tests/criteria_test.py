@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropnet_jax import criteria, mask_ops
-from dropnet_jax.layers import StatSums
+from dropnet_jax.pruning import criteria
+
+from dropnet_jax.pruning import masks as mask_ops
+from dropnet_jax.models.layers import StatSums
 
 KEY = jax.random.key(0)
 ACTIVATION = ('min', 'max', 'random', 'min_layer', 'max_layer', 'random_layer', 'apoz', 'apoz_layer')
@@ -236,10 +238,11 @@ def test_official_rule_drops_the_same_count_and_only_shrinks(metric):
 
 def test_a_registered_criterion_runs_in_the_loop_with_no_driver_change():
   """The README's example: a new rule is one registered function; the driver runs it by name."""
-  from dropnet_jax import dropnet, models
+  from dropnet_jax import models
+  from dropnet_jax.loop import dropnet
   from dropnet_jax.config import DropNetConfig, TrainConfig
   from dropnet_jax.input_pipeline import load_dataset
-  from dropnet_jax.train import DeviceData
+  from dropnet_jax.training.trainer import DeviceData
   ds = load_dataset('digits')
   model = models.create_model('fc', (12, 12), num_classes=10)
 

@@ -36,7 +36,7 @@ import recompile_test
 import resume_test
 import studies_test
 from dropnet_jax.input_pipeline import load_dataset
-from dropnet_jax.train import DeviceData
+from dropnet_jax.training.trainer import DeviceData
 
 # Shifts of the 24x24 (3x upscaled) digit inside the 28x28 frame: 5 training copies, 3 test copies
 # of disjoint digits, so the stand-in has enough images for the tests' cuts (2,000 / 500 / 1,000).

@@ -8,10 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropnet_jax import criteria, dropnet, mask_ops, models
+from dropnet_jax import models
+
+from dropnet_jax.pruning import criteria
+
+from dropnet_jax.loop import dropnet
+
+from dropnet_jax.pruning import masks as mask_ops
 from dropnet_jax.config import DropNetConfig, TrainConfig
-from dropnet_jax.optim import OptimizerConfig
-from dropnet_jax.train import DeviceData, Trainer
+from dropnet_jax.training.optim import OptimizerConfig
+from dropnet_jax.training.trainer import DeviceData, Trainer
 
 FAST = TrainConfig(max_epochs=3, patience=2)
 
@@ -146,8 +152,8 @@ def test_mask_string_round_trip():
 def test_batch_norm_model_runs_resumes_and_resets_its_running_stats(tmp_path):
   """VGG19 (batch norm): θ0 holds the initial running statistics, every cycle restarts from them,
   and a checkpointed run resumes (the oracle gets the batch statistics too)."""
-  from dropnet_jax import large_models
-  from dropnet_jax.checkpoint import Checkpointer
+  from dropnet_jax.models import large as large_models
+  from dropnet_jax.runs.checkpoint import Checkpointer
   model = large_models.VGG19(widths=(3, 4) * 8, num_classes=4)
   rng = np.random.default_rng(0)
   images = lambda n: jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), np.uint8))
@@ -178,7 +184,7 @@ def test_batch_norm_model_runs_resumes_and_resets_its_running_stats(tmp_path):
 
 def test_records_carry_compact_size_and_budgets_stop_at_the_first_fit(mnist_small):
   """Every record has its compact network's params/MACs; --param_budget/--mac_budget stop there."""
-  from dropnet_jax import accounting
+  from dropnet_jax.compaction import accounting
   model = models.MLP(widths=(16, 16), num_classes=10)
   data = DeviceData(*(jnp.asarray(a[:500]) for a in mnist_small))
   base = DropNetConfig(metrics=('min',), fraction=0.3, floor=0.2, train=TrainConfig(max_epochs=2, patience=1))

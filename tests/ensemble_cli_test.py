@@ -20,7 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from dropnet_jax import reporting, saved_params
+from dropnet_jax.runs import reporting
+
+from dropnet_jax.runs import saved_params
 from dropnet_jax.ensemble import METRICS
 from dropnet_jax.ensemble import reference as R
 from dropnet_jax.input_pipeline import load_dataset

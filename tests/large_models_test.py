@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from dropnet_jax import large_models as L
+from dropnet_jax.models import large as L
 from dropnet_jax import models
 
 # Tiny versions: conv1 widths differ from the block widths (they are free), every width >= 2.

@@ -6,15 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropnet_jax import magnitude, weight_masks
-from dropnet_jax.checkpoint import Checkpointer
+from dropnet_jax.loop import magnitude
+
+from dropnet_jax.pruning import weight_masks
+from dropnet_jax.runs.checkpoint import Checkpointer
 from dropnet_jax.config import TrainConfig
-from dropnet_jax.dropnet import SeedKeys
+from dropnet_jax.loop.dropnet import SeedKeys
 from dropnet_jax.input_pipeline import load_dataset
-from dropnet_jax.lanes import Lanes
+from dropnet_jax.training.lanes import Lanes
 from dropnet_jax.models import create_model, init_params
-from dropnet_jax.optim import OptimizerConfig
-from dropnet_jax.train import DeviceData, Trainer, fit
+from dropnet_jax.training.optim import OptimizerConfig
+from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 CONFIG = magnitude.MagnitudeConfig(sparsities=(0.5, 0.75), finetune_epochs=2, round_epochs=1, final_epochs=2,
                                    iterative_fraction=0.3, train=TrainConfig(max_epochs=3, patience=2))

@@ -1,10 +1,10 @@
-"""dropnet_jax.optim against torch.optim: every schedule equals its torch.optim.lr_scheduler
+"""dropnet_jax.training.optim against torch.optim: every schedule equals its torch.optim.lr_scheduler
 counterpart on a step grid, and every optimiser trains the Model A twin along torch.optim's
 trajectory for 60 steps (same θ0, masks and batches). Plus: the default is optax.sgd bit for bit,
 per-lane hyperparameters under vmap equal separate runs, and validate() names the bad field.
 
 The torch side is built here from the torch API and the config's documented meaning (epochs x
-steps per epoch, rounded half up), not from dropnet_jax.optim's step arithmetic.
+steps per epoch, rounded half up), not from dropnet_jax.training.optim's step arithmetic.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import optax  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dropnet_jax import models  # noqa: E402
-from dropnet_jax.optim import OptimizerConfig, make_optimizer, make_schedule, with_hyperparams  # noqa: E402
-from experiments.torch_reference import models as tmodels  # noqa: E402
-from experiments.torch_reference.weights import load_flax_params, to_flax_params  # noqa: E402
+from dropnet_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule, with_hyperparams  # noqa: E402
+from tests.torch_reference import models as tmodels  # noqa: E402
+from tests.torch_reference.weights import load_flax_params, to_flax_params  # noqa: E402
 
 IMAGE_SHAPE = (8, 8, 1)
 WIDTHS = (16, 16)

@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from dropnet_jax import models, oracle
+from dropnet_jax import models
+
+from dropnet_jax.pruning import oracle
 
 MODEL = models.MLP(widths=(4, 3), num_classes=3)
 

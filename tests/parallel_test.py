@@ -19,8 +19,8 @@ import jax, jax.numpy as jnp, numpy as np
 from dropnet_jax import models
 from dropnet_jax.input_pipeline import load_dataset
 from dropnet_jax.config import DropNetConfig, TrainConfig
-from dropnet_jax.lanes import Lanes
-from dropnet_jax.train import DeviceData, Trainer, fit
+from dropnet_jax.training.lanes import Lanes
+from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 out = {'devices': len(jax.devices())}
 ds = load_dataset('mnist', sys.argv[1])
@@ -58,7 +58,7 @@ for name, model in [('fc', models.MLP((32, 16), 10)), ('conv', models.ConvNet((4
   }
 
 # Batched trials on 2 devices: the lanes are split over the devices.
-from dropnet_jax import dropnet
+from dropnet_jax.loop import dropnet
 
 # --batch_trials: every trial of a cycle as a lane of one program.
 run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
@@ -67,7 +67,7 @@ config = DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3, train=TrainCon
 tr2, tr1 = Trainer(model, config.train), Trainer(model, config.train, devices=one)
 stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 params = stack([models.init_params(model, jax.random.key(s), (28, 28, 1)) for s in range(2)])
-from dropnet_jax.lanes import Lanes
+from dropnet_jax.training.lanes import Lanes
 lanes = [Lanes(tr).epoch_step(Lanes(tr).init_fit(params, stack([models.full_masks(model)] * 2),
                                                  jnp.stack([jax.random.key(5)] * 2)), data) for tr in (tr2, tr1)]
 out['batched_diff'] = diff(lanes[0].params, lanes[1].params)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from dropnet_jax.progress import ProgressMonitor, expected_cycles, format_seconds
+from dropnet_jax.runs.progress import ProgressMonitor, expected_cycles, format_seconds
 
 
 class Clock:

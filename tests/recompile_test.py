@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropnet_jax import dropnet, models
-from dropnet_jax.layers import to_float
+from dropnet_jax import models
+
+from dropnet_jax.loop import dropnet
+from dropnet_jax.models.layers import to_float
 from dropnet_jax.config import DropNetConfig, TrainConfig
-from dropnet_jax.lanes import Lanes
-from dropnet_jax.train import DeviceData, Trainer, fit
+from dropnet_jax.training.lanes import Lanes
+from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 # --batch_trials: every trial of a cycle as a lane of one program.
 run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
@@ -123,7 +125,7 @@ class Convs(nn.Module):
 
 @pytest.mark.parametrize('model', [Convs(), models.ConvNet((4, 6), 10)], ids=['paddings', 'convnet'])
 def test_fast_grads_equal_autodiff(model):
-  from dropnet_jax.cpu_grads import with_fast_grads
+  from dropnet_jax.training.cpu_grads import with_fast_grads
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(0, 256, (5, 12, 12, 1)), jnp.uint8)
   masks = (jnp.ones(4),) if isinstance(model, Convs) else models.full_masks(model)
@@ -150,7 +152,7 @@ def test_fast_grads_equal_autodiff(model):
 
 
 def test_fast_max_pool_grads_pick_the_first_maximum_like_autodiff():
-  from dropnet_jax.cpu_grads import with_fast_grads
+  from dropnet_jax.training.cpu_grads import with_fast_grads
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(0, 3, (3, 8, 6, 4)), jnp.float32)  # many ties inside the windows
   r = jnp.asarray(rng.normal(size=(3, 8, 6, 4)), jnp.float32)
@@ -166,7 +168,7 @@ def test_fast_max_pool_grads_pick_the_first_maximum_like_autodiff():
 
 @pytest.mark.parametrize('n', [1, 31, 20428, 1 << 16, (1 << 16) + 3])
 def test_shuffle_order_is_jax_random_permutation(n):
-  from dropnet_jax.batches import shuffle_order
+  from dropnet_jax.training.batches import shuffle_order
   for seed in range(2):
     key = jax.random.fold_in(jax.random.key(seed), n)
     want = np.asarray(jax.random.permutation(key, n))

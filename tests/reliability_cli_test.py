@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cli_test import idx_dir, write_idx
-from dropnet_jax import reporting
+from dropnet_jax.runs import reporting
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, '-m', 'experiments.dropnet', '--widths=6,6', '--metrics=min', '--max_epochs=2',
@@ -100,7 +100,7 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path):
   out = tmp_path / 'run'
   out.mkdir()
   holder = subprocess.Popen([sys.executable, '-c', (
-      'import sys, time\nfrom dropnet_jax.run_lock import RunLock\n'
+      'import sys, time\nfrom dropnet_jax.runs.lock import RunLock\n'
       f'with RunLock({str(out)!r}):\n  print("held", flush=True)\n  time.sleep(60)')],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   try:

@@ -1,4 +1,4 @@
-"""Tests for dropnet_jax.reporting: I/O, statistics, table and figures."""
+"""Tests for dropnet_jax.runs.reporting: I/O, statistics, table and figures."""
 
 import math
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from dropnet_jax import reporting
+from dropnet_jax.runs import reporting
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 # Student-t 97.5% quantile with 2 degrees of freedom, from the df=2 closed form

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from dropnet_jax import reporting
+from dropnet_jax.runs import reporting
 
 
 def test_csv_holds_the_same_values_as_jsonl(tmp_path):

@@ -13,12 +13,16 @@ import chex
 import jax.numpy as jnp
 import pytest
 
-from dropnet_jax import dropnet, models, reporting
-from dropnet_jax.checkpoint import Checkpointer
+from dropnet_jax import models
+
+from dropnet_jax.loop import dropnet
+
+from dropnet_jax.runs import reporting
+from dropnet_jax.runs.checkpoint import Checkpointer
 from dropnet_jax.config import DropNetConfig, TrainConfig
-from dropnet_jax.driver import Driver, Trial
-from dropnet_jax.lanes import OneLane
-from dropnet_jax.train import DeviceData, Trainer, fit
+from dropnet_jax.loop.driver import Driver, Trial
+from dropnet_jax.training.lanes import OneLane
+from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 # --batch_trials: every trial of a cycle as a lane of one program.
 run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dropnet_jax.run_lock import LOCK_NAME, RunLock, RunLockedError
+from dropnet_jax.runs.lock import LOCK_NAME, RunLock, RunLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path):
   holder = tmp_path / 'holder.py'
   holder.write_text(textwrap.dedent('''
       import sys, time
-      from dropnet_jax.run_lock import RunLock
+      from dropnet_jax.runs.lock import RunLock
       lock = RunLock(sys.argv[1]).acquire()
       print('locked', flush=True)
       time.sleep(3600)

@@ -6,11 +6,15 @@ import os
 import numpy as np
 import pytest
 
-from dropnet_jax import dropnet, reporting, saved_params
+from dropnet_jax.loop import dropnet
+
+from dropnet_jax.runs import reporting
+
+from dropnet_jax.runs import saved_params
 from dropnet_jax.config import DropNetConfig, TrainConfig
 from dropnet_jax.input_pipeline import load_dataset
 from dropnet_jax.models import create_model
-from dropnet_jax.train import DeviceData, Trainer
+from dropnet_jax.training.trainer import DeviceData, Trainer
 
 CONFIG = DropNetConfig(metrics=('min', 'max_layer'), fraction=0.4, floor=0.3,
                        train=TrainConfig(max_epochs=3, patience=1))

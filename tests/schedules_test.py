@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from dropnet_jax.config import TrainConfig
-from dropnet_jax.dropnet import SeedKeys
+from dropnet_jax.loop.dropnet import SeedKeys
 from dropnet_jax.input_pipeline import load_dataset
-from dropnet_jax.layers import full_masks
+from dropnet_jax.models.layers import full_masks
 from dropnet_jax.models import create_model, init_params
-from dropnet_jax.optim import OptimizerConfig
-from dropnet_jax.train import DeviceData, Trainer, steps_per_epoch
+from dropnet_jax.training.optim import OptimizerConfig
+from dropnet_jax.training.trainer import DeviceData, Trainer, steps_per_epoch
 from experiments import schedules
 
 

@@ -8,10 +8,16 @@ import chex
 import jax.numpy as jnp
 import pytest
 
-from dropnet_jax import dropnet, mask_ops, models, reporting
+from dropnet_jax import models
+
+from dropnet_jax.loop import dropnet
+
+from dropnet_jax.pruning import masks as mask_ops
+
+from dropnet_jax.runs import reporting
 from dropnet_jax.config import DropNetConfig, TrainConfig
-from dropnet_jax.lanes import Lanes
-from dropnet_jax.train import DeviceData, Trainer, fit
+from dropnet_jax.training.lanes import Lanes
+from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +84,7 @@ def test_oracle_study_and_resume_with_oracle(tmp_path, mnist_small):
 
 
 def test_oracle_metric_resumes_exactly(tmp_path, mnist_small):
-  from dropnet_jax.checkpoint import Checkpointer
+  from dropnet_jax.runs.checkpoint import Checkpointer
   model = models.MLP(widths=(6, 5), num_classes=10)
   data = DeviceData(*(jnp.asarray(a[:300]) for a in mnist_small))
   config = DropNetConfig(metrics=('min', 'oracle'), fraction=0.3, floor=0.5, oracle_examples=200,

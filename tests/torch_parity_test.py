@@ -1,4 +1,4 @@
-"""Parity of dropnet_jax with the PyTorch reference in experiments/torch_reference (CPU, float32).
+"""Parity of dropnet_jax with the PyTorch reference in tests/torch_reference (CPU, float32).
 
 Same parameters, masks and inputs -> same logits and unit statistics; same θ0,
 masks and batch order -> same SGD trajectory; same trained parameters -> same
@@ -18,16 +18,22 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from dropnet_jax import criteria, dropnet, mask_ops, models  # noqa: E402
-from dropnet_jax.layers import StatSums  # noqa: E402
+from dropnet_jax import models  # noqa: E402
+
+from dropnet_jax.pruning import criteria
+
+from dropnet_jax.loop import dropnet
+
+from dropnet_jax.pruning import masks as mask_ops
+from dropnet_jax.models.layers import StatSums  # noqa: E402
 from dropnet_jax.config import DropNetConfig, TrainConfig  # noqa: E402
-from dropnet_jax.optim import OptimizerConfig
-from dropnet_jax.batches import padded_batches, cross_entropy  # noqa: E402
-from dropnet_jax.train import DeviceData, Trainer, fit  # noqa: E402
-from experiments.torch_reference import dropnet as tdropnet  # noqa: E402
-from experiments.torch_reference import models as tmodels  # noqa: E402
-from experiments.torch_reference import train as ttrain  # noqa: E402
-from experiments.torch_reference.weights import load_flax_params, to_flax_params  # noqa: E402
+from dropnet_jax.training.optim import OptimizerConfig
+from dropnet_jax.training.batches import padded_batches, cross_entropy  # noqa: E402
+from dropnet_jax.training.trainer import DeviceData, Trainer, fit  # noqa: E402
+from tests.torch_reference import dropnet as tdropnet  # noqa: E402
+from tests.torch_reference import models as tmodels  # noqa: E402
+from tests.torch_reference import train as ttrain  # noqa: E402
+from tests.torch_reference.weights import load_flax_params, to_flax_params  # noqa: E402
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'mnist_subset'
 

@@ -1,6 +1,6 @@
 """Compaction against Torch-Pruning (a test-only dependency, like torch) on Models B and C.
 
-The torch twin of the masked model (experiments/torch_reference, same
+The torch twin of the masked model (tests/torch_reference, same
 weights) is pruned by Torch-Pruning's dependency graph, removing exactly the
 filters the masks drop (the graph also removes the next conv's input channels
 and the Linear's columns behind the flatten). The pruned torch network must
@@ -21,9 +21,11 @@ tp = pytest.importorskip('torch_pruning')
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dropnet_jax import accounting, compact  # noqa: E402
-from experiments.torch_reference import models as tmodels  # noqa: E402
-from experiments.torch_reference.weights import load_flax_params  # noqa: E402
+from dropnet_jax.compaction import accounting  # noqa: E402
+
+from dropnet_jax.compaction import compact
+from tests.torch_reference import models as tmodels  # noqa: E402
+from tests.torch_reference.weights import load_flax_params  # noqa: E402
 from compact_test import CASES, NUM_CLASSES, case_masks, setup  # noqa: E402
 
 

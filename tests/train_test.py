@@ -8,9 +8,9 @@ import pytest
 
 from dropnet_jax import models
 from dropnet_jax.config import TrainConfig
-from dropnet_jax.optim import OptimizerConfig
-from dropnet_jax.batches import padded_batches
-from dropnet_jax.train import DeviceData, Trainer, fit
+from dropnet_jax.training.optim import OptimizerConfig
+from dropnet_jax.training.batches import padded_batches
+from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 
 def small_data(n=96, seed=0):
@@ -160,8 +160,8 @@ def test_augmentation_changes_the_batches_only_when_on():
 
 
 def test_augmented_run_resumes_exactly(tmp_path):
-  from dropnet_jax import dropnet
-  from dropnet_jax.checkpoint import Checkpointer
+  from dropnet_jax.loop import dropnet
+  from dropnet_jax.runs.checkpoint import Checkpointer
   from dropnet_jax.config import DropNetConfig
   data = small_data()
   model = models.MLP(widths=(8,), num_classes=4)

@@ -26,11 +26,11 @@ from optuna.trial import TrialState  # noqa: E402
 
 from dropnet_jax import tuning  # noqa: E402
 from dropnet_jax.config import DropNetConfig, TrainConfig  # noqa: E402
-from dropnet_jax.dropnet import SeedKeys  # noqa: E402
+from dropnet_jax.loop.dropnet import SeedKeys  # noqa: E402
 from dropnet_jax.input_pipeline import load_dataset  # noqa: E402
-from dropnet_jax.layers import full_masks  # noqa: E402
+from dropnet_jax.models.layers import full_masks  # noqa: E402
 from dropnet_jax.models import create_model, init_params  # noqa: E402
-from dropnet_jax.train import DeviceData, Trainer, steps_per_epoch  # noqa: E402
+from dropnet_jax.training.trainer import DeviceData, Trainer, steps_per_epoch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # One static shape (and the same compiled programs, cached by the module's runner) for most tests.

@@ -17,8 +17,8 @@ import optax
 import pytest
 
 from dropnet_jax import models
-from dropnet_jax import weight_criteria as wc
-from dropnet_jax import weight_masks as wm
+from dropnet_jax.pruning import weight_criteria as wc
+from dropnet_jax.pruning import weight_masks as wm
 
 IMAGE_SHAPE = (28, 28, 1)
 # Jitted once per module (fraction static: torch's exact count), shared by the tests to save compiles.

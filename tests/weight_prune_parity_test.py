@@ -23,10 +23,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.utils import prune  # noqa: E402
 
 from dropnet_jax import models  # noqa: E402
-from dropnet_jax import weight_criteria as wc  # noqa: E402
-from dropnet_jax import weight_masks as wm  # noqa: E402
-from experiments.torch_reference import models as tmodels  # noqa: E402
-from experiments.torch_reference.weights import load_flax_params  # noqa: E402
+from dropnet_jax.pruning import weight_criteria as wc  # noqa: E402
+from dropnet_jax.pruning import weight_masks as wm  # noqa: E402
+from tests.torch_reference import models as tmodels  # noqa: E402
+from tests.torch_reference.weights import load_flax_params  # noqa: E402
 
 IMAGE_SHAPE = (28, 28, 1)
 MODELS = {'A': ('fc', (40, 40)), 'B': ('conv', (8, 16))}

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dropnet_jax import reporting
+from dropnet_jax.runs import reporting
 from dropnet_jax.ensemble.diversity import METRICS
 from dropnet_jax.ensemble.focal import focal_diversity
 from dropnet_jax.ensemble.hq import HQResult, hq_prune

@@ -15,12 +15,12 @@ import optuna
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dropnet_jax.config import DropNetConfig, TrainConfig
-from dropnet_jax.dropnet import SeedKeys, run_experiment
-from dropnet_jax.lanes import Lanes
-from dropnet_jax.layers import full_masks
+from dropnet_jax.loop.dropnet import SeedKeys, run_experiment
+from dropnet_jax.training.lanes import Lanes
+from dropnet_jax.models.layers import full_masks
 from dropnet_jax.models import init_params
-from dropnet_jax.optim import with_hyperparams
-from dropnet_jax.train import DATA_AXIS, DeviceData, FitState, Trainer, fit, steps_per_epoch
+from dropnet_jax.training.optim import with_hyperparams
+from dropnet_jax.training.trainer import DATA_AXIS, DeviceData, FitState, Trainer, fit, steps_per_epoch
 from dropnet_jax.tuning.space import train_config
 
 # -- training lanes -------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ import json
 import math
 from typing import Any
 
-from dropnet_jax import criteria
+from dropnet_jax.pruning import criteria
 from dropnet_jax.config import AUGMENTATIONS, DropNetConfig, TrainConfig
-from dropnet_jax.optim import DEFAULT_MOMENTUM, OPTIMIZERS, SCHEDULES
+from dropnet_jax.training.optim import DEFAULT_MOMENTUM, OPTIMIZERS, SCHEDULES
 
 DYNAMIC = ('lr', 'momentum', 'weight_decay')  # per-lane values; everything else is static
 _OPTAX_NAME = {'lr': 'learning_rate', 'momentum': 'momentum', 'weight_decay': 'weight_decay'}

@@ -1,7 +1,7 @@
 """Weight pruning criteria: pure, jittable `criterion(params, wmask, fraction, key) -> wmask`.
 
 Each criterion prunes a fraction of the *remaining* (kept) weights of the
-masked leaves (see `dropnet_jax.weight_masks` for the mask representation),
+masked leaves (see `dropnet_jax.pruning.weight_masks` for the mask representation),
 with the semantics of `torch.nn.utils.prune`:
 
   * `global_l1`: the `round(fraction * remaining)` kept weights with the
@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropnet_jax.weight_masks import WeightMask, select_masked
+from dropnet_jax.pruning.weight_masks import WeightMask, select_masked
 
 Criterion = Callable[..., WeightMask]
 

@@ -1,4 +1,4 @@
-"""SGD with early stopping in plain PyTorch, mirroring dropnet_jax.train.
+"""SGD with early stopping in plain PyTorch, mirroring dropnet_jax.training.trainer.
 
 The data are tensors in memory (uint8 images, int64 labels); no DataLoader.
 The batch order of every epoch is given explicitly (`order_fn(epoch)` returns a
@@ -7,7 +7,7 @@ can feed exactly the order dropnet_jax uses. The last batch of an epoch is the
 smaller remainder; dropnet_jax pads it with weight-0 examples, which gives the
 same mean loss and gradient.
 
-Early stopping is dropnet_jax.train.Trainer._epoch_step's rule: after each
+Early stopping is dropnet_jax.training.trainer.Trainer._epoch_step's rule: after each
 epoch the validation loss is computed; an improvement (strictly lower, finite
 losses) keeps a copy of the parameters and resets the patience counter; the
 run stops after `patience` epochs without improvement, at `max_epochs`, or
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dropnet_jax.config import TrainConfig
-from experiments.torch_reference.models import Masks
+from tests.torch_reference.models import Masks
 
 StateDict = dict[str, torch.Tensor]
 

@@ -1,10 +1,10 @@
 """The PyTorch twin of a compacted Model A/B/C, and its export next to the JAX one.
 
-`dropnet_jax.compact` turns a masked network into a smaller dense one of the
+`dropnet_jax.compaction.compact` turns a masked network into a smaller dense one of the
 same family; this builds the torch twin of that small network
-(`experiments.torch_reference.models`, weights copied by
+(`tests.torch_reference.models`, weights copied by
 `weights.load_flax_params`) and checks that both compute the same logits. A
-constant network (a layer with no units left, see dropnet_jax.compact) becomes
+constant network (a layer with no units left, see dropnet_jax.compaction.compact) becomes
 `ConstantTwin`. ResNet18 and VGG19 have no torch twin in this reference.
 
 `export(dir, model, theta, image_shape)` writes the JAX export
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dropnet_jax import compact
-from dropnet_jax.compact_models import ConstantModel, model_from_spec, spec_of
-from experiments.torch_reference import models as tmodels
-from experiments.torch_reference.weights import load_flax_params
+from dropnet_jax.compaction import compact
+from dropnet_jax.models.compact import ConstantModel, model_from_spec, spec_of
+from tests.torch_reference import models as tmodels
+from tests.torch_reference.weights import load_flax_params
 
 STATE_FILE = 'torch_state_dict.pt'
 

@@ -55,7 +55,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from dropnet_jax.layers import KERNEL_INIT, Masks, UnitStats, masked_linear, masked_relu, to_float
+from dropnet_jax.models.layers import KERNEL_INIT, Masks, UnitStats, masked_linear, masked_relu, to_float
 
 RESNET18_STAGES = (64, 128, 256, 512)
 RESNET18_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)  # per block

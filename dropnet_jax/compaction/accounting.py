@@ -42,9 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropnet_jax import compact, large_models, models
-from dropnet_jax.compact_models import CompactResNet18, ConstantModel
-from dropnet_jax.layers import Masks
+from dropnet_jax import models
+
+from dropnet_jax.compaction import compact
+
+from dropnet_jax.models import large as large_models
+from dropnet_jax.models.compact import CompactResNet18, ConstantModel
+from dropnet_jax.models.layers import Masks
 
 
 class LayerCount(NamedTuple):

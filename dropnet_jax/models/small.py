@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dropnet_jax import large_models
-from dropnet_jax.layers import KERNEL_INIT, Masks, UnitStats, full_masks, masked_relu, to_float  # noqa: F401
+from dropnet_jax.models import large as large_models
+from dropnet_jax.models.layers import KERNEL_INIT, Masks, UnitStats, full_masks, masked_relu, to_float  # noqa: F401
 
 
 class MLP(nn.Module):
@@ -150,7 +150,7 @@ def init_params(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) ->
 
   The 'params' tree, or for models with batch norm (VGG19) the variables dict
   {'params', 'batch_stats'}: the initial running statistics are part of θ0 and
-  are reset with it (dropnet_jax.train accepts either form).
+  are reset with it (dropnet_jax.training.trainer accepts either form).
   """
   dummy = jnp.zeros((1, *image_shape), jnp.uint8)
   variables = model.init(key, dummy, full_masks(model))

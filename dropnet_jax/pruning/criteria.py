@@ -1,6 +1,6 @@
 """What a cycle drops: every criterion is one registered function of (trained state, stat sums, mask, key).
 
-The loop (`dropnet_jax.driver`) knows criteria only by name. A criterion is
+The loop (`dropnet_jax.loop.driver`) knows criteria only by name. A criterion is
 `fn(inputs: PruneInputs, context: Context) -> new mask`: `inputs` are the
 trial's own (trained θ, per-unit stat sums of its scoring pass, its current
 mask, a PRNG key fixed by (seed, criterion, cycle), the fraction p to drop);
@@ -15,7 +15,7 @@ Node/filter criteria (masks: one 0/1 vector per masked layer):
   min_layer, max_layer,       the same fraction inside every layer
   random_layer
   apoz, apoz_layer            APoZ (Hu et al. 2016): the units most often exactly zero
-  oracle                      greedy by training loss (`dropnet_jax.oracle`)
+  oracle                      greedy by training loss (`dropnet_jax.pruning.oracle`)
   min_official, max_official, the official notebook's selection rule (`getmask`), for
   min_layer_official,         reproducing its curves: see `drop_official`
   max_layer_official
@@ -38,9 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropnet_jax import oracle, weight_criteria
-from dropnet_jax.layers import Masks, StatSums
-from dropnet_jax.mask_ops import drop_count, num_to_drop
+from dropnet_jax.pruning import oracle
+
+from dropnet_jax.pruning import weight_criteria
+from dropnet_jax.models.layers import Masks, StatSums
+from dropnet_jax.pruning.masks import drop_count, num_to_drop
 
 
 class PruneInputs(NamedTuple):
@@ -259,7 +261,7 @@ for _name in weight_criteria.WEIGHT_CRITERIA:
 @register('oracle')
 def oracle_criterion(inputs: PruneInputs, context: Context) -> Masks:
   """The paper's oracle: greedily drops the units whose removal raises the training loss least,
-  with the trained θ and no retraining (`dropnet_jax.oracle`). Deterministic: the key is unused."""
+  with the trained θ and no retraining (`dropnet_jax.pruning.oracle`). Deterministic: the key is unused."""
   theta = inputs.theta
   if isinstance(theta, dict) and 'params' in theta:  # batch-norm models: θ holds the running stats
     params, extra = theta['params'], {k: v for k, v in theta.items() if k != 'params'}

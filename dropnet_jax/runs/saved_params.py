@@ -21,8 +21,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from dropnet_jax import reporting
-from dropnet_jax.mask_ops import masks_from_strings
+from dropnet_jax.runs import reporting
+from dropnet_jax.pruning.masks import masks_from_strings
 from dropnet_jax.models import create_model
 
 SAVE_MODES = ('all', 'last', 'none')

@@ -1,11 +1,11 @@
-"""DropNet (Algorithm 1) in PyTorch, the same loop as dropnet_jax.dropnet.run_seed.
+"""DropNet (Algorithm 1) in PyTorch, the same loop as dropnet_jax.loop.dropnet.run_seed.
 
 Per seed, θ0 is dropnet_jax's Flax initialisation copied into the torch model,
 and the randomness (epoch shuffles, tie-breaks, random drops) is drawn from the
 very JAX keys dropnet_jax uses (`SeedKeys`), computed on the host, so both
 implementations run the same experiment. The dense cycle is trained once and
 shared by all metrics; every cycle restarts from θ0 with the current mask; the
-stop rules are dropnet_jax.dropnet.should_stop. Records have the same fields.
+stop rules are dropnet_jax.loop.dropnet.should_stop. Records have the same fields.
 """
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ import numpy as np
 import torch
 
 from dropnet_jax.config import DropNetConfig
-from dropnet_jax.dropnet import SeedKeys, should_stop
+from dropnet_jax.loop.dropnet import SeedKeys, should_stop
 from dropnet_jax.models import init_params
-from experiments.torch_reference.models import Masks, full_masks
-from experiments.torch_reference.train import FitResult, StatSums, TorchData, Trainer, snapshot
-from experiments.torch_reference.weights import load_flax_params
+from tests.torch_reference.models import Masks, full_masks
+from tests.torch_reference.train import FitResult, StatSums, TorchData, Trainer, snapshot
+from tests.torch_reference.weights import load_flax_params
 
 # -- randomness: dropnet_jax's draws, computed on the host ----------------------
 
 
 def shuffle_order(shuffle_key: jax.Array, epoch: int, n: int) -> np.ndarray:
-  """The training order of `epoch` (from 1) in dropnet_jax.train.Trainer._epoch_step."""
+  """The training order of `epoch` (from 1) in dropnet_jax.training.trainer.Trainer._epoch_step."""
   return np.array(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n))
 
 
 def tie_break_draws(key: jax.Array, sizes: Sequence[int], layerwise: bool) -> list[torch.Tensor]:
-  """The uniform draws dropnet_jax.criteria's drop rules makes with `key`.
+  """The uniform draws dropnet_jax.pruning.criteria's drop rules makes with `key`.
 
   Global metrics: one vector over all masked units; layer-wise: one per layer.
   """
@@ -53,7 +53,7 @@ class MetricSpec(NamedTuple):
   layerwise: bool  # the same fraction inside each layer instead of globally
 
 
-# The activation criteria of dropnet_jax.criteria, written out again for the twin.
+# The activation criteria of dropnet_jax.pruning.criteria, written out again for the twin.
 METRICS = {
     'min': MetricSpec('abs', 'lowest', False), 'max': MetricSpec('abs', 'highest', False),
     'random': MetricSpec('random', 'lowest', False), 'min_layer': MetricSpec('abs', 'lowest', True),
@@ -91,7 +91,7 @@ def _drop_ranked(mask: torch.Tensor, priority: torch.Tensor, n_drop: int, tie_br
 
 def update_mask(masks: Masks, scores: Sequence[torch.Tensor], metric: str, fraction: float,
                 tie_break: Sequence[torch.Tensor]) -> Masks:
-  """dropnet_jax.criteria's drop rules with the tie-break draws given (see `tie_break_draws`).
+  """dropnet_jax.pruning.criteria's drop rules with the tie-break draws given (see `tie_break_draws`).
 
   Drops int(fraction * remaining) units globally (one draw vector over all
   units) or in each layer (one draw vector per layer), at least one, never the
@@ -183,7 +183,7 @@ def run_seed(flax_model, torch_model: torch.nn.Module, image_shape, data: TorchD
              on_record: Callable[[dict[str, Any]], None] | None = None,
              log: Callable[[str], None] = print, log_epochs: bool = True,
              on_epoch: Callable[[FitResult], None] | None = None) -> list[dict[str, Any]]:
-  """All metrics of one seed, as dropnet_jax.dropnet.run_seed; θ0 from `flax_model`'s init."""
+  """All metrics of one seed, as dropnet_jax.loop.dropnet.run_seed; θ0 from `flax_model`'s init."""
   trainer = trainer or Trainer(torch_model, config.train)
   keys = SeedKeys.for_seed(seed)
   load_flax_params(torch_model, init_params(flax_model, keys.init, image_shape))

@@ -1,6 +1,6 @@
 """Model classes that only compacted networks need, and the JSON spec <-> model mapping.
 
-`dropnet_jax.compact` turns a masked network into a smaller dense one. For
+`dropnet_jax.compaction.compact` turns a masked network into a smaller dense one. For
 Models A/B/C and VGG19 the result is the same class with the kept widths. Two
 cases need a class of their own:
 
@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropnet_jax import large_models, models
-from dropnet_jax.layers import KERNEL_INIT, Masks, masked_linear, masked_relu, to_float
+from dropnet_jax import models
+
+from dropnet_jax.models import large as large_models
+from dropnet_jax.models.layers import KERNEL_INIT, Masks, masked_linear, masked_relu, to_float
 
 
 def zero_safe_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:

@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropnet_jax import train as train_lib
-from dropnet_jax.checkpoint import CheckpointError
-from dropnet_jax.layers import StatSums
-from dropnet_jax.train import DeviceData, FitState
+from dropnet_jax.training import trainer as train_lib
+from dropnet_jax.runs.checkpoint import CheckpointError
+from dropnet_jax.models.layers import StatSums
+from dropnet_jax.training.trainer import DeviceData, FitState
 
 CHECKPOINT_VERSION = 2
 

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dropnet_jax.layers import Masks
-from dropnet_jax.mask_ops import drop_count
+from dropnet_jax.models.layers import Masks
+from dropnet_jax.pruning.masks import drop_count
 
 DEFAULT_CANDIDATE_CHUNK = 64
 

@@ -5,7 +5,7 @@ device-resident uint8 data). Early stopping lives in `FitState`, a pytree, and
 `epoch_step` advances it by one epoch; a finished state (early-stopped or
 diverged) passes through unchanged. That makes the same function usable for
 one trial (a Python loop that stops when `done`) and for many trials at once
-(`dropnet_jax.lanes`: every state leaf has a leading trial axis, one
+(`dropnet_jax.training.lanes`: every state leaf has a leading trial axis, one
 compiled program advances all trials, finished ones are not recomputed), and
 lets a caller checkpoint between any two epochs (`fit` is the one host loop).
 
@@ -50,12 +50,12 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dropnet_jax.config import TrainConfig
-from dropnet_jax.augment import random_crop_flip
-from dropnet_jax.batches import padded_batches, RowSums, take_rows, cross_entropy, shuffle_order
-from dropnet_jax.cpu_grads import with_fast_grads
-from dropnet_jax.layers import Masks, StatSums, full_masks, zero_sums
-from dropnet_jax.optim import make_optimizer
-from dropnet_jax.weight_masks import apply_weight_mask, masked_updates
+from dropnet_jax.training.augment import random_crop_flip
+from dropnet_jax.training.batches import padded_batches, RowSums, take_rows, cross_entropy, shuffle_order
+from dropnet_jax.training.cpu_grads import with_fast_grads
+from dropnet_jax.models.layers import Masks, StatSums, full_masks, zero_sums
+from dropnet_jax.training.optim import make_optimizer
+from dropnet_jax.pruning.weight_masks import apply_weight_mask, masked_updates
 
 DATA_AXIS = 'data'
 AUGMENT_SALT = 0xA06  # the augmentation key of an epoch: fold_in(epoch key, salt); the shuffle uses the epoch key
@@ -163,7 +163,7 @@ class Trainer:
   batch size)), which converts the epoch-based learning-rate schedules into
   steps; needed for every schedule but 'constant'.
   `weight_masks`: the masks of `init_fit`/`evaluate` are weight masks
-  (`dropnet_jax.weight_masks`: a 0/1 array per prunable kernel of the
+  (`dropnet_jax.pruning.weight_masks`: a 0/1 array per prunable kernel of the
   'params' collection) instead of node masks: the forward pass uses
   params * mask with every unit kept, and the optimiser update is masked so a
   pruned weight stays exactly 0 (`weight_masks.masked_updates`).

@@ -53,9 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dropnet_jax import large_models, models
-from dropnet_jax.compact_models import CompactResNet18, ConstantModel, model_from_spec, spec_of
-from dropnet_jax.layers import Masks
+from dropnet_jax import models
+
+from dropnet_jax.models import large as large_models
+from dropnet_jax.models.compact import CompactResNet18, ConstantModel, model_from_spec, spec_of
+from dropnet_jax.models.layers import Masks
 
 SPEC_FILE = 'spec.json'
 STATE_DIR = 'state'

@@ -7,7 +7,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from dropnet_jax.layers import Masks
+from dropnet_jax.models.layers import Masks
 
 
 def num_to_drop(fraction, remaining):

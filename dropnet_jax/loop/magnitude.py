@@ -37,14 +37,14 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from dropnet_jax import criteria
+from dropnet_jax.pruning import criteria
 from dropnet_jax.config import TrainConfig
-from dropnet_jax.dropnet import SeedKeys, random_init_key
-from dropnet_jax.driver import Outcome, Trial
-from dropnet_jax.layers import full_masks, zero_sums
+from dropnet_jax.loop.dropnet import SeedKeys, random_init_key
+from dropnet_jax.loop.driver import Outcome, Trial
+from dropnet_jax.models.layers import full_masks, zero_sums
 from dropnet_jax.models import init_params
-from dropnet_jax.train import split_theta
-from dropnet_jax.weight_masks import init_weight_mask, mask_fingerprint, sparsity_report
+from dropnet_jax.training.trainer import split_theta
+from dropnet_jax.pruning.weight_masks import init_weight_mask, mask_fingerprint, sparsity_report
 
 METHODS = ('oneshot', 'iterative', 'lottery', 'lottery_reinit')
 _EPS = 1e-9
@@ -269,9 +269,9 @@ def run(model, image_shape, data, seeds: Sequence[int], config: MagnitudeConfig,
         params_store=None, monitor=None, lanes_per_chunk: int | None = None, stamp=None) -> list[dict[str, Any]]:
   """Every method x target x seed as lanes of one group (the lottery_reinit trials follow their
   lottery siblings cycle by cycle); resumable like DropNet. Returns the records."""
-  from dropnet_jax.driver import Driver
-  from dropnet_jax.lanes import Lanes
-  from dropnet_jax.train import Trainer, steps_per_epoch
+  from dropnet_jax.loop.driver import Driver
+  from dropnet_jax.training.lanes import Lanes
+  from dropnet_jax.training.trainer import Trainer, steps_per_epoch
   config.validate()
   trainer = trainer or Trainer(model, config.train, weight_masks=True,
                                steps_per_epoch=steps_per_epoch(data.train_labels.shape[0], config.train.batch_size))

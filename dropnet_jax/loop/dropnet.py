@@ -7,7 +7,7 @@
       mask <- criterion(θ, unit statistics, mask, key)   (drop p of the remaining units)
 
 The loop itself (groups of trials, lanes, checkpoints, saved params) is
-`dropnet_jax.driver`; the criteria are the registry in `dropnet_jax.criteria`.
+`dropnet_jax.loop.driver`; the criteria are the registry in `dropnet_jax.pruning.criteria`.
 This module holds what makes it DropNet: the keys, the stop rule and the
 record of a cycle (`DropNetMethod`), and the entry function `run_experiment`.
 
@@ -26,15 +26,17 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from dropnet_jax import accounting, criteria
-from dropnet_jax import train as train_lib
+from dropnet_jax.compaction import accounting
+
+from dropnet_jax.pruning import criteria
+from dropnet_jax.training import trainer as train_lib
 from dropnet_jax.config import DropNetConfig
-from dropnet_jax.driver import Driver, Outcome, Trial, measure
-from dropnet_jax.lanes import Lanes, OneLane
-from dropnet_jax.layers import Masks, full_masks, zero_sums
-from dropnet_jax.mask_ops import fraction_remaining, mask_to_strings, masks_from_strings, units_per_layer
+from dropnet_jax.loop.driver import Driver, Outcome, Trial, measure
+from dropnet_jax.training.lanes import Lanes, OneLane
+from dropnet_jax.models.layers import Masks, full_masks, zero_sums
+from dropnet_jax.pruning.masks import fraction_remaining, mask_to_strings, masks_from_strings, units_per_layer
 from dropnet_jax.models import init_params
-from dropnet_jax.train import DeviceData, Trainer
+from dropnet_jax.training.trainer import DeviceData, Trainer
 
 
 def metric_salt(metric: str) -> int:

@@ -182,7 +182,7 @@ class Checkpointer:
   With `async_save` (the default) `save` returns before the files are written;
   call `close()` (also on KeyboardInterrupt) so that a failed last write is
   reported (interpreter exit also waits for it). Only one process may write to
-  `directory` at a time (see dropnet_jax.run_lock).
+  `directory` at a time (see dropnet_jax.runs.lock).
   """
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True, fsync: bool = False):

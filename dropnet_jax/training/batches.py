@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropnet_jax.layers import Masks
+from dropnet_jax.models.layers import Masks
 
 
 

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dropnet_jax.layers import Masks
-from dropnet_jax.train import DATA_AXIS, DeviceData, EvalResult, FitState, Trainer
+from dropnet_jax.models.layers import Masks
+from dropnet_jax.training.trainer import DATA_AXIS, DeviceData, EvalResult, FitState, Trainer
 
 
 class OneLane:

@@ -1,0 +1,1 @@
+"""Masked networks made genuinely smaller (`compact`) and their sizes in params and MACs (`accounting`)."""

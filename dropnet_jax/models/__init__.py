@@ -1,0 +1,13 @@
+"""The masked networks: the DropNet paper's Models A, B, C (`small`), ResNet18 and VGG19 (`large`),
+their building blocks (`layers`: masks, unit statistics, initialisers) and the genuinely smaller
+networks compaction builds (`compact`).
+
+`create_model(name, widths, num_classes, width_multiplier)` is the one constructor every entry point
+uses; `init_params` gives θ0 for a model and image shape.
+"""
+
+from dropnet_jax.models.layers import full_masks, masked_relu, to_float
+from dropnet_jax.models.small import MODELS, ConvNet, MLP, ModelC, create_model, init_params, parse_widths
+
+__all__ = ['MODELS', 'ConvNet', 'MLP', 'ModelC', 'create_model', 'full_masks', 'init_params', 'masked_relu',
+           'parse_widths', 'to_float']
