@@ -1,8 +1,11 @@
-"""The settings of a run in one place: training (`TrainConfig`) and DropNet's loop (`DropNetConfig`).
+"""The settings of every run, each written once (see `dropnet_jax.settings`): a typed field with its
+default, help, short flag and whether it can change a result.
 
-Both are frozen dataclasses; `validate()` raises ValueError naming the setting
-and is called before any work starts. `to_dict` gives the JSON form written to
-config.json and compared on resume.
+Training (`TrainConfig`, with `training.optim.OptimizerConfig`), DropNet's loop (`DropNetConfig`), the
+network (`ModelConfig`), the data (`DataConfig`), what a run writes besides results (`OutputConfig`),
+and the entry points' configs that compose them (`ExperimentConfig` and the studies'). All are frozen
+dataclasses; `validate()` raises ValueError naming the setting and runs before any work starts.
+The command line, help, config.json and the checkpoint stamp are derived from these fields.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import dataclasses
 import math
 from typing import Any
 
+from dropnet_jax.input_pipeline import DATASETS
+from dropnet_jax.models import MODELS
 from dropnet_jax.pruning import criteria
+from dropnet_jax.settings import setting, to_dict  # noqa: F401  (to_dict: the config's JSON form)
 from dropnet_jax.training.optim import OptimizerConfig
 
 SCORE_SOURCES = ('data', 'epoch')
@@ -19,18 +25,22 @@ SCORE_PARAMS = ('best', 'last')
 
 
 AUGMENTATIONS = ('none', 'flip', 'crop', 'crop,flip')
+MODEL_NAMES = tuple(sorted(MODELS))
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Hyperparameters of one training run (the paper's defaults: plain SGD, lr 0.1, batch 32)."""
-  batch_size: int = 32
-  max_epochs: int = 100
-  patience: int = 5
-  eval_batch_size: int = 1000
-  shuffle: bool = True  # reshuffle the training set every epoch (the official notebook did not)
-  augment: str = 'none'  # on-device training augmentation: random crop (pad 4) and/or horizontal flip
-  optim: OptimizerConfig = OptimizerConfig()  # optimiser, learning rate and its schedule (dropnet_jax.training.optim)
+  batch_size: int = setting(32, 'Batch size.', flag='batch_size')
+  max_epochs: int = setting(100, 'Maximum epochs per training run.', flag='max_epochs')
+  patience: int = setting(5, 'Early-stopping patience on validation loss (epochs).', flag='patience')
+  eval_batch_size: int = setting(1000, 'Batch size of evaluation passes (does not change a result).', result=False)
+  shuffle: bool = setting(True, 'Reshuffle the training set every epoch (the official notebook did not).',
+                          flag='shuffle')
+  augment: str = setting('none', 'On-device training augmentation: random crop with zero padding 4 and/or '
+                         "horizontal flip (off by default, as in the paper's MNIST/CIFAR runs).", flag='augment',
+                         choices=AUGMENTATIONS)
+  optim: OptimizerConfig = OptimizerConfig()  # optimiser, learning rate and its schedule (training.optim)
 
   @property
   def lr(self) -> float:
@@ -47,16 +57,25 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DropNetConfig:
-  """Algorithm 1's settings; `metrics` are names in `criteria` (the registry)."""
-  metrics: tuple[str, ...] = ('min', 'max', 'random', 'min_layer', 'max_layer', 'random_layer')
-  fraction: float = 0.2  # p: fraction of the remaining units dropped per cycle
-  floor: float = 0.1  # stop once the fraction of units remaining is <= floor
-  kappa: float | None = None  # stop once val accuracy <= kappa * dense val accuracy
-  score_from: str = 'data'  # 'data': a full pass over the training set; 'epoch': the best epoch's running sums
-  score_params: str = 'best'  # θ the criteria score: the best-validation-loss epoch's, or the last epoch's
-  oracle_examples: int | None = None  # training examples the oracle's loss uses (None: all)
-  param_budget: int | None = None  # stop at the first cycle whose compact network has <= this many params
-  mac_budget: int | None = None  # ... or <= this many multiply-accumulates per example
+  """Algorithm 1's settings; `metrics` are names of registered criteria (pruning.criteria)."""
+  metrics: tuple[str, ...] = setting(
+      ('min', 'max', 'random', 'min_layer', 'max_layer', 'random_layer'),
+      'Criteria to run (pruning.criteria: min, max, random, their _layer forms, apoz, apoz_layer, oracle, and '
+      "the official notebook's selection rule as *_official).", flag='metrics')
+  fraction: float = setting(0.2, 'p: fraction of the remaining units dropped per cycle, in (0, 1].', flag='fraction')
+  floor: float = setting(0.1, 'Stop once the fraction of units remaining is <= floor, in (0, 1).', flag='floor')
+  kappa: float | None = setting(None, 'Stop once val accuracy <= kappa * dense val accuracy, in (0, 1].',
+                                flag='kappa')
+  score_from: str = setting('data', "data: score with a pass over all training samples (the paper's); epoch: "
+                            "from the best epoch's running sums.", flag='score_from', choices=SCORE_SOURCES)
+  score_params: str = setting('best', "θ the criteria score: the best-validation-loss epoch's (the paper's) or "
+                              "the last epoch's (the official code's).", flag='score_params', choices=SCORE_PARAMS)
+  oracle_examples: int | None = setting(None, "Training examples in the oracle's loss (default: all).",
+                                        flag='oracle_examples')
+  param_budget: float | None = setting(None, 'Stop at the first cycle whose compact network has at most this many '
+                                       'parameters (e.g. 5e6), and report that network.', flag='param_budget')
+  mac_budget: float | None = setting(None, 'Stop at the first cycle whose compact network needs at most this many '
+                                     'multiply-accumulates per example.', flag='mac_budget')
   train: TrainConfig = TrainConfig()
 
   def validate(self) -> None:
@@ -88,14 +107,69 @@ class DropNetConfig:
     self.train.validate()
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-  """A config dataclass as JSON-able nested dicts (tuples as lists)."""
-  out = {}
-  for f in dataclasses.fields(config):
-    v = getattr(config, f.name)
-    if dataclasses.is_dataclass(v):
-      v = to_dict(v)
-    elif isinstance(v, tuple):
-      v = list(v)
-    out[f.name] = v
-  return out
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Which network, and how wide."""
+  name: str = setting('fc', 'Model: fc (Model A), conv (Model B), modelc (Model C), resnet18 (no batch norm, the '
+                      "paper's), vgg19.", flag='model', choices=MODEL_NAMES)
+  widths: tuple[int, ...] | None = setting(None, "Units/filters per masked layer, e.g. 40,40 (default: the model's).",
+                                           flag='widths')
+  width_multiplier: float = setting(1.0, "Without widths: the model's default widths scaled by this (e.g. 0.25 for "
+                                    'a CPU-sized ResNet18/VGG19).', flag='width_multiplier')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which data. Where they are read from cannot change a result: the data's fingerprint is stamped."""
+  dataset: str = setting('digits', 'digits (bundled with scikit-learn, the offline default), mnist, cifar10, '
+                         'tiny_imagenet.', flag='dataset', choices=DATASETS)
+  data_dir: str | None = setting(None, 'Local data files (for mnist: a directory of the four IDX files).',
+                                 flag='data_dir', result=False)
+  split_seed: int = setting(0, 'Seed of the stratified validation split.', flag='split_seed')
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+  """What a run writes and shows besides its results; none of it can change a result."""
+  save_params: str = setting('auto', 'Trained params kept in <out>/params: all cycles, the last cycle per trial, '
+                             'or none. auto: all for models under 1M parameters, else last.', flag='save_params',
+                             result=False, choices=('auto', 'all', 'last', 'none'))
+  checkpoint_every_epochs: int = setting(10, 'Also checkpoint every N epochs inside a cycle (0: only after cycles).',
+                                         flag='checkpoint_every_epochs', result=False)
+  max_checkpoints: int = setting(3, 'Checkpoints kept in <out>/checkpoints.', flag='max_checkpoints', result=False)
+  verbose: bool = setting(False, 'Also print a line per epoch (by default: a progress bar on a terminal and one '
+                          'line per finished cycle).', flag='verbose', result=False)
+  x_axis: str = setting('fraction', "x axis of the figures: fraction of units remaining, or the compact network's "
+                        'params or MACs.', flag='x_axis', result=False, choices=('fraction', 'params', 'macs'))
+
+  def validate(self) -> None:
+    if self.checkpoint_every_epochs < 0:
+      raise ValueError(f'checkpoint_every_epochs must be >= 0, got {self.checkpoint_every_epochs}')
+    if self.max_checkpoints < 1:
+      raise ValueError(f'max_checkpoints must be >= 1, got {self.max_checkpoints}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A DropNet run (`experiments.dropnet` and the studies): every seed x metric of Algorithm 1."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  seeds: int = setting(1, 'Number of seeds, run as 0..N-1.', flag='seeds')
+  dropnet: DropNetConfig = DropNetConfig()
+  batch_trials: bool = setting(False, 'Train all seeds x metrics of a cycle together as lanes of one compiled '
+                               'program (the same records). With several devices (or --host_devices on CPU) the '
+                               'trials are split over them.', flag='batch_trials')
+  output: OutputConfig = OutputConfig()
+
+  def validate(self) -> None:
+    if self.seeds < 1:
+      raise ValueError(f'seeds must be >= 1, got {self.seeds}')
+    self.dropnet.validate()
+    self.output.validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class FractionStudyConfig(ExperimentConfig):
+  """DropNet for several p (the paper's pruning-fraction study: the min metric)."""
+  dropnet: DropNetConfig = DropNetConfig(metrics=('min',))
+  fractions: tuple[float, ...] = setting((0.2, 0.3, 0.4, 0.5, 0.9), 'Values of p to compare.', flag='fractions')

@@ -3,20 +3,29 @@ r"""APoZ (average percentage of zeros) next to DropNet's min metric.
   python -m experiments.apoz_study --dataset=mnist --data_dir=../shared/data/mnist_subset --seeds=3 \
       --out=runs/apoz
 
-The DropNet entry point with --metrics defaulting to min,apoz (apoz drops the
-units whose activations are zero most often; apoz_layer per layer).
+A DropNet run with metrics defaulting to min,apoz (apoz drops the units whose
+activations are zero most often; apoz_layer per layer).
 """
 
-from absl import app, flags
+from dropnet_jax.cli import entry
+from dropnet_jax.config import DropNetConfig, ExperimentConfig
+from dropnet_jax.runs import experiment, reporting
 
-from experiments import dropnet
+CONFIG = entry.define(ExperimentConfig(dropnet=DropNetConfig(metrics=('min', 'apoz'))), 'dropnet')
 
-flags.FLAGS.set_default('metrics', ['min', 'apoz'])
+
+def main(argv):
+  del argv
+  try:
+    setup = experiment.prepare(entry.config(CONFIG), entry.FLAGS.out)
+  except ValueError as e:
+    entry.fail(e)
+  print(reporting.summary_table(experiment.run(setup), 'test_accuracy'))
 
 
 def run() -> None:
-  """The `dropnet-apoz` console command (pyproject.toml [project.scripts])."""
-  app.run(dropnet.main)
+  """The `dropnet-apoz` console command."""
+  entry.run(main)
 
 
 if __name__ == '__main__':

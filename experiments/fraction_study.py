@@ -7,35 +7,38 @@ One resumable DropNet run per p in <out>/p<p>/, then combined figures and a
 table in <out>, with each p as its own line ("min p=0.2", ...).
 """
 
+import dataclasses
 import os
-import sys
 
-from absl import app, flags
+from dropnet_jax.cli import entry
+from dropnet_jax.config import ExperimentConfig, FractionStudyConfig
+from dropnet_jax.runs import experiment, reporting
 
-from experiments import common
-
-flags.DEFINE_list('fractions', '0.2,0.3,0.4,0.5,0.9', 'Values of p to compare.')
-flags.FLAGS.set_default('metrics', ['min'])  # the paper's study; any metrics may be given
+CONFIG = entry.define(FractionStudyConfig(), 'fraction_study')
 
 
 def main(argv):
   del argv
+  out = entry.FLAGS.out
   try:
-    fractions = [float(p) for p in flags.FLAGS.fractions]
-    base = common.setup_from_flags()
-    setups = {p: base.with_config(fraction=p) for p in fractions}  # validates every p up front
-    for p, s in setups.items():
-      common.check_out_dir(os.path.join(common.FLAGS.out, f'p{p}'), s.settings)
+    study = entry.config(CONFIG)
+    if not study.fractions:
+      raise ValueError('--fractions: give at least one p')
+    base = {f.name: getattr(study, f.name) for f in dataclasses.fields(ExperimentConfig)}
+    setup = experiment.prepare(ExperimentConfig(**base), os.path.join(out, f'p{study.fractions[0]}'))
+    setups = {f'p{p}': setup.derived(os.path.join(out, f'p{p}'), fraction=p) for p in study.fractions}
+    study_dir = experiment.RunDir(out, 'fraction_study', study, data_fingerprint=setup.run_dir.data_fingerprint)
+    study_dir.check()
   except ValueError as e:
-    sys.exit(f'error: --fractions/flags: {e}')
-  common.run_side_by_side({f'p{p}': setup for p, setup in setups.items()},
-                          lambda metric, name: f'{metric} p={name[1:]}',
-                          title=f'pruning fraction p: {common.default_title(base)}')
+    entry.fail(e)
+  combined = experiment.run_side_by_side(study_dir, setups, lambda metric, name: f'{metric} p={name[1:]}',
+                                         title=f'pruning fraction p: {setup.title()}')
+  print(reporting.summary_table(combined, 'test_accuracy'))
 
 
 def run() -> None:
-  """The `dropnet-fraction` console command (pyproject.toml [project.scripts])."""
-  app.run(main)
+  """The `dropnet-fraction` console command."""
+  entry.run(main)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@ r"""The paper's protocol next to the official notebook's, in one figure.
   python -m experiments.protocol_study --model=fc --widths=40,40 --dataset=mnist \
       --data_dir=../shared/data/mnist_subset --metrics=min,max --seeds=1 --out=runs/protocol
 
-Two resumable DropNet runs of --metrics: <out>/paper (our defaults: the exact
+Two resumable DropNet runs of the metrics: <out>/paper (our defaults: the exact
 selection rule, criteria scored with the best-validation-loss params, the
 training set reshuffled every epoch) and <out>/official (the official Keras
 notebook's protocol: its selection rule, the `*_official` criteria, scored
@@ -14,39 +14,42 @@ results.jsonl, the figures and the table to <out>, one line per
 
 import dataclasses
 import os
-import sys
 
-from absl import app
+from dropnet_jax.cli import entry
+from dropnet_jax.config import ExperimentConfig
+from dropnet_jax.runs import experiment, reporting
 
-from experiments import common
+CONFIG = entry.define(ExperimentConfig(), 'protocol_study')
 
 
-def official(setup: common.Setup) -> common.Setup:
-  """The same setup with the official notebook's protocol."""
-  metrics = tuple(f'{m}_official' for m in setup.config.metrics)
-  config = dataclasses.replace(setup.config, metrics=metrics, score_params='last',
-                               train=dataclasses.replace(setup.config.train, shuffle=False))
-  config.validate()
-  settings = {**setup.settings, 'metrics': list(metrics), 'score_params': 'last', 'shuffle': False}
-  return dataclasses.replace(setup, config=config, settings=settings)
+def official(config: ExperimentConfig) -> ExperimentConfig:
+  """The same run with the official notebook's protocol."""
+  d = config.dropnet
+  return dataclasses.replace(config, dropnet=dataclasses.replace(
+      d, metrics=tuple(f'{m}_official' for m in d.metrics), score_params='last',
+      train=dataclasses.replace(d.train, shuffle=False)))
 
 
 def main(argv):
   del argv
+  out = entry.FLAGS.out
   try:
-    paper = common.setup_from_flags()
-    runs = {'paper': paper, 'official': official(paper)}
-    for name, setup in runs.items():
-      common.check_out_dir(os.path.join(common.FLAGS.out, name), setup.settings)
+    config = entry.config(CONFIG)
+    paper = experiment.prepare(config, os.path.join(out, 'paper'))
+    runs = {'paper': paper, 'official': paper.into(os.path.join(out, 'official'), official(config))}
+    study = experiment.RunDir(out, 'protocol_study', config, data_fingerprint=paper.run_dir.data_fingerprint)
+    study.check()
   except ValueError as e:
-    sys.exit(f'error: {e}')
-  common.run_side_by_side(runs, lambda metric, name: f'{metric.replace("_official", "")} ({name})',
-                          title=f'paper vs official protocol: {common.default_title(paper)}')
+    entry.fail(e)
+  combined = experiment.run_side_by_side(study, runs,
+                                         lambda metric, name: f'{metric.replace("_official", "")} ({name})',
+                                         title=f'paper vs official protocol: {paper.title()}')
+  print(reporting.summary_table(combined, 'test_accuracy'))
 
 
 def run() -> None:
-  """The `dropnet-protocol` console command (pyproject.toml [project.scripts])."""
-  app.run(main)
+  """The `dropnet-protocol` console command."""
+  entry.run(main)
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ import optax
 from dropnet_jax import models
 
 from dropnet_jax.loop import dropnet
+from dropnet_jax.loop.driver import RunIO
 from dropnet_jax.models.layers import masked_relu, to_float
 from dropnet_jax.config import DropNetConfig, TrainConfig
 from dropnet_jax.training.optim import OptimizerConfig
@@ -19,7 +20,7 @@ from dropnet_jax.training.lanes import Lanes
 from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 # --batch_trials: every trial of a cycle as a lane of one program.
-run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
+run_batched = functools.partial(dropnet.run_experiment, batch_trials=True)
 
 
 def cut(data, n_train, n_val, n_test):
@@ -43,8 +44,8 @@ def test_batched_records_equal_one_trial_at_a_time(mnist_small):
                                  train=TrainConfig(max_epochs=4, patience=1))
   trainer = Trainer(model, config.train)
   seen = []
-  got = run_batched(model, (28, 28, 1), data, [0, 3], config, trainer, on_record=seen.append,
-                                  log=lambda s: None)
+  got = run_batched(model, (28, 28, 1), data, [0, 3], config, trainer,
+                    io=RunIO(on_record=seen.append, log=lambda s: None))
   want = [r for seed in (0, 3) for r in dropnet.run_seed(model, (28, 28, 1), data, seed, config, trainer,
                                                          log=lambda s: None, log_epochs=False)]
   # on_record: all records so far, in the final order, after every cycle.
@@ -178,7 +179,7 @@ def test_batched_runs_a_batch_norm_model(mnist_small):
   # One seed, one metric: every cycle has one lane, so one set of compiled programs.
   config = DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3,
                                  train=TrainConfig(max_epochs=2, patience=1))
-  records = run_batched(model, (28, 28, 1), data, [0], config, log=lambda s: None)
+  records = run_batched(model, (28, 28, 1), data, [0], config, io=RunIO(log=lambda s: None))
   assert [r['units'] for r in records] == [[8], [4], [2]]
   assert all(np.isfinite(r['test_loss']) for r in records)
 

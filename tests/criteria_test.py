@@ -240,6 +240,7 @@ def test_a_registered_criterion_runs_in_the_loop_with_no_driver_change():
   """The README's example: a new rule is one registered function; the driver runs it by name."""
   from dropnet_jax import models
   from dropnet_jax.loop import dropnet
+  from dropnet_jax.loop.driver import RunIO
   from dropnet_jax.config import DropNetConfig, TrainConfig
   from dropnet_jax.input_pipeline import load_dataset
   from dropnet_jax.training.trainer import DeviceData
@@ -252,6 +253,6 @@ def test_a_registered_criterion_runs_in_the_loop_with_no_driver_change():
 
   config = DropNetConfig(metrics=('test_min_again', 'min'), train=TrainConfig(max_epochs=2))
   records = dropnet.run_experiment(model, ds.image_shape, DeviceData.from_dataset(ds), [0], config,
-                                   log=lambda s: None, log_epochs=False)
+                                   io=RunIO(log=lambda s: None))
   masks = lambda m: [r['mask'] for r in records if r['metric'] == m]
   assert len(masks('min')) > 3 and masks('test_min_again') == masks('min')  # continuous scores: no ties

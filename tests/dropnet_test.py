@@ -13,6 +13,7 @@ from dropnet_jax import models
 from dropnet_jax.pruning import criteria
 
 from dropnet_jax.loop import dropnet
+from dropnet_jax.loop.driver import RunIO
 
 from dropnet_jax.pruning import masks as mask_ops
 from dropnet_jax.config import DropNetConfig, TrainConfig
@@ -166,7 +167,7 @@ def test_batch_norm_model_runs_resumes_and_resets_its_running_stats(tmp_path):
   original = trainer.init_fit
   trainer.init_fit = lambda params, masks, key: (starts.append(params), original(params, masks, key))[1]
   records = dropnet.run_experiment(model, (32, 32, 3), data, [0], config, trainer,
-                                   Checkpointer(str(tmp_path / 'ckpt')), log=lambda s: None)
+                                   RunIO(Checkpointer(str(tmp_path / 'ckpt')), log=lambda s: None))
   assert {r['metric'] for r in records} == {'min', 'oracle'} and max(r['cycle'] for r in records) >= 1
   assert all(np.isfinite(r['test_loss']) for r in records)
   theta0 = models.init_params(model, dropnet.SeedKeys.for_seed(0).init, (32, 32, 3))
@@ -178,7 +179,7 @@ def test_batch_norm_model_runs_resumes_and_resets_its_running_stats(tmp_path):
   step = trainer.epoch_step
   trainer.epoch_step = lambda *a: (steps.append(1), step(*a))[1]
   again = dropnet.run_experiment(model, (32, 32, 3), data, [0], config, trainer,
-                                 Checkpointer(str(tmp_path / 'ckpt')), log=lambda s: None)
+                                 RunIO(Checkpointer(str(tmp_path / 'ckpt')), log=lambda s: None))
   assert again == records and not steps  # finished: restored, nothing retrained
 
 
@@ -188,7 +189,7 @@ def test_records_carry_compact_size_and_budgets_stop_at_the_first_fit(mnist_smal
   model = models.MLP(widths=(16, 16), num_classes=10)
   data = DeviceData(*(jnp.asarray(a[:500]) for a in mnist_small))
   base = DropNetConfig(metrics=('min',), fraction=0.3, floor=0.2, train=TrainConfig(max_epochs=2, patience=1))
-  full = dropnet.run_experiment(model, (28, 28, 1), data, [0], base, log=lambda s: None, log_epochs=False)
+  full = dropnet.run_experiment(model, (28, 28, 1), data, [0], base, io=RunIO(log=lambda s: None))
   for r in full:
     size = accounting.summary(model, (28, 28, 1), mask_ops.masks_from_strings(r['mask']))
     assert (r['params'], r['macs']) == (size['params'], size['macs'])
@@ -197,6 +198,6 @@ def test_records_carry_compact_size_and_budgets_stop_at_the_first_fit(mnist_smal
   for name, key in (('param_budget', 'params'), ('mac_budget', 'macs')):
     budget = full[2][key] + 1  # cycle 2 is the first to fit
     config = dataclasses.replace(base, **{name: budget})
-    records = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, log=lambda s: None, log_epochs=False)
+    records = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, io=RunIO(log=lambda s: None))
     assert [r['cycle'] for r in records] == [0, 1, 2] and records[-1]['stop_reason'] == name
     assert records[-1][key] <= budget < records[-2][key]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dropnet_jax.loop import magnitude
+from dropnet_jax.loop.driver import RunIO
 
 from dropnet_jax.pruning import weight_masks
 from dropnet_jax.runs.checkpoint import Checkpointer
@@ -31,7 +32,7 @@ def digits():
 @pytest.fixture(scope='module')
 def records(digits):
   ds, data, model = digits
-  return magnitude.run(model, ds.image_shape, data, [0, 1], CONFIG, log=lambda s: None)
+  return magnitude.run(model, ds.image_shape, data, [0, 1], CONFIG, io=RunIO(log=lambda s: None))
 
 
 def test_pruned_weights_stay_zero_and_training_moves_the_rest(digits):
@@ -91,7 +92,7 @@ def test_lottery_rewinds_to_theta0_bit_for_bit(digits, monkeypatch):
     self.init_fit = lambda params, masks, keys: (starts.append(params), init_fit(params, masks, keys))[1]
 
   monkeypatch.setattr(Lanes, '__init__', recording_init)
-  magnitude.run(model, ds.image_shape, data, [3], config, log=lambda s: None)
+  magnitude.run(model, ds.image_shape, data, [3], config, io=RunIO(log=lambda s: None))
   theta0 = init_params(model, SeedKeys.for_seed(3).init, ds.image_shape)
   assert len(starts) >= 3  # the dense cycle and at least two rewound ones (lanes: θ stacked)
   for s in starts:
@@ -118,10 +119,10 @@ def test_a_killed_run_resumes_to_the_same_records(digits, tmp_path, records):
       raise RuntimeError('crash')
 
   with pytest.raises(RuntimeError):
-    magnitude.run(model, ds.image_shape, data, [0, 1], CONFIG, checkpointer=Checkpointer(str(tmp_path)),
-                  on_record=crash, log=lambda s: None)
-  resumed = magnitude.run(model, ds.image_shape, data, [0, 1], CONFIG, checkpointer=Checkpointer(str(tmp_path)),
-                          log=lambda s: None)
+    magnitude.run(model, ds.image_shape, data, [0, 1], CONFIG,
+                  io=RunIO(Checkpointer(str(tmp_path)), on_record=crash, log=lambda s: None))
+  resumed = magnitude.run(model, ds.image_shape, data, [0, 1], CONFIG,
+                          io=RunIO(Checkpointer(str(tmp_path)), log=lambda s: None))
   strip = lambda rs: [{k: v for k, v in r.items() if k != 'seconds'} for r in rs]
   assert strip(resumed) == strip(records)
 

@@ -59,9 +59,10 @@ for name, model in [('fc', models.MLP((32, 16), 10)), ('conv', models.ConvNet((4
 
 # Batched trials on 2 devices: the lanes are split over the devices.
 from dropnet_jax.loop import dropnet
+from dropnet_jax.loop.driver import RunIO
 
 # --batch_trials: every trial of a cycle as a lane of one program.
-run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
+run_batched = functools.partial(dropnet.run_experiment, batch_trials=True)
 model = models.MLP((8,), 10)
 config = DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3, train=TrainConfig(max_epochs=2, patience=1))
 tr2, tr1 = Trainer(model, config.train), Trainer(model, config.train, devices=one)
@@ -72,7 +73,7 @@ lanes = [Lanes(tr).epoch_step(Lanes(tr).init_fit(params, stack([models.full_mask
                                                  jnp.stack([jax.random.key(5)] * 2)), data) for tr in (tr2, tr1)]
 out['batched_diff'] = diff(lanes[0].params, lanes[1].params)
 # --batch_trials: one trial, padded to 2 lanes on 2 devices.
-runs = [run_batched(model, (28, 28, 1), data, [0], config, tr, log=lambda s: None) for tr in (tr2, tr1)]
+runs = [run_batched(model, (28, 28, 1), data, [0], config, tr, io=RunIO(log=lambda s: None)) for tr in (tr2, tr1)]
 out['dropnet_masks_equal'] = [r['mask'] for r in runs[0]] == [r['mask'] for r in runs[1]]
 out['dropnet_loss_diff'] = max(abs(a['test_loss'] - b['test_loss']) for a, b in zip(*runs))
 

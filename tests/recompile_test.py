@@ -20,13 +20,14 @@ import pytest
 from dropnet_jax import models
 
 from dropnet_jax.loop import dropnet
+from dropnet_jax.loop.driver import RunIO
 from dropnet_jax.models.layers import to_float
 from dropnet_jax.config import DropNetConfig, TrainConfig
 from dropnet_jax.training.lanes import Lanes
 from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 # --batch_trials: every trial of a cycle as a lane of one program.
-run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
+run_batched = functools.partial(dropnet.run_experiment, batch_trials=True)
 
 BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 CONFIG = DropNetConfig(metrics=('min', 'random_layer'), fraction=0.2, floor=0.25,
@@ -80,9 +81,8 @@ def test_batched_trials_compile_nothing_after_the_first_pruned_cycle(mnist_small
   data = small(mnist_small)
   snapshots = []
   with compilations() as names:
-    records = run_batched(model, (28, 28, 1), data, [0, 1], CONFIG, trainer,
-                                        on_record=lambda rs: snapshots.append((max(r['cycle'] for r in rs), len(names))),
-                                        log=lambda s: None)
+    records = run_batched(model, (28, 28, 1), data, [0, 1], CONFIG, trainer, io=RunIO(
+        on_record=lambda rs: snapshots.append((max(r['cycle'] for r in rs), len(names))), log=lambda s: None))
   cycles = {(r['seed'], r['metric']): r['cycle'] for r in records}
   assert max(cycles.values()) >= 4 and len(set(cycles.values())) > 1  # lanes stop at different cycles
   steady = [n for cycle, n in snapshots if cycle >= 1]

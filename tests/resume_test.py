@@ -20,12 +20,12 @@ from dropnet_jax.loop import dropnet
 from dropnet_jax.runs import reporting
 from dropnet_jax.runs.checkpoint import Checkpointer
 from dropnet_jax.config import DropNetConfig, TrainConfig
-from dropnet_jax.loop.driver import Driver, Trial
+from dropnet_jax.loop.driver import Driver, RunIO, Trial
 from dropnet_jax.training.lanes import OneLane
 from dropnet_jax.training.trainer import DeviceData, Trainer, fit
 
 # --batch_trials: every trial of a cycle as a lane of one program.
-run_batched = functools.partial(dropnet.run_experiment, batch_trials=True, log_epochs=False)
+run_batched = functools.partial(dropnet.run_experiment, batch_trials=True)
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ('seconds',)
@@ -46,14 +46,14 @@ def setup(mnist_small):
   config = DropNetConfig(metrics=('min', 'random_layer'), fraction=0.3, floor=0.45,
                                  train=TrainConfig(max_epochs=4, patience=2))
   trainer = Trainer(model, config.train)
-  reference = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, log=lambda s: None)
+  reference = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, RunIO(log=lambda s: None))
   return model, config, trainer, data, reference
 
 
 @pytest.fixture(scope='module')
 def batched_reference(setup):
   model, config, trainer, data, _ = setup
-  return run_batched(model, (28, 28, 1), data, [0, 1], config, trainer, log=lambda s: None)
+  return run_batched(model, (28, 28, 1), data, [0, 1], config, trainer, RunIO(log=lambda s: None))
 
 
 def test_reference_run_is_nontrivial(setup):
@@ -69,7 +69,11 @@ def test_crash_and_resume_gives_identical_records(setup, batched_reference, tmp_
   model, config, trainer, data, reference = setup
   if batch_trials:
     reference = batched_reference
-  run = functools.partial(dropnet.run_experiment, batch_trials=batch_trials, log_epochs=True)
+  run = lambda io: dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, io,
+                                          batch_trials=batch_trials)
+  # Checkpoints every 2 epochs; per-epoch log lines, so a finished rerun shows that it trained nothing.
+  ckpt_dir = str(tmp_path / 'ckpt')
+  io = lambda **kw: RunIO(Checkpointer(ckpt_dir), 2, log_epochs=True, **kw)
   kind, n = crash_at
   count = {'epoch': 0, 'record': 0}
 
@@ -84,21 +88,19 @@ def test_crash_and_resume_gives_identical_records(setup, batched_reference, tmp_
     if kind == 'record' and count['record'] == n:
       raise Crash()
 
-  ckpt_dir = str(tmp_path / 'ckpt')
   with pytest.raises(Crash):
-    run(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2, on_record, lambda s: None,
-        monitor=monitor)
+    run(io(on_record=on_record, log=lambda s: None, monitor=monitor))
   partial = Checkpointer(ckpt_dir).restore_meta()
   assert partial is not None
   if crash_at == ('epoch', 3):
     assert partial['fit'] is not None  # killed in the first cycle's epoch 3, after the epoch-2 checkpoint
   lines = []
-  resumed = run(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2, log=lines.append)
+  resumed = run(io(log=lines.append))
   assert lines[0].startswith('resuming')
   assert comparable(resumed) == comparable(reference)
   # A finished run resumes to the same records without training anything.
   lines = []
-  again = run(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(ckpt_dir), 2, log=lines.append)
+  again = run(io(log=lines.append))
   assert comparable(again) == comparable(reference)
   assert not any('train_loss' in l for l in lines)
 
@@ -115,10 +117,11 @@ def test_mid_cycle_checkpoint_holds_the_training_state(setup, tmp_path):
 
   ckpt = Checkpointer(str(tmp_path / 'c'))
   with pytest.raises(Crash):
-    dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, ckpt, 2, log=log)
+    dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, RunIO(ckpt, 2, log=log, log_epochs=True))
   method = dropnet.DropNetMethod(model, (28, 28, 1), data, config)
   trials = [Trial(0, m, method.full_mask()) for m in config.metrics]
-  driver = Driver(method, trials, OneLane(trainer), data, group_size=1, checkpointer=Checkpointer(str(tmp_path / 'c')))
+  driver = Driver(method, trials, OneLane(trainer), data, group_size=1,
+                  io=RunIO(checkpointer=Checkpointer(str(tmp_path / 'c'))))
   assert driver._restore()
   assert driver.pos.fit is not None and int(driver.pos.fit.epoch) == 2  # saved at epoch 2, killed in epoch 3
   theta0 = models.init_params(model, dropnet.SeedKeys.for_seed(0).init, (28, 28, 1))
@@ -188,15 +191,14 @@ def test_batched_trials_crash_and_resume_give_the_sequential_records(setup, tmp_
         raise Crash()
       return step
 
-  run = lambda c: run_batched(model, (28, 28, 1), data, [0, 1], config, trainer, c,
-                                            log=lambda s: None)
+  run = lambda c: run_batched(model, (28, 28, 1), data, [0, 1], config, trainer, RunIO(c, log=lambda s: None))
   with pytest.raises(Crash):
     run(CrashingCheckpointer(str(ckpt)))
   saved = Checkpointer(str(ckpt)).restore_meta()
   assert max(r['cycle'] for t in saved['trials'] for r in t['records']) == 1
   seen = []
-  got = run_batched(model, (28, 28, 1), data, [0, 1], config, trainer, Checkpointer(str(ckpt)),
-                                  on_record=seen.append, log=lambda s: None)
+  got = run_batched(model, (28, 28, 1), data, [0, 1], config, trainer,
+                    RunIO(Checkpointer(str(ckpt)), on_record=seen.append, log=lambda s: None))
   assert len(seen[0]) == sum(1 for r in got if r['cycle'] <= 1)  # the restored records come first
   assert [(r['seed'], r['metric'], r['cycle'], r['mask'], r['stop_reason']) for r in got] == [
       (r['seed'], r['metric'], r['cycle'], r['mask'], r['stop_reason']) for r in reference]

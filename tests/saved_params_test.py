@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dropnet_jax.loop import dropnet
+from dropnet_jax.loop.driver import RunIO
 
 from dropnet_jax.runs import reporting
 
@@ -31,8 +32,8 @@ def run(tmp_path, digits, mode, batch_trials=False):
   model = create_model('fc', (12, 10), ds.num_classes)
   spec = {'model': 'fc', 'widths': [12, 10], 'num_classes': ds.num_classes, 'image_shape': list(ds.image_shape)}
   store = saved_params.ParamsStore(str(tmp_path / 'params'), mode, spec)
-  records = dropnet.run_experiment(model, ds.image_shape, data, [0, 1], CONFIG, log=lambda s: None,
-                                   log_epochs=False, params_store=store, batch_trials=batch_trials)
+  records = dropnet.run_experiment(model, ds.image_shape, data, [0, 1], CONFIG,
+                                   io=RunIO(log=lambda s: None, params_store=store), batch_trials=batch_trials)
   reporting.write_jsonl(tmp_path / 'results.jsonl', records)
   return model, data, records
 

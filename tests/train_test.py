@@ -161,14 +161,15 @@ def test_augmentation_changes_the_batches_only_when_on():
 
 def test_augmented_run_resumes_exactly(tmp_path):
   from dropnet_jax.loop import dropnet
+  from dropnet_jax.loop.driver import RunIO
   from dropnet_jax.runs.checkpoint import Checkpointer
   from dropnet_jax.config import DropNetConfig
   data = small_data()
   model = models.MLP(widths=(8,), num_classes=4)
   config = DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3,
                          train=TrainConfig(batch_size=8, max_epochs=4, patience=2, augment='crop,flip'))
-  run = lambda ckpt, **kw: dropnet.run_experiment(model, (4, 4, 1), data, [0], config, checkpointer=ckpt,
-                                                  checkpoint_every_epochs=1, **kw)
+  run = lambda ckpt, **kw: dropnet.run_experiment(model, (4, 4, 1), data, [0], config, io=RunIO(
+      checkpointer=ckpt, checkpoint_every_epochs=1, log_epochs=True, **kw))  # per-epoch lines: `crash` counts them
   reference = run(None, log=lambda s: None)
   epochs = []
 

@@ -54,6 +54,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dropnet_jax import models
+from dropnet_jax import theta as theta_lib
 
 from dropnet_jax.models import large as large_models
 from dropnet_jax.models.compact import CompactResNet18, ConstantModel, model_from_spec, spec_of
@@ -142,16 +143,9 @@ def compact_model(model: nn.Module, masks: Masks, the_plan: Plan | None = None) 
   return type(model)(widths=widths, num_classes=model.num_classes)
 
 
-def split_theta(theta: Any) -> tuple[Any, Any]:
-  """(params, batch_stats or None) of θ as `models.init_params` returns it (params tree or variables dict)."""
-  if isinstance(theta, Mapping) and 'params' in theta and set(theta) <= {'params', 'batch_stats'}:
-    return theta['params'], theta.get('batch_stats')
-  return theta, None
-
-
-def variables(theta: Any) -> dict[str, Any]:
-  params, stats = split_theta(theta)
-  return {'params': params, **({'batch_stats': stats} if stats is not None else {})}
+# θ is a params tree or a variables dict (`dropnet_jax.theta`); these names are kept for existing callers.
+split_theta = theta_lib.split  # (params, batch_stats or None)
+variables = theta_lib.variables  # the dict for model.apply
 
 
 def _cut(a, keep_in, keep_out):
@@ -233,23 +227,16 @@ def compact(model: nn.Module, theta: Any, masks: Masks,
   """
   p = plan(model, masks)
   small = compact_model(model, masks, p)
-  params, stats = split_theta(theta)
+  params, stats = theta_lib.split(theta)
   if p.constant:
     if image_shape is None:
       raise ValueError('the masked network is constant (a layer or the residual stream has no units left); '
                        'pass image_shape so its logits can be computed')
     logits = predict(model, theta, jnp.zeros((1, *image_shape), jnp.uint8), masks)
-    return small, _like(theta, {'bias': jnp.asarray(logits[0])}, None)
+    return small, theta_lib.join(theta, {'bias': jnp.asarray(logits[0])})
   new_params, new_stats = _compact_params(model, params, stats, p.live)
-  return small, _like(theta, jax.tree.map(jnp.asarray, new_params),
-                      None if new_stats is None else jax.tree.map(jnp.asarray, new_stats))
-
-
-def _like(theta: Any, params: Any, batch_stats: Any) -> Any:
-  """params (and batch_stats) in θ's form: a bare params tree, or a variables dict."""
-  if split_theta(theta)[0] is theta:
-    return params
-  return {'params': params, **({'batch_stats': batch_stats} if batch_stats is not None else {})}
+  return small, theta_lib.join(theta, jax.tree.map(jnp.asarray, new_params),
+                                None if new_stats is None else jax.tree.map(jnp.asarray, new_stats))
 
 
 @functools.lru_cache(maxsize=64)
@@ -260,7 +247,7 @@ def _forward(model: nn.Module):
 def predict(model: nn.Module, theta: Any, images: jax.Array, masks: Masks | None = None) -> jax.Array:
   """Eval-mode logits (jitted once per model); a compact model runs with all-ones masks by default."""
   masks = models.full_masks(model) if masks is None else tuple(jnp.asarray(m, jnp.float32) for m in masks)
-  return _forward(model)(variables(theta), jnp.asarray(images), masks)
+  return _forward(model)(theta_lib.variables(theta), jnp.asarray(images), masks)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -326,7 +313,7 @@ def load(directory: str) -> tuple[nn.Module, Any, dict[str, Any]]:
   theta = unflatten(flat)
   if spec['image_shape'] is not None:  # the arrays must be the ones the rebuilt module creates
     expected = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), spec['image_shape']))
-    shapes_of = lambda t: jax.tree.map(lambda a: tuple(a.shape), variables(t))
+    shapes_of = lambda t: jax.tree.map(lambda a: tuple(a.shape), theta_lib.variables(t))
     if shapes_of(expected) != shapes_of(theta):
       raise ValueError(f'{directory}: stored arrays do not fit the {spec["model"]} the spec describes')
   return model, theta, spec

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dropnet_jax import theta as theta_lib
+
 ApplyFn = Callable[[Any, jax.Array, Any], jax.Array]  # (theta, images, masks) -> logits
 
 
@@ -31,15 +33,11 @@ def flax_apply_fn(model: Any) -> ApplyFn:
   """(theta, images, masks) -> logits of a dropnet_jax model, train=False.
 
   theta is the params tree, or {'params', 'batch_stats'} for batch-norm models
-  (models.init_params' format). Keep the returned function and reuse it:
-  `predict_proba` compiles once per function object.
+  (models.init_params' format; see `dropnet_jax.theta`). Keep the returned
+  function and reuse it: `predict_proba` compiles once per function object.
   """
   def apply(theta, images, masks):
-    if isinstance(theta, dict) and 'batch_stats' in theta:
-      variables = {'params': theta['params'], 'batch_stats': theta['batch_stats']}
-    else:
-      variables = {'params': theta}
-    logits, _ = model.apply(variables, images, masks, train=False)
+    logits, _ = model.apply(theta_lib.variables(theta), images, masks, train=False)
     return logits
   return apply
 

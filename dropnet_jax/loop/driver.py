@@ -22,46 +22,46 @@ inside one) hold the whole position: the trials' masks, records and stop
 flags, θ0 of the current group's seeds, the shared dense outcomes still
 needed, and a mid-cycle training state of the group. A rerun continues from
 the newest checkpoint and gives the same records (up to wall-clock
-`seconds`) as an uninterrupted run.
+`seconds`) as an uninterrupted run. The format is `state`'s; what a run
+writes and reports (checkpoints, saved params, records, log, progress) is
+its `RunIO`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropnet_jax.training import trainer as train_lib
-from dropnet_jax.runs.checkpoint import CheckpointError
+from dropnet_jax.loop import state as state_lib
+# Trial, Outcome and the checkpoint format live in `state`; importable from here as before.
+from dropnet_jax.loop.state import CHECKPOINT_VERSION, Outcome, Position, Trial, stack, stamp_differences  # noqa: F401
 from dropnet_jax.models.layers import StatSums
+from dropnet_jax.training import trainer as train_lib
 from dropnet_jax.training.trainer import DeviceData, FitState
-
-CHECKPOINT_VERSION = 2
 
 
 @dataclasses.dataclass
-class Trial:
-  """One run of the method as it advances: `mask` and `cycle` are those of its next cycle."""
-  seed: int
-  metric: str
-  mask: Any
-  cycle: int = 0
-  stopped: bool = False
-  records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-  theta: Any = None  # θ the next cycle starts from, for methods that continue training (None: θ0)
-  epochs: int | None = None  # the next cycle's epoch limit, for methods that set one (None: the config's)
-
-
-class Outcome(NamedTuple):
-  """A trained cycle of one lane, measured: record fields, scoring sums and the trained θ."""
-  fields: dict[str, Any]
-  sums: StatSums
-  best_theta: Any  # θ at the best-validation-loss epoch (what the record's accuracies are of)
-  score_theta: Any  # θ the criteria score (best or last, per the method's config)
+class RunIO:
+  """What a run writes and reports as it goes; a bare RunIO() runs in memory and logs with print."""
+  checkpointer: Any = None  # runs.checkpoint.Checkpointer: the position after every cycle (None: no checkpoints)
+  checkpoint_every_epochs: int = 0  # also checkpoint every N epochs inside a cycle (0: after cycles only)
+  params_store: Any = None  # runs.saved_params.ParamsStore: the trained θ of finished cycles (None: nothing saved)
+  # All records so far, after every cycle (and once on resume, with the restored ones).
+  on_record: Callable[[list[dict[str, Any]]], None] | None = None
+  log: Callable[[str], None] = print  # the run's lines: one per cycle, resume notes, per-epoch lines
+  log_epochs: bool = False  # also a `log` line per trained epoch of every lane
+  # The run as events, for a progress display: {'event': 'start', 'trials', 'finished', 'records'},
+  # {'event': 'epoch', 'cycle', 'labels', 'epochs', 'val_accuracy', 'done'} (one entry per lane being
+  # trained) and {'event': 'record', 'record', 'finished'} (after each trial's cycle).
+  monitor: Callable[[dict[str, Any]], None] | None = None
+  # What the run's results depend on (settings, data fingerprint): stored in every checkpoint and
+  # compared on restore, so a checkpoint is never continued under other settings or data.
+  stamp: dict[str, Any] | None = None
 
 
 class Method(Protocol):
@@ -75,9 +75,6 @@ class Method(Protocol):
   def mask_fields(self, mask: Any) -> dict[str, Any]: ...
   def sums_template(self) -> StatSums: ...
   def advance(self, trial: Trial, outcome: Outcome, dense: Outcome) -> None: ...
-
-
-_stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def measure(runner, state: FitState, data: DeviceData, method: Method, seconds: float,
@@ -135,40 +132,19 @@ def measure(runner, state: FitState, data: DeviceData, method: Method, seconds: 
   return out
 
 
-@dataclasses.dataclass
-class _Position:
-  """Everything besides the trials that a rerun needs to continue exactly."""
-  group: int = 0
-  theta0: dict[int, Any] = dataclasses.field(default_factory=dict)  # seed -> θ0, while a trial needs it
-  dense: dict[int, Outcome] = dataclasses.field(default_factory=dict)  # seed -> shared cycle 0
-  fit: FitState | None = None  # a partly trained group (mid-cycle checkpoint)
-  fit_meta: dict[str, Any] | None = None  # {'phase', 'lanes', 'seconds'} of `fit`
-
-
 class Driver:
   """Runs `trials` of `method` to the end in groups of `group_size` (None: one group of all)."""
 
   def __init__(self, method: Method, trials: list[Trial], runner, data: DeviceData, *,
-               group_size: int | None = None, checkpointer=None, checkpoint_every_epochs: int = 0,
-               params_store=None, on_record: Callable[[list[dict[str, Any]]], None] | None = None,
-               log: Callable[[str], None] = print, log_epochs: bool = False,
-               monitor: Callable[[dict[str, Any]], None] | None = None, stamp: dict[str, Any] | None = None):
+               group_size: int | None = None, io: RunIO | None = None):
     size = group_size or len(trials)
     if not runner.batched and size != 1:
       raise ValueError('one-trial programs (OneLane) need groups of one trial')
     self.method, self.trials, self.runner, self.data = method, trials, runner, data
     self.groups = [trials[i:i + size] for i in range(0, len(trials), size)]
-    self.checkpointer, self.every = checkpointer, checkpoint_every_epochs
-    self.params_store, self.on_record, self.log, self.log_epochs = params_store, on_record, log, log_epochs
-    # `monitor` sees the run as events (a progress display): {'event': 'start', 'trials', 'finished',
-    # 'records'}, {'event': 'epoch', 'cycle', 'labels', 'epochs', 'val_accuracy', 'done'} (one entry per
-    # lane being trained) and {'event': 'record', 'record', 'finished'} (after each trial's cycle).
-    self.monitor = monitor
-    # `stamp`: what the run's results depend on (settings, data fingerprint), stored in every checkpoint
-    # and compared on restore, so a checkpoint is never continued under other settings or data.
-    self.stamp = stamp
+    self.io = io or RunIO()
     self.lane_count = runner.pad(size) if runner.batched else 1
-    self.pos = _Position()
+    self.pos = Position()
 
   def records(self) -> list[dict[str, Any]]:
     return [r for t in self.trials for r in t.records]
@@ -178,26 +154,27 @@ class Driver:
   def run(self) -> list[dict[str, Any]]:
     try:
       records = self._run()
-      if self.checkpointer is not None:
-        self.checkpointer.wait()  # the final checkpoint is on disk when the run returns
+      if self.io.checkpointer is not None:
+        self.io.checkpointer.wait()  # the final checkpoint is on disk when the run returns
       return records
     except BaseException:
       # A crash or Ctrl-C: let an asynchronous checkpoint save in flight finish, so the newest
       # checkpoint on disk is whole (a second Ctrl-C during the wait abandons it cleanly).
-      if self.checkpointer is not None:
-        self.checkpointer.wait()
+      if self.io.checkpointer is not None:
+        self.io.checkpointer.wait()
       raise
 
   def _run(self) -> list[dict[str, Any]]:
+    io = self.io
     if self._restore():
-      self.log(f'resuming: {len(self.records())} records so far, group {self.pos.group}'
-               + (f', mid-cycle ({self.pos.fit_meta["phase"]}, epoch {int(np.max(self.pos.fit.epoch))})'
-                  if self.pos.fit is not None else ''))
-      if self.on_record and self.records():
-        self.on_record(self.records())
-    if self.monitor:
-      self.monitor({'event': 'start', 'trials': len(self.trials), 'finished': sum(t.stopped for t in self.trials),
-                    'records': len(self.records())})
+      io.log(f'resuming: {len(self.records())} records so far, group {self.pos.group}'
+             + (f', mid-cycle ({self.pos.fit_meta["phase"]}, epoch {int(np.max(self.pos.fit.epoch))})'
+                if self.pos.fit is not None else ''))
+      if io.on_record and self.records():
+        io.on_record(self.records())
+    if io.monitor:
+      io.monitor({'event': 'start', 'trials': len(self.trials), 'finished': sum(t.stopped for t in self.trials),
+                  'records': len(self.records())})
     while self.pos.group < len(self.groups):
       group = self.groups[self.pos.group]
       active = [t for t in group if not t.stopped]
@@ -221,15 +198,15 @@ class Driver:
                                [f'seed {t.seed} {t.metric:>12}' for t in active])
       for trial, outcome in zip(active, outcomes):
         self.method.advance(trial, outcome, self.pos.dense[trial.seed])
-        if self.params_store is not None:
-          self.params_store.saved_cycle(trial, outcome.best_theta)
-        if self.monitor:
-          self.monitor({'event': 'record', 'record': trial.records[-1], 'finished': trial.stopped})
+        if io.params_store is not None:
+          io.params_store.saved_cycle(trial, outcome.best_theta)
+        if io.monitor:
+          io.monitor({'event': 'record', 'record': trial.records[-1], 'finished': trial.stopped})
       if all(t.stopped for t in group):
         self._next_group()
       self._save()
-      if self.on_record:
-        self.on_record(self.records())
+      if io.on_record:
+        io.on_record(self.records())
     return self.records()
 
   def _next_group(self) -> None:
@@ -250,25 +227,21 @@ class Driver:
     if resumed:
       state = self.pos.fit
     else:
-      padded = lanes + [lanes[0]] * (count - n)
-      start = [self.pos.theta0[s] if theta is None else theta for s, _, theta, _ in padded]
-      keys = [self.method.shuffle_key(s, cycle) for s, *_ in padded]
-      if self.runner.batched:
-        state = self.runner.init_fit(_stack(start), _stack([m for _, m, *_ in padded]), jnp.stack(keys))
-        state = state._replace(done=jnp.arange(count) >= n)  # padding lanes are frozen from the start
-      else:
-        state = self.runner.init_fit(start[0], lanes[0][1], keys[0])
+      state = init_lanes(self.runner, [(self.pos.theta0[s] if theta is None else theta, mask,
+                                        self.method.shuffle_key(s, cycle)) for s, mask, theta, _ in lanes], count)
       if any(e is not None for *_, e in lanes):
-        limits = [int(state.max_epochs.reshape(-1)[0]) if e is None else e for *_, e in padded]
+        limits = [int(state.max_epochs.reshape(-1)[0]) if e is None else e for *_, e in lanes]
+        limits += limits[:1] * (count - n)  # padding lanes copy the first lane
         state = state._replace(max_epochs=jnp.asarray(limits if self.runner.batched else limits[0], jnp.int32))
     self.pos.fit, self.pos.fit_meta = None, None
 
     def on_epoch(state: FitState) -> None:
       nonlocal started, seconds
-      if self.log_epochs or self.monitor:
+      if self.io.log_epochs or self.io.monitor:
         self._report_epoch(state, labels, cycle)
       epoch = int(np.max(np.asarray(state.epoch)))
-      if self.every and epoch % self.every == 0 and not np.all(np.asarray(state.done)):
+      every = self.io.checkpoint_every_epochs
+      if every and epoch % every == 0 and not np.all(np.asarray(state.done)):
         seconds += time.perf_counter() - started
         started = time.perf_counter()
         self.pos.fit, self.pos.fit_meta = state, {'phase': phase, 'cycle': cycle, 'seconds': seconds}
@@ -286,120 +259,47 @@ class Driver:
     if not self.runner.batched:
       s = jax.tree.map(lambda x: np.asarray(x)[None], s)
     n = len(labels)
-    if self.monitor:
-      self.monitor({'event': 'epoch', 'cycle': cycle, 'labels': labels, 'epochs': s.epoch[:n].tolist(),
-                    'val_accuracy': s.val_accuracy[:n].tolist(), 'done': s.done[:n].tolist()})
-    if not self.log_epochs:
+    if self.io.monitor:
+      self.io.monitor({'event': 'epoch', 'cycle': cycle, 'labels': labels, 'epochs': s.epoch[:n].tolist(),
+                       'val_accuracy': s.val_accuracy[:n].tolist(), 'done': s.done[:n].tolist()})
+    if not self.io.log_epochs:
       return
     for t, label in enumerate(labels):
       if s.epoch[t] > 0 and (not s.done[t] or s.epoch[t] == np.max(s.epoch)):
-        self.log(f'{label} cycle {cycle:2d} epoch {int(s.epoch[t]):3d} train_loss {float(s.train_loss[t]):.4f} '
-                 f'val_loss {float(s.val_loss[t]):.4f} val_acc {float(s.val_accuracy[t]):.4f}'
-                 + (' (stop)' if s.done[t] else ''))
+        self.io.log(f'{label} cycle {cycle:2d} epoch {int(s.epoch[t]):3d} train_loss {float(s.train_loss[t]):.4f} '
+                    f'val_loss {float(s.val_loss[t]):.4f} val_acc {float(s.val_accuracy[t]):.4f}'
+                    + (' (stop)' if s.done[t] else ''))
 
-  # -- checkpoints ------------------------------------------------------------------------------
+  # -- checkpoints (the format: `state`) ------------------------------------------------------
 
   def _save(self) -> None:
-    if self.checkpointer is None:
-      return
-    leaves = jax.tree.leaves
-    arrays: dict[str, Any] = {
-        'cycles': np.asarray([t.cycle for t in self.trials], np.int32),  # never empty (orbax refuses that)
-        'masks': {f't{i}': leaves(t.mask) for i, t in enumerate(self.trials) if not t.stopped},
-        'thetas': {f't{i}': leaves(t.theta) for i, t in enumerate(self.trials) if not t.stopped and t.theta is not None},
-        'theta0': {f's{s}': leaves(th) for s, th in self.pos.theta0.items()},
-        'dense': {f's{s}': {'sums': leaves(o.sums), 'best': leaves(o.best_theta), 'score': leaves(o.score_theta)}
-                  for s, o in self.pos.dense.items()},
-    }
-    if self.pos.fit is not None:
-      arrays['fit'] = leaves(_key_data(self.pos.fit))
-    arrays = {k: v for k, v in arrays.items() if not isinstance(v, dict) or v}  # orbax stores no empty dicts
-    meta = {'version': CHECKPOINT_VERSION, 'group': self.pos.group,
-            'trials': [{'seed': t.seed, 'metric': t.metric, 'stopped': t.stopped, 'epochs': t.epochs,
-                        'has_theta': t.theta is not None, 'records': t.records} for t in self.trials],
-            'stamp': self.stamp, 'theta0_seeds': sorted(self.pos.theta0), 'dense': {str(s): o.fields for s, o in self.pos.dense.items()},
-            'fit': self.pos.fit_meta}
-    self.checkpointer.save(arrays, meta)
-
-  def _templates(self, meta: dict[str, Any]) -> dict[str, Any]:
-    """Abstract arrays (shapes and dtypes) of a checkpoint described by `meta`."""
-    theta = jax.eval_shape(lambda: self.method.theta0(0))
-    mask = jax.eval_shape(self.method.full_mask)
-    sums = jax.eval_shape(lambda: self.method.sums_template())
-    leaves = jax.tree.leaves
-    out: dict[str, Any] = {
-        'cycles': jax.ShapeDtypeStruct((len(meta['trials']),), np.int32),
-        'masks': {f't{i}': leaves(mask) for i, t in enumerate(meta['trials']) if not t['stopped']},
-        'thetas': {f't{i}': leaves(theta) for i, t in enumerate(meta['trials'])
-                   if not t['stopped'] and t['has_theta']},
-        'theta0': {f's{s}': leaves(theta) for s in meta['theta0_seeds']},
-        'dense': {f's{s}': {'sums': leaves(sums), 'best': leaves(theta), 'score': leaves(theta)}
-                  for s in meta['dense']},
-    }
-    if meta['fit'] is not None:
-      out['fit'] = leaves(jax.eval_shape(lambda: _key_data(self._fit_template())))
-    return {k: v for k, v in out.items() if not isinstance(v, dict) or v}
-
-  def _fit_template(self) -> FitState:
-    theta, mask = self.method.theta0(0), self.method.full_mask()
-    key = self.method.shuffle_key(0, 0)
-    if not self.runner.batched:
-      return self.runner.trainer.init_fit(theta, mask, key)
-    n = self.lane_count
-    return jax.vmap(self.runner.trainer.init_fit)(_stack([theta] * n), _stack([mask] * n), jnp.stack([key] * n))
-
-  def _check_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
-    if meta.get('version') != CHECKPOINT_VERSION or [(t['seed'], t['metric']) for t in meta['trials']] != [
-        (t.seed, t.metric) for t in self.trials]:
-      raise CheckpointError(f'{self.checkpointer.directory} holds a checkpoint of another experiment '
-                       '(other seeds, metrics or format); use another output directory')
-    differences = stamp_differences(meta.get('stamp'), self.stamp)
-    if differences:
-      raise CheckpointError(f'{self.checkpointer.directory} holds a checkpoint made with other settings or data '
-                       f'({"; ".join(differences)}); use another output directory or the same settings')
-    return self._templates(meta)
+    if self.io.checkpointer is not None:
+      state_lib.save(self.io.checkpointer, self.trials, self.pos, self.io.stamp)
 
   def _restore(self) -> bool:
-    """Loads the newest readable checkpoint (an unreadable newer one is skipped with a warning)."""
-    if self.checkpointer is None:
+    """Continues from the newest readable checkpoint, if there is one."""
+    if self.io.checkpointer is None:
       return False
-    found = self.checkpointer.restore_latest(self._check_meta)
-    if found is None:
+    pos = state_lib.restore(self.io.checkpointer, self.method, self.runner, self.lane_count, self.trials,
+                            self.io.stamp)
+    if pos is None:
       return False
-    _, meta, arrays = found
-    unflatten = lambda like, xs: jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) for x in xs])
-    theta, mask, sums = self.method.theta0(0), self.method.full_mask(), self.method.sums_template()
-    for i, (trial, saved) in enumerate(zip(self.trials, meta['trials'])):
-      trial.cycle, trial.stopped, trial.records = int(arrays['cycles'][i]), saved['stopped'], saved['records']
-      trial.epochs = saved['epochs']
-      if not trial.stopped:
-        trial.mask = unflatten(mask, arrays['masks'][f't{i}'])
-        if saved['has_theta']:
-          trial.theta = unflatten(theta, arrays['thetas'][f't{i}'])
-    self.pos = _Position(group=meta['group'])
-    for s in meta['theta0_seeds']:
-      self.pos.theta0[s] = unflatten(theta, arrays['theta0'][f's{s}'])
-    for s, fields in meta['dense'].items():
-      a = arrays['dense'][f's{s}']
-      self.pos.dense[int(s)] = Outcome(fields, unflatten(sums, a['sums']), unflatten(theta, a['best']),
-                                       unflatten(theta, a['score']))
-    if meta['fit'] is not None:
-      self.pos.fit = _wrap_key(unflatten(_key_data(self._fit_template()), arrays['fit']))
-      self.pos.fit_meta = meta['fit']
+    self.pos = pos
     return True
 
 
-def stamp_differences(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:
-  """'key: saved X, now Y' for every setting in which two stamps differ (none when either is absent)."""
-  if saved is None or current is None:
-    return []
-  return [f'{k}: saved {saved.get(k)!r}, now {current.get(k)!r}' for k in sorted(set(saved) | set(current))
-          if saved.get(k) != current.get(k)]
+def init_lanes(runner, lanes: Sequence[tuple[Any, Any, jax.Array]], count: int = 1) -> FitState:
+  """The training state that starts `lanes` ((start θ, mask, shuffle key) each) on `runner`.
 
-
-def _key_data(state: FitState) -> FitState:
-  return state._replace(key=jax.random.key_data(state.key))
-
-
-def _wrap_key(state: FitState) -> FitState:
-  return state._replace(key=jax.random.wrap_key_data(state.key))
+  `OneLane`: the one trial's state. `Lanes`: `count` lanes (`runner.pad`ed by the caller); the ones
+  past `lanes` are padding, copies of the first lane marked done from the start, so they are frozen
+  and cost nothing while the lane count, and so the compiled programs, stay the same."""
+  if not runner.batched:
+    if len(lanes) != 1:
+      raise ValueError(f'one-trial programs (OneLane) start one trial, got {len(lanes)}')
+    return runner.init_fit(*lanes[0])
+  n = len(lanes)
+  padded = list(lanes) + [lanes[0]] * (count - n)
+  state = runner.init_fit(stack([t for t, _, _ in padded]), stack([m for _, m, _ in padded]),
+                          jnp.stack([k for *_, k in padded]))
+  return state._replace(done=jnp.arange(count) >= n)

@@ -9,7 +9,8 @@
 The loop itself (groups of trials, lanes, checkpoints, saved params) is
 `dropnet_jax.loop.driver`; the criteria are the registry in `dropnet_jax.pruning.criteria`.
 This module holds what makes it DropNet: the keys, the stop rule and the
-record of a cycle (`DropNetMethod`), and the entry function `run_experiment`.
+record of a cycle (`DropNetMethod`), the entry function `run_experiment`, and
+`reference_run`, the same algorithm for one trial as a plain loop to read.
 
 Randomness is split so runs are comparable: the shuffle order depends only on
 (seed, cycle) and the tie-breaks/random drops on (seed, metric, cycle). Hence
@@ -31,7 +32,7 @@ from dropnet_jax.compaction import accounting
 from dropnet_jax.pruning import criteria
 from dropnet_jax.training import trainer as train_lib
 from dropnet_jax.config import DropNetConfig
-from dropnet_jax.loop.driver import Driver, Outcome, Trial, measure
+from dropnet_jax.loop.driver import Driver, Outcome, RunIO, Trial, measure
 from dropnet_jax.training.lanes import Lanes, OneLane
 from dropnet_jax.models.layers import Masks, full_masks, zero_sums
 from dropnet_jax.pruning.masks import fraction_remaining, mask_to_strings, masks_from_strings, units_per_layer
@@ -131,41 +132,40 @@ class DropNetMethod:
       trial.mask, trial.cycle = new_mask, trial.cycle + 1
 
 
+def default_trainer(model, data: DeviceData, config: DropNetConfig) -> Trainer:
+  """The Trainer of `config.train` for `data` (what `run_experiment` uses when given none)."""
+  return Trainer(model, config.train, steps_per_epoch=train_lib.steps_per_epoch(
+      data.train_labels.shape[0], config.train.batch_size))
+
+
 def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], config: DropNetConfig,
-                   trainer: Trainer | None = None, checkpointer=None, checkpoint_every_epochs: int = 0,
-                   on_record: Callable[[list[dict[str, Any]]], None] | None = None,
-                   log: Callable[[str], None] = print, log_epochs: bool = True, batch_trials: bool = False,
-                   params_store=None, lanes_per_chunk: int | None = None,
-                   monitor: Callable[[dict[str, Any]], None] | None = None,
-                   stamp: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                   trainer: Trainer | None = None, io: RunIO | None = None, batch_trials: bool = False,
+                   lanes_per_chunk: int | None = None) -> list[dict[str, Any]]:
   """Algorithm 1 for every seed x metric; returns all records (seed by seed, metrics in config
   order, cycles ascending).
 
   Sequential (default): one trial at a time. `batch_trials`: all trials of a
-  cycle together, as lanes of one program. With a `checkpointer`, the state is
-  saved after every cycle and every `checkpoint_every_epochs` epochs (0: only
-  after cycles), and a rerun continues from the newest checkpoint with the
-  same records (up to `seconds`). `on_record` gets all records so far after
-  every cycle (and once on resume). `params_store` (`saved_params.ParamsStore`)
-  keeps the trained θ of finished cycles. `monitor` gets progress events
-  and `stamp` (the settings and data fingerprint) guards the checkpoints
-  (`driver.Driver`).
+  cycle together, as lanes of one program (`lanes_per_chunk`: `lanes.Lanes`).
+  `io` (`driver.RunIO`; None: in memory, lines to print) is what the run writes
+  and reports: with a checkpointer, the state is saved after every cycle (and
+  every `checkpoint_every_epochs` epochs) and a rerun continues from the newest
+  checkpoint with the same records (up to `seconds`); `on_record` gets all
+  records so far after every cycle (and once on resume); `params_store` keeps
+  the trained θ of finished cycles; `monitor` gets progress events; `stamp`
+  (the settings and data fingerprint) guards the checkpoints.
+  `reference_run` is the same computation for one trial as a plain loop.
   """
   config.validate()
   if (config.param_budget or config.mac_budget) and not accounting.supports(model):
     raise ValueError(f'param_budget/mac_budget: no params/MACs counts for {type(model).__name__}')
-  trainer = trainer or Trainer(model, config.train, steps_per_epoch=train_lib.steps_per_epoch(
-      data.train_labels.shape[0], config.train.batch_size))
-  method = DropNetMethod(model, image_shape, data, config, log)
+  io = io or RunIO()
+  trainer = trainer or default_trainer(model, data, config)
+  method = DropNetMethod(model, image_shape, data, config, io.log)
   trials = [Trial(seed, metric, method.full_mask()) for seed in seeds for metric in config.metrics]
   if not trials:
     return []
   runner = Lanes(trainer, lanes_per_chunk) if batch_trials else OneLane(trainer)
-  driver = Driver(method, trials, runner, data, group_size=None if batch_trials else 1,
-                  checkpointer=checkpointer, checkpoint_every_epochs=checkpoint_every_epochs,
-                  params_store=params_store, on_record=on_record, log=log, log_epochs=log_epochs,
-                  monitor=monitor, stamp=stamp)
-  return driver.run()
+  return Driver(method, trials, runner, data, group_size=None if batch_trials else 1, io=io).run()
 
 
 def run_seed(model, image_shape, data: DeviceData, seed: int, config: DropNetConfig,
@@ -180,8 +180,46 @@ def run_seed(model, image_shape, data: DeviceData, seed: int, config: DropNetCon
       on_record(r)
     seen = len(records)
 
-  return run_experiment(model, image_shape, data, [seed], config, trainer, on_record=each if on_record else None,
-                        log=log, log_epochs=log_epochs)
+  return run_experiment(model, image_shape, data, [seed], config, trainer,
+                        RunIO(on_record=each if on_record else None, log=log, log_epochs=log_epochs))
+
+
+def reference_run(model, image_shape, data: DeviceData, seed: int, metric: str, config: DropNetConfig,
+                  trainer: Trainer | None = None) -> list[dict[str, Any]]:
+  """Algorithm 1 for one seed and one criterion as a plain loop, to read (and to test the driver
+  against): the same keys, training, measuring, criterion and stop rule as `run_experiment`, without
+  groups, lanes, checkpoints or a shared dense cycle, so its records equal the driver's (but for
+  `seconds`; batched lanes to float rounding)."""
+  config.validate()
+  trainer = trainer or default_trainer(model, data, config)
+  method = DropNetMethod(model, image_shape, data, config, log=lambda s: None)  # record fields, criterion context
+  keys = SeedKeys.for_seed(seed)
+  theta0 = init_params(model, keys.init, image_shape)  # θ0 <- init(seed)
+  mask = full_masks(model)  # mask <- all ones
+  records: list[dict[str, Any]] = []
+  cycle = 0
+  while True:  # repeat
+    start = time.perf_counter()
+    # θ <- train(θ0, mask): reset to θ0, train the masked network with early stopping (best val loss).
+    state = train_lib.fit(trainer.epoch_step, trainer.init_fit(theta0, mask, keys.shuffle_key(cycle)), data)
+    outcome = measure(OneLane(trainer), state, data, method, time.perf_counter() - start, [True])[0]
+    record = {'seed': seed, 'metric': metric, 'cycle': cycle, **outcome.fields}  # record accuracies
+    if cycle == 0:
+      dense_val_accuracy = record['val_accuracy']  # what κ compares the later cycles with
+    # Stop if fraction remaining <= floor, or val acc <= κ · dense val acc (or a size budget is met).
+    stop = should_stop(record, dense_val_accuracy, config)
+    if not stop:
+      # mask <- criterion(θ, unit statistics, mask, key): drop p of the remaining units.
+      inputs = criteria.PruneInputs(outcome.score_theta, outcome.sums, mask, keys.mask_key(metric, cycle),
+                                    config.fraction)
+      new_mask = tuple(criteria.get(metric)(inputs, method.context))
+      if units_per_layer(new_mask) == record['units']:
+        stop = 'nothing left to drop'
+    record['stop_reason'] = stop
+    records.append(record)
+    if stop:
+      return records
+    mask, cycle = new_mask, cycle + 1
 
 
 def train_cycle(trainer: Trainer, params0, masks: Masks, data: DeviceData, shuffle_key: jax.Array,

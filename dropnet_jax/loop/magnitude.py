@@ -40,7 +40,7 @@ import numpy as np
 from dropnet_jax.pruning import criteria
 from dropnet_jax.config import TrainConfig
 from dropnet_jax.loop.dropnet import SeedKeys, random_init_key
-from dropnet_jax.loop.driver import Outcome, Trial
+from dropnet_jax.loop.driver import Driver, Outcome, RunIO, Trial
 from dropnet_jax.models.layers import full_masks, zero_sums
 from dropnet_jax.models import init_params
 from dropnet_jax.training.trainer import split_theta
@@ -81,18 +81,31 @@ class MagnitudeConfig:
     self.train.validate()
 
 
+@dataclasses.dataclass(kw_only=True)
+class MagnitudeTrial(Trial):
+  """A trial of one method and target sparsity. The loop and the checkpoints name a trial by its
+  `metric`, a label of the two ('oneshot s=0.9', kept as the records' `metric`); the method reads
+  these typed fields (the records' `method` and `target_sparsity`) instead of parsing the label."""
+  method: str  # one of METHODS
+  target: float  # the target sparsity (the lottery trials': the largest of the config's)
+
+
 def trial_label(method: str, target: float | None) -> str:
   """The records' `metric`: 'oneshot s=0.9'; the lottery trials run to the largest target: 'lottery'."""
   return method if method in ('lottery', 'lottery_reinit') else f'{method} s={target:g}'
 
 
-def make_trials(config: MagnitudeConfig, seeds: Sequence[int], full_mask) -> list[Trial]:
+def make_trials(config: MagnitudeConfig, seeds: Sequence[int], full_mask) -> list[MagnitudeTrial]:
   """Per seed: the lottery trial before its reinit sibling, then one trial per (method, target)."""
   trials = []
   for seed in seeds:
     for method in config.methods:
-      targets = [None] if method in ('lottery', 'lottery_reinit') else sorted(config.sparsities)
-      trials += [Trial(seed, trial_label(method, s), full_mask) for s in targets]
+      if method in ('lottery', 'lottery_reinit'):
+        trials.append(MagnitudeTrial(seed, trial_label(method, None), full_mask, method=method,
+                                     target=max(config.sparsities)))
+      else:
+        trials += [MagnitudeTrial(seed, trial_label(method, s), full_mask, method=method, target=s)
+                   for s in sorted(config.sparsities)]
   return trials
 
 
@@ -100,7 +113,7 @@ class MagnitudeMethod:
   """The weight-pruning methods' side of the loop (`driver.Method`)."""
   score_from, score_params = 'data', 'best'
 
-  def __init__(self, model, image_shape: Sequence[int], data, config: MagnitudeConfig, trials: list[Trial],
+  def __init__(self, model, image_shape: Sequence[int], data, config: MagnitudeConfig, trials: list[MagnitudeTrial],
                log: Callable[[str], None] = print):
     self.model, self.image_shape, self.config, self.log = model, tuple(image_shape), config, log
     self.trials = trials
@@ -132,24 +145,19 @@ class MagnitudeMethod:
 
   # -- the cycle ------------------------------------------------------------------------------
 
-  def _method(self, trial: Trial) -> tuple[str, float]:
-    method = trial.metric.split(' ')[0]
-    target = float(trial.metric.split('s=')[1]) if 's=' in trial.metric else max(self.config.sparsities)
-    return method, target
-
   def _amount_to(self, remaining: float, q: float, targets: Sequence[float]) -> float:
     """q of the remaining weights, or less so as to land exactly on the next target sparsity."""
     upcoming = [t for t in sorted(targets) if t > 1 - remaining + _EPS]
     next_fraction = 1 - upcoming[0]
     return min(q, 1 - next_fraction / remaining)
 
-  def _prune(self, trial: Trial, theta, amount: float):
+  def _prune(self, trial: MagnitudeTrial, theta, amount: float):
     key = jax.random.fold_in(SeedKeys.for_seed(trial.seed).mask_key(trial.metric, trial.cycle), 0)
     inputs = criteria.PruneInputs(theta, None, trial.mask, key, amount)
     return self.criterion(inputs, self.context)
 
-  def advance(self, trial: Trial, outcome: Outcome, dense: Outcome) -> None:
-    method, target = self._method(trial)
+  def advance(self, trial: MagnitudeTrial, outcome: Outcome, dense: Outcome) -> None:
+    method, target = trial.method, trial.target
     previous = trial.records[-1] if trial.records else None
     phase = 'dense' if previous is None else previous['next']
     record = {'seed': trial.seed, 'metric': trial.metric, 'cycle': trial.cycle, 'method': method,
@@ -181,7 +189,7 @@ class MagnitudeMethod:
         amount = self._amount_to(remaining, self.config.prune_fraction, self.config.sparsities)
         new_mask, next_phase = self._prune(trial, outcome.best_theta, amount), 'rewind'
     else:  # lottery_reinit: the sibling lottery trial (same seed) advanced just before this one
-      sibling = next(t for t in self.trials if t.seed == trial.seed and t.metric == 'lottery')
+      sibling = next(t for t in self.trials if t.seed == trial.seed and t.method == 'lottery')
       if sibling.stopped and sibling.records[-1]['cycle'] <= trial.cycle:
         stop = 'target'
       else:
@@ -264,23 +272,20 @@ def figure_records(records: Sequence[dict[str, Any]], dropnet_records: Sequence[
   return out
 
 
-def run(model, image_shape, data, seeds: Sequence[int], config: MagnitudeConfig, trainer=None, checkpointer=None,
-        checkpoint_every_epochs: int = 0, on_record=None, log: Callable[[str], None] = print,
-        params_store=None, monitor=None, lanes_per_chunk: int | None = None, stamp=None) -> list[dict[str, Any]]:
+def run(model, image_shape, data, seeds: Sequence[int], config: MagnitudeConfig, trainer=None,
+        io: RunIO | None = None, lanes_per_chunk: int | None = None) -> list[dict[str, Any]]:
   """Every method x target x seed as lanes of one group (the lottery_reinit trials follow their
-  lottery siblings cycle by cycle); resumable like DropNet. Returns the records."""
-  from dropnet_jax.loop.driver import Driver
+  lottery siblings cycle by cycle); resumable like DropNet, with what the run writes and reports
+  in `io` (`driver.RunIO`; None: in memory, lines to print). Returns the records."""
   from dropnet_jax.training.lanes import Lanes
   from dropnet_jax.training.trainer import Trainer, steps_per_epoch
   config.validate()
+  io = io or RunIO()
   trainer = trainer or Trainer(model, config.train, weight_masks=True,
                                steps_per_epoch=steps_per_epoch(data.train_labels.shape[0], config.train.batch_size))
   if not trainer.weight_masks:
     raise ValueError('magnitude pruning needs a Trainer(..., weight_masks=True)')
-  trials: list[Trial] = []
-  method = MagnitudeMethod(model, image_shape, data, config, trials, log)
+  trials: list[MagnitudeTrial] = []
+  method = MagnitudeMethod(model, image_shape, data, config, trials, io.log)
   trials += make_trials(config, seeds, method.full_mask())
-  driver = Driver(method, trials, Lanes(trainer, lanes_per_chunk), data, checkpointer=checkpointer,
-                  checkpoint_every_epochs=checkpoint_every_epochs, params_store=params_store, on_record=on_record,
-                  log=log, monitor=monitor, stamp=stamp)
-  return driver.run()
+  return Driver(method, trials, Lanes(trainer, lanes_per_chunk), data, io=io).run()

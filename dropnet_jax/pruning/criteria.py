@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dropnet_jax import theta as theta_lib
 from dropnet_jax.pruning import oracle
 
 from dropnet_jax.pruning import weight_criteria
@@ -243,9 +244,7 @@ def _weight_criterion(name: str) -> None:
 
   def criterion(inputs: PruneInputs, context: Context):
     del context
-    theta = inputs.theta
-    params = theta['params'] if isinstance(theta, dict) and 'params' in theta else theta
-    return rule(params, inputs.mask, float(inputs.fraction), inputs.key)
+    return rule(theta_lib.params(inputs.theta), inputs.mask, float(inputs.fraction), inputs.key)
 
   criterion.__name__ = criterion.__qualname__ = name
   register(name, 'weight')(criterion)
@@ -262,11 +261,5 @@ for _name in weight_criteria.WEIGHT_CRITERIA:
 def oracle_criterion(inputs: PruneInputs, context: Context) -> Masks:
   """The paper's oracle: greedily drops the units whose removal raises the training loss least,
   with the trained θ and no retraining (`dropnet_jax.pruning.oracle`). Deterministic: the key is unused."""
-  theta = inputs.theta
-  if isinstance(theta, dict) and 'params' in theta:  # batch-norm models: θ holds the running stats
-    params, extra = theta['params'], {k: v for k, v in theta.items() if k != 'params'}
-  else:
-    params, extra = theta, None
-  return oracle.oracle_mask(context.apply_fn, params, tuple(inputs.mask), context.train_images,
-                            context.train_labels, inputs.fraction, max_examples=context.oracle_examples,
-                            extra_variables=extra or None)
+  return oracle.oracle_mask(context.apply_fn, inputs.theta, tuple(inputs.mask), context.train_images,
+                            context.train_labels, inputs.fraction, max_examples=context.oracle_examples)

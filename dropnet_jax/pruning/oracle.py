@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dropnet_jax import theta as theta_lib
 from dropnet_jax.models.layers import Masks
 from dropnet_jax.pruning.masks import drop_count
 
@@ -50,8 +51,9 @@ def _split(flat: jax.Array, sizes: tuple[int, ...]) -> Masks:
   return tuple(jnp.split(flat, np.cumsum(sizes)[:-1].tolist()))
 
 
-def _variables(params, extra_variables) -> dict[str, Any]:
-  return {'params': params, **(extra_variables or {})}
+def _variables(theta, extra_variables) -> dict[str, Any]:
+  """The dict `apply_fn` gets: θ's variables (`dropnet_jax.theta`) and any extra collections."""
+  return {**theta_lib.variables(theta), **(extra_variables or {})}
 
 
 def _logits(apply_fn, variables, images, masks):
@@ -157,7 +159,8 @@ def oracle_mask(apply_fn: Callable, params, masks: Masks, images: jax.Array, lab
   Args:
     apply_fn: `model.apply`; called as `apply_fn(variables, images, masks)` (so `train=False`) and
       returning `(logits, stats)` or logits. Static under jit: pass the same bound method each cycle.
-    params: the trained parameters (used as they are; no retraining between greedy steps).
+    params: the trained θ (used as it is; no retraining between greedy steps): a params tree, or a
+      variables dict with 'batch_stats' for batch-norm models (`dropnet_jax.theta`).
     masks: the current mask, one float vector per masked layer (1 kept, 0 dropped).
     images, labels: the training examples the loss is measured on (uint8 images, int labels).
     fraction: the fraction of remaining units to drop (the cycle count as for the global metrics).
@@ -165,7 +168,7 @@ def oracle_mask(apply_fn: Callable, params, masks: Masks, images: jax.Array, lab
     max_examples: use only the first `max_examples` examples (default all); shuffle beforehand for a
       random subset.
     candidate_chunk: candidate masks vmapped together (default 64); memory ~ candidate_chunk x batch_size.
-    extra_variables: other variable collections, e.g. `{'batch_stats': ...}` for batch-norm models.
+    extra_variables: other variable collections, e.g. `{'batch_stats': ...}` beside a bare params tree.
 
   Returns:
     The new masks (float32). Pure: the same inputs give the same mask; ties go to the lowest flat
@@ -213,3 +216,22 @@ def mask_similarity(masks_a: Masks, masks_b: Masks) -> float:
   if n_b == 0:
     raise ValueError('the reference mask (masks_b) keeps no unit')
   return float((kept_a & kept_b).sum()) / n_b
+
+
+ORACLE = 'oracle'  # the criterion's registered name
+
+
+def similarity_records(records: list[dict]) -> list[dict]:
+  """One record per non-oracle (seed, metric, cycle) of a run that includes the oracle, with
+  `oracle_similarity`: `mask_similarity` of its mask to the oracle's at the same seed and cycle."""
+  from dropnet_jax.pruning.masks import masks_from_strings
+  oracle_masks = {(r['seed'], r['cycle']): r['mask'] for r in records if r['metric'] == ORACLE}
+  out = []
+  for r in records:
+    ref = oracle_masks.get((r['seed'], r['cycle']))
+    if r['metric'] == ORACLE or ref is None:
+      continue
+    out.append({'seed': r['seed'], 'metric': r['metric'], 'cycle': r['cycle'],
+                'fraction_remaining': r['fraction_remaining'],
+                'oracle_similarity': mask_similarity(masks_from_strings(r['mask']), masks_from_strings(ref))})
+  return out

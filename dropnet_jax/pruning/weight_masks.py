@@ -44,9 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dropnet_jax import theta as theta_lib
+
 WeightMask = dict[str, Any]  # nested dict of float32 0/1 arrays, prunable leaves only
 
-_STATS = 'batch_stats'
+_STATS = theta_lib.BATCH_STATS
 
 
 def _key_str(k) -> str:
@@ -73,8 +75,8 @@ def mask_names(wmask: WeightMask) -> tuple[str, ...]:
 
 def _module_root(tree) -> tuple[str, Mapping]:
   """('params/', tree['params']) for a variables dict, ('', tree) for a params tree."""
-  if isinstance(tree, Mapping) and 'params' in tree and set(tree) <= {'params', _STATS}:
-    return 'params/', tree['params']
+  if theta_lib.is_variables(tree):
+    return theta_lib.PARAMS + '/', theta_lib.params(tree)
   return '', tree
 
 

@@ -54,12 +54,12 @@ def format_seconds(seconds: float | None) -> str:
 
 
 class ProgressMonitor:
-  """A `Driver` monitor and a `log` sink: a live bar on a terminal, plain prefixed lines elsewhere.
+  """A `RunIO` monitor and `log` sink: a live bar on a terminal, plain prefixed lines elsewhere.
 
   Use as a context manager (the live display stops on exit, also on Ctrl-C, so the terminal is left clean):
 
     with ProgressMonitor(trials=6, expected_cycles=13) as monitor:
-      run_experiment(..., log=monitor.log, monitor=monitor)
+      run_experiment(..., io=RunIO(log=monitor.log, monitor=monitor))
 
   `live`: None decides from `stream.isatty()`. `clock` is injectable for tests.
   """

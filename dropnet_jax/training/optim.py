@@ -70,6 +70,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dropnet_jax.settings import setting
+
 OPTIMIZERS = ('sgd', 'momentum', 'adam', 'adamw', 'rmsprop', 'adagrad', 'adadelta')
 SCHEDULES = ('constant', 'cosine', 'linear', 'step', 'cyclic', 'warmup_cosine')
 
@@ -84,19 +86,27 @@ DEFAULT_MOMENTUM = {'momentum': 0.9, 'rmsprop': 0.0}  # the optimisers that take
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """Optimiser and learning-rate schedule of a training run (see the module docstring)."""
-  optimizer: str = 'sgd'
-  lr: float = 0.1
-  momentum: float | None = None  # 'momentum' (default 0.9) and 'rmsprop' (default 0) only
-  nesterov: bool = False  # 'momentum' only
-  weight_decay: float = 0.0  # coupled; decoupled for 'adamw'
-  schedule: str = 'constant'
-  schedule_epochs: float | None = None  # T of cosine/linear/warmup_cosine; None: max_epochs
-  min_lr_factor: float = 0.0  # m: cosine/warmup_cosine floor, linear end, cyclic low point, as a fraction of lr
-  warmup_epochs: float = 5.0  # W of warmup_cosine
-  warmup_start_factor: float = 0.0  # s: warmup starts at s * lr
-  step_epochs: float = 30.0  # S of step
-  gamma: float = 0.1  # γ of step
-  cyclic_half_epochs: float = 2.0  # H of cyclic: epochs from the low point to the peak (and back)
+  optimizer: str = setting('sgd', "sgd (the paper's), momentum, adam, adamw, rmsprop, adagrad or adadelta, "
+                           "with torch.optim's formulas and defaults.", flag='optimizer', choices=OPTIMIZERS)
+  lr: float = setting(0.1, "Peak / initial learning rate (torch's default for adadelta is 1.0).", flag='lr')
+  momentum: float | None = setting(None, 'momentum: heavy-ball coefficient (default 0.9); rmsprop: momentum '
+                                   '(default 0); not accepted by the other optimisers.', flag='momentum')
+  nesterov: bool = setting(False, 'Nesterov momentum (optimizer=momentum).', flag='nesterov')
+  weight_decay: float = setting(0.0, "L2 coupled into the gradient, as torch's weight_decay; decoupled for adamw.",
+                                flag='weight_decay')
+  schedule: str = setting('constant', 'Learning-rate schedule, counted in optimiser steps.', flag='lr_schedule',
+                          choices=SCHEDULES)
+  schedule_epochs: float | None = setting(None, 'Length T of cosine/linear/warmup_cosine in epochs (default: '
+                                          'max_epochs).', flag='schedule_epochs')
+  min_lr_factor: float = setting(0.0, 'Lowest lr as a fraction of lr (cosine/linear end, cyclic low point).',
+                                 flag='min_lr_factor')
+  warmup_epochs: float = setting(5.0, 'warmup_cosine: epochs W of linear warmup.', flag='warmup_epochs')
+  warmup_start_factor: float = setting(0.0, 'warmup_cosine: the warmup starts at this fraction of lr.',
+                                       flag='warmup_start_factor')
+  step_epochs: float = setting(30.0, 'step: epochs S between learning-rate drops.', flag='step_epochs')
+  gamma: float = setting(0.1, 'step: factor of each drop.', flag='lr_gamma')
+  cyclic_half_epochs: float = setting(2.0, 'cyclic (triangular): epochs H from the low point to the peak.',
+                                      flag='cyclic_half_epochs')
 
   @property
   def resolved_momentum(self) -> float:

@@ -22,13 +22,13 @@ trials are instead split over the devices by trial when their count allows
 
 Batch norm: θ may be a plain params tree (models without batch norm) or a
 Flax variables dict `{'params': ..., 'batch_stats': ...}` (e.g. from
-`models.init_params` for such models). With 'batch_stats', training
-applies the model with `train=True, mutable=['batch_stats']` and carries the
-running statistics inside θ (so `FitState.params`/`best_params` are variables
-dicts, and θ0 includes the initial statistics); evaluation uses
-`train=False`. Only 'params' is optimised. In training the last, partial
-batch of an epoch is run at its true size (not padded), so padding never
-enters the batch statistics.
+`models.init_params` for such models; `dropnet_jax.theta` tells the two
+apart). With 'batch_stats', training applies the model with `train=True,
+mutable=['batch_stats']` and carries the running statistics inside θ (so
+`FitState.params`/`best_params` are variables dicts, and θ0 includes the
+initial statistics); evaluation uses `train=False`. Only 'params' is
+optimised. In training the last, partial batch of an epoch is run at its true
+size (not padded), so padding never enters the batch statistics.
 
 Speed (per step, everything stays on the device): the epoch's shuffled
 training images are gathered once per epoch as whole rows (small datasets)
@@ -41,7 +41,7 @@ fast inside loops (`cpu_grads.with_fast_grads`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dropnet_jax import theta as theta_lib
 from dropnet_jax.config import TrainConfig
 from dropnet_jax.training.augment import random_crop_flip
 from dropnet_jax.training.batches import padded_batches, RowSums, take_rows, cross_entropy, shuffle_order
@@ -110,33 +111,8 @@ class FitState(NamedTuple):
   max_epochs: jax.Array  # this run's epoch limit (config.max_epochs unless a method sets a cycle's own)
 
 
-# -- θ: a params tree, or a variables dict with batch statistics --------------------------------
-
-
-def is_variables(theta) -> bool:
-  """True for a Flax variables dict ({'params'} or {'params', 'batch_stats'}), False for a params tree."""
-  return isinstance(theta, Mapping) and 'params' in theta and set(theta) <= {'params', 'batch_stats'}
-
-
-def split_theta(theta) -> tuple[Any, Any]:
-  """(params, batch_stats or None)."""
-  if is_variables(theta):
-    return theta['params'], theta.get('batch_stats')
-  return theta, None
-
-
-def _join_theta(like, params, batch_stats):
-  """θ in the same form as `like` (plain dicts, so pytree structures always match)."""
-  if not is_variables(like):
-    return params
-  out = {'params': params}
-  if batch_stats is not None:
-    out['batch_stats'] = batch_stats
-  return out
-
-
-def _normalise_theta(theta):
-  return _join_theta(theta, *split_theta(theta)) if is_variables(theta) else theta
+# θ is a params tree, or a variables dict with batch statistics: see `dropnet_jax.theta`.
+split_theta = theta_lib.split  # (params, batch_stats or None); kept for existing callers
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -239,27 +215,27 @@ class Trainer:
     if self.weight_masks:  # inside the differentiated function: pruned weights get zero gradient
       params, masks = apply_weight_mask(params, masks), full_masks(self.model)
     if batch_stats is None:
-      apply = lambda p, x, m: self.model.apply({'params': p}, x, m)
+      apply = lambda p, x, m: self.model.apply(theta_lib.variables_from(p), x, m)
       if train and self.fast_grads:
         apply = with_fast_grads(apply)
       logits, stats = apply(params, images, masks)
       return logits, stats, None
     if not train:
-      logits, stats = self.model.apply({'params': params, 'batch_stats': batch_stats}, images, masks, train=False)
+      logits, stats = self.model.apply(theta_lib.variables_from(params, batch_stats), images, masks, train=False)
       return logits, stats, batch_stats
-    apply = lambda p, b, x, m: self.model.apply({'params': p, 'batch_stats': b}, x, m, train=True,
-                                                mutable=['batch_stats'])
+    apply = lambda p, b, x, m: self.model.apply(theta_lib.variables_from(p, b), x, m, train=True,
+                                                mutable=[theta_lib.BATCH_STATS])
     if self.fast_grads:
       apply = with_fast_grads(apply)
     (logits, stats), updates = apply(params, batch_stats, images, masks)
-    return logits, stats, updates['batch_stats']
+    return logits, stats, updates[theta_lib.BATCH_STATS]
 
   # -- one pass -------------------------------------------------------------
 
   def _evaluate(self, params, masks: Masks, images: jax.Array, labels: jax.Array, *,
                 split_batch: bool = True) -> EvalResult:
     """Mean loss, accuracy and per-unit stat sums over all of (images, labels)."""
-    params, batch_stats = split_theta(params)
+    params, batch_stats = theta_lib.split(params)
     bs = self.eval_batch_size(images.shape[0])
     idx, weights = padded_batches(jnp.arange(images.shape[0]), bs)
 
@@ -277,7 +253,7 @@ class Trainer:
   def _train_epoch(self, params, opt_state, masks: Masks, images, labels, key, *, split_batch: bool = True):
     """One shuffled epoch of SGD; returns θ, opt_state, mean loss, accuracy, stat sums."""
     theta = params
-    params, batch_stats = split_theta(theta)
+    params, batch_stats = theta_lib.split(theta)
     n, bs = images.shape[0], self.config.batch_size
     # Keras' fit(shuffle=False) order (the official notebook) when shuffling is off.
     order = shuffle_order(key, n) if self.config.shuffle else jnp.arange(n, dtype=jnp.int32)
@@ -338,7 +314,7 @@ class Trainer:
       abs_sum = tuple(map(jnp.add, abs_sum, a))
       zero_sum = tuple(map(jnp.add, zero_sum, z))
     sums = StatSums(abs_sum, zero_sum, jnp.asarray(n, jnp.float32))
-    return _join_theta(theta, params, batch_stats), opt_state, loss_sum / n, correct_sum / n, sums
+    return theta_lib.join(theta, params, batch_stats), opt_state, loss_sum / n, correct_sum / n, sums
 
   def _augmenter(self, key: jax.Array) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """(batch images, batch index) -> the batch as trained on: with --augment, random crops (zero
@@ -353,10 +329,10 @@ class Trainer:
 
   def init_fit(self, params0, masks: Masks, key: jax.Array) -> FitState:
     """A fresh run from θ0 (the very arrays given: nothing is re-initialised)."""
-    params0 = _normalise_theta(params0)
+    params0 = theta_lib.normalise(params0)
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return FitState(
-        params=params0, opt_state=self.tx.init(split_theta(params0)[0]), best_params=params0,
+        params=params0, opt_state=self.tx.init(theta_lib.params(params0)), best_params=params0,
         best_sums=zero_sums(self.unit_masks(masks)), masks=masks if self.weight_masks else tuple(masks), key=key,
         epoch=jnp.zeros((), jnp.int32),
         best_epoch=jnp.zeros((), jnp.int32), best_val_loss=f32(jnp.inf), bad_epochs=jnp.zeros((), jnp.int32),

@@ -15,8 +15,9 @@ import optuna
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dropnet_jax.config import DropNetConfig, TrainConfig
+from dropnet_jax.loop.driver import RunIO, init_lanes
 from dropnet_jax.loop.dropnet import SeedKeys, run_experiment
-from dropnet_jax.training.lanes import Lanes
+from dropnet_jax.training.lanes import Lanes, OneLane
 from dropnet_jax.models.layers import full_masks
 from dropnet_jax.models import init_params
 from dropnet_jax.training.optim import with_hyperparams
@@ -37,9 +38,6 @@ class LaneResult:
   @property
   def best_val_accuracy(self) -> float:
     return max(self.val_accuracies, default=0.0)
-
-
-_stack = lambda tree, n: jax.tree.map(lambda x: jnp.stack([x] * n), tree)
 
 
 class LaneRunner:
@@ -63,7 +61,7 @@ class LaneRunner:
     key = (template, lane_count)
     if key not in self._cache:
       trainer = Trainer(self.model, template, steps_per_epoch=self.steps(template.batch_size))
-      self._cache[key] = (trainer, None if lane_count is None else Lanes(trainer, self.lanes_per_chunk))
+      self._cache[key] = (trainer, OneLane(trainer) if lane_count is None else Lanes(trainer, self.lanes_per_chunk))
       while len(self._cache) > self._cache_size:
         self._cache.popitem(last=False)
     self._cache.move_to_end(key)
@@ -75,23 +73,21 @@ class LaneRunner:
     diverges, reaches max_epochs or is stopped: `on_epoch(lane, epoch, val_accuracy)` returning True
     stops (prunes) that lane. `lane_count=None`: one trial, one-trial programs."""
     n = len(hypers)
-    trainer, lanes = self._programs(template, lane_count)
-    if lanes is None:
-      if n != 1:
-        raise ValueError(f'one-trial programs train one trial, got {n}')
-      state = trainer.init_fit(self.theta0, self.masks, self.shuffle_key)
-      state = state._replace(opt_state=with_hyperparams(state.opt_state, **hypers[0]))
-      step, count = trainer.epoch_step, 1
-    else:
-      count = lanes.pad(max(lane_count, n))
-      state = lanes.init_fit(_stack(self.theta0, count), _stack(self.masks, count), _stack(self.shuffle_key, count))
+    trainer, runner = self._programs(template, lane_count)
+    if not runner.batched and n != 1:
+      raise ValueError(f'one-trial programs train one trial, got {n}')
+    count = runner.pad(max(lane_count, n)) if runner.batched else 1
+    # Every lane starts from θ0 with the full masks and the same shuffle order (padding lanes frozen).
+    state = init_lanes(runner, [(self.theta0, self.masks, self.shuffle_key)] * n, count)
+    if runner.batched:
       values = {k: np.asarray([h[k] for h in hypers] + [hypers[0][k]] * (count - n), np.float32) for k in hypers[0]}
-      state = state._replace(opt_state=with_hyperparams(state.opt_state, **values),
-                             done=jnp.arange(count) >= n)  # padding lanes are frozen from the start
-      step = lanes.epoch_step
+    else:
+      values = hypers[0]
+    state = state._replace(opt_state=with_hyperparams(state.opt_state, **values))
+    step = runner.epoch_step
     # Inputs placed as the program's outputs will be, so the second epoch does not compile again
     # (a committed sharding differs from the first call's uncommitted arrays).
-    split = lanes is not None and trainer.num_devices > 1 and count % trainer.num_devices == 0
+    split = runner.batched and trainer.num_devices > 1 and count % trainer.num_devices == 0
     state = jax.device_put(state, NamedSharding(trainer.mesh, P(DATA_AXIS)) if split else trainer.replicated)
     if self._replicated is None:
       self._replicated = trainer.replicate(self.data)
@@ -120,7 +116,7 @@ class LaneRunner:
           if prune and not done:
             stop.append(i)
       if stop and open_lanes:
-        state = _set_done(state, stop, lanes is None)
+        state = _set_done(state, stop, not runner.batched)
     return results
 
 
@@ -194,7 +190,7 @@ class DropNetObjective:
     each = (lambda records: on_cycle(records[-1])) if on_cycle else None
     config = self.config(settings)
     return run_experiment(self.model, self.image_shape, self.data, list(seeds or [self.seed]), config,
-                          self._trainer(config.train), on_record=each, log=self.log, log_epochs=False)
+                          self._trainer(config.train), RunIO(on_record=each, log=self.log))
 
   def __call__(self, trial, settings: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     def on_cycle(record):

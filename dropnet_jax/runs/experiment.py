@@ -1,0 +1,160 @@
+"""A DropNet run as one library call: an `ExperimentConfig` and a directory in, records out.
+
+`prepare(config, out)` does every check before any work (the settings, the model and widths, the
+run directory, the data, the device split and the optimiser's schedule) and loads the data;
+`run(setup)` runs or resumes Algorithm 1 for every seed x metric into the directory (config.json,
+results.jsonl/.csv, checkpoints/, params/, figures) with a progress display. The entry points
+(`experiments.dropnet` and the studies) are this plus a report; a notebook can call it the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from dropnet_jax.config import ExperimentConfig
+from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, load_dataset
+from dropnet_jax.loop.dropnet import run_experiment
+from dropnet_jax.models import create_model, init_params
+from dropnet_jax.runs import progress, reporting
+from dropnet_jax.runs.run_dir import RunDir
+from dropnet_jax.training import distributed as dist
+from dropnet_jax.training.trainer import DeviceData, Trainer, data_mesh, steps_per_epoch
+
+
+@dataclasses.dataclass
+class Setup:
+  """A checked DropNet run: its config, model, data and directory (nothing written yet)."""
+  config: ExperimentConfig
+  model: Any
+  dataset: Dataset
+  run_dir: RunDir
+  distributed: bool = False
+
+  @property
+  def seeds(self) -> list[int]:
+    return list(range(self.config.seeds))
+
+  @property
+  def data(self) -> DeviceData:
+    if not hasattr(self, '_data'):
+      if self.distributed:  # every process loaded the same data: each fills its own devices' replicas
+        from jax.sharding import NamedSharding, PartitionSpec
+        sharding = NamedSharding(data_mesh(dist.global_devices()), PartitionSpec())  # Trainer.replicated's
+        d = self.dataset
+        self._data = DeviceData(*(dist.replicate_host_array(a, sharding) for a in (
+            d.train_images, d.train_labels, d.val_images, d.val_labels, d.test_images, d.test_labels)))
+      else:
+        self._data = DeviceData.from_dataset(self.dataset)
+    return self._data
+
+  def trainer(self) -> Trainer:
+    train = self.config.dropnet.train
+    return Trainer(self.model, train, devices=dist.global_devices() if self.distributed else None,
+                   steps_per_epoch=steps_per_epoch(len(self.dataset.train_labels), train.batch_size))
+
+  def title(self) -> str:
+    return f'{self.config.model.name} {list(self.model.widths)} on {self.config.data.dataset}'
+
+  def derived(self, out: str, **dropnet_changes) -> 'Setup':
+    """The same run with some DropNetConfig fields replaced, into `out` (for studies); checked."""
+    config = dataclasses.replace(self.config, dropnet=dataclasses.replace(self.config.dropnet, **dropnet_changes))
+    config.validate()
+    return self.into(out, config)
+
+  def into(self, out: str, config: ExperimentConfig | None = None, kind: str = 'dropnet') -> 'Setup':
+    """This run (or `config` on the same model and data) into another directory; checked."""
+    run_dir = RunDir(out, kind, config or self.config, data_fingerprint=self.run_dir.data_fingerprint,
+                     writes=self.run_dir.writes, distributed=self.distributed)
+    run_dir.check()
+    return dataclasses.replace(self, config=config or self.config, run_dir=run_dir)
+
+
+def build_model(config: ExperimentConfig, num_classes: int):
+  return create_model(config.model.name, config.model.widths, num_classes, config.model.width_multiplier)
+
+
+def prepare(config: ExperimentConfig, out: str, kind: str = 'dropnet', *, distributed: bool = False,
+            inputs: tuple[str, ...] = ()) -> Setup:
+  """Checks everything, then loads the data; raises ValueError (input_pipeline.DataError) naming the
+  problem, before anything is written."""
+  config.validate()
+  if distributed and config.batch_trials:
+    # Lanes split over the devices are sharded across processes, which the driver's host reads
+    # (epoch counts, measurements) do not gather yet.
+    raise ValueError('--batch_trials is not supported with --distributed yet; run the trials sequentially')
+  build_model(config, 10)  # validates the model name and widths before any data is read
+  run_dir = RunDir(out, kind, config, inputs=inputs, writes=dist.is_main(), distributed=distributed)
+  run_dir.check()
+  data = config.data
+  dataset = load_dataset(data.dataset, data.data_dir, split_seed=data.split_seed)
+  run_dir.data_fingerprint = dataset_fingerprint(dataset)  # what the data are, wherever they were read from
+  run_dir.check()
+  setup = Setup(config, build_model(config, dataset.num_classes), dataset, run_dir, distributed)
+  setup.trainer()  # the device split and the optimiser's schedule are checked here
+  logging.info('%s: train %d, val %d, test %d, image %s', data.dataset, len(dataset.train_labels),
+               len(dataset.val_labels), len(dataset.test_labels), dataset.image_shape)
+  return setup
+
+
+def save_params_mode(setup: Setup) -> str:
+  """save_params with auto resolved: every cycle for small models, the last per trial otherwise."""
+  mode = setup.config.output.save_params
+  if mode != 'auto':
+    return mode
+  shapes = jax.eval_shape(lambda: init_params(setup.model, jax.random.key(0), setup.dataset.image_shape))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  return 'all' if count < 1_000_000 else 'last'
+
+
+def run(setup: Setup, title: str = '') -> list[dict[str, Any]]:
+  """Runs (or resumes) DropNet into the setup's directory; returns all records.
+
+  Shows a progress bar on a terminal (elsewhere one line per cycle; per epoch too with verbose).
+  """
+  config, run_dir = setup.config, setup.run_dir
+  run_dir.check()
+  trainer = setup.trainer()
+  mode = save_params_mode(setup)
+  spec = {'model': config.model.name, 'widths': list(setup.model.widths), 'num_classes': setup.dataset.num_classes,
+          'image_shape': list(setup.dataset.image_shape)}
+  start = time.perf_counter()
+  data = trainer.replicate(setup.data) if config.batch_trials else setup.data
+  trials = len(setup.seeds) * len(config.dropnet.metrics)
+  cycles = progress.expected_cycles(list(setup.model.widths), config.dropnet.fraction, config.dropnet.floor)
+  title = title or setup.title()
+  with run_dir.open(config.output.max_checkpoints), progress.ProgressMonitor(trials, cycles) as monitor:
+    d = setup.dataset
+    monitor.log(f'{title}: {trials} trial{"s" * (trials != 1)} (seeds x metrics), up to {cycles} cycles each; '
+                f'train {len(d.train_labels)}, val {len(d.val_labels)}, test {len(d.test_labels)} images '
+                f'-> {run_dir.path}')
+    io = run_dir.io(checkpoint_every_epochs=config.output.checkpoint_every_epochs,
+                    params_store=run_dir.params_store(mode, spec), log=monitor.log,
+                    log_epochs=config.output.verbose, monitor=monitor)
+    records = run_experiment(setup.model, d.image_shape, data, setup.seeds, config.dropnet, trainer, io=io,
+                             batch_trials=config.batch_trials)
+  logging.info('%s: %d records, %.1fs in this invocation', run_dir.path, len(records), time.perf_counter() - start)
+  if run_dir.writes:
+    reporting.save_figures(records, run_dir.path, title=title, x_axis=config.output.x_axis)
+  return records
+
+
+def run_side_by_side(study: RunDir, runs: dict[str, Setup], label: Callable[[str, str], str],
+                     title: str) -> list[dict[str, Any]]:
+  """Runs (or resumes) each setup (each in its own directory below the study's), then writes the
+  combined records (metric relabelled `label(metric, name)`), results.jsonl/.csv and figures into the
+  study's directory: for the studies. Returns the combined records."""
+  combined = []
+  with study.open():
+    for name, setup in runs.items():
+      records = run(setup)
+      combined += [{**r, 'metric': label(r['metric'], name)} for r in records]
+    study.write_results(combined)
+    if study.writes:
+      reporting.save_figures(combined, study.path, title=title)
+  return combined
