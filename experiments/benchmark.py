@@ -20,20 +20,28 @@ is `Trainer.epoch_step` (an SGD epoch plus the validation pass) and its pure
   * peak host memory (getrusage maxrss) and device memory_stats when available.
 
 Data: Model A (fc) and B (conv) use the MNIST subset in --data_dir (random
-MNIST-shaped data if it is missing); Model C (modelc) random CIFAR-shaped uint8
-data (32x32x3). On CPU, B and C train on reduced numbers of examples
+MNIST-shaped data without --data_dir; a --data_dir that does not exist is
+refused); Model C (modelc) random CIFAR-shaped uint8 data (32x32x3). On CPU, B and C train on reduced numbers of examples
 (--conv_examples, --modelc_examples) so the whole benchmark takes minutes; the
 output says so. Epoch times are the best of --epochs timed epochs after one
 warm-up (compilation) epoch. The machine may be shared: timings are noisy.
+
+Writes <out>/benchmark.json (and <out>/config.json, which `--config` loads
+back). Every setting is checked, and --out too, before anything is timed;
+the PyTorch part (--torch, the default) needs torch and this source checkout
+(tests/torch_reference): without them the benchmark stops at once (--notorch
+times JAX alone).
 """
 
 from __future__ import annotations
 
+from dropnet_jax.cli import entry  # first: applies --host_devices before jax is imported
+
+import dataclasses
 import json
 import os
 import platform
 import resource
-import sys
 import time
 from typing import Any
 
@@ -41,24 +49,72 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from dropnet_jax import models
 from dropnet_jax.config import TrainConfig
+from dropnet_jax.runs.run_dir import RunDir
+from dropnet_jax.settings import setting
 from dropnet_jax.training.lanes import Lanes
 from dropnet_jax.training.trainer import DeviceData, Trainer
-from experiments import common  # noqa: F401 (the shared flags: --batch_size, --data_dir for A and B, --out)
-
-FLAGS = flags.FLAGS
-flags.DEFINE_list('models', 'fc,conv,modelc', 'Models: fc (A), conv (B), modelc (C).')
-flags.DEFINE_list('trials', '1,15', 'Trial counts to time (1 = Trainer.epoch_step, T>1 = Lanes.epoch_step).')
-flags.DEFINE_integer('epochs', 2, 'Timed epochs per configuration (after one warm-up epoch); the best is reported.')
-flags.DEFINE_integer('fc_examples', 0, 'Training examples for Model A (0: all of the MNIST subset).')
-flags.DEFINE_integer('conv_examples', 2048, 'Training examples for Model B (reduced for CPU; 0: all).')
-flags.DEFINE_integer('modelc_examples', 256, 'Training examples for Model C (random CIFAR-shaped data).')
-flags.DEFINE_bool('torch', True, 'Time the PyTorch reference too (when torch is installed).')
 
 VAL_FRACTION = 0.1
+BENCH_MODELS = ('fc', 'conv', 'modelc')  # the models the PyTorch twin has too
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+  """What the benchmark times (see the module docstring)."""
+  models: tuple[str, ...] = setting(BENCH_MODELS, 'Models: fc (A), conv (B), modelc (C).', flag='models',
+                                    choices=BENCH_MODELS)
+  trials: tuple[int, ...] = setting((1, 15), 'Trial counts to time (1 = Trainer.epoch_step, T>1 = '
+                                    'Lanes.epoch_step).', flag='trials')
+  epochs: int = setting(2, 'Timed epochs per configuration (after one warm-up epoch); the best is reported.',
+                        flag='epochs')
+  batch_size: int = setting(32, 'Batch size.', flag='batch_size')
+  data_dir: str | None = setting(None, 'The MNIST subset (a directory of the four IDX files) Models A and B train '
+                                 'on (default: random MNIST-shaped data).', flag='data_dir', result=False)
+  fc_examples: int = setting(0, 'Training examples for Model A (0: all of the MNIST subset).', flag='fc_examples')
+  conv_examples: int = setting(2048, 'Training examples for Model B (reduced for CPU; 0: all).',
+                               flag='conv_examples')
+  modelc_examples: int = setting(256, 'Training examples for Model C (random CIFAR-shaped data).',
+                                 flag='modelc_examples')
+  torch: bool = setting(True, 'Time the PyTorch reference too (needs torch and a source checkout: '
+                        'tests/torch_reference).', flag='torch')
+
+  def validate(self) -> None:
+    """Raises ValueError naming the setting."""
+    for name in ('models', 'trials'):
+      values = getattr(self, name)
+      if not values:
+        raise ValueError(f'{name}: give at least one')
+      if len(set(values)) != len(values):
+        raise ValueError(f'{name}: duplicates in {list(values)}')
+    for name in self.models:
+      if name not in BENCH_MODELS:
+        raise ValueError(f'models: {name!r} is not one of {", ".join(BENCH_MODELS)}')
+    if min(self.trials) < 1:
+      raise ValueError(f'trials must be positive, got {list(self.trials)}')
+    for name in ('epochs', 'batch_size', 'modelc_examples'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    for name in ('fc_examples', 'conv_examples'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'{name} must be >= 0 (0: all), got {getattr(self, name)}')
+    if self.data_dir is not None and not os.path.isdir(self.data_dir):
+      raise ValueError(f'data_dir: {self.data_dir} does not exist or is not a directory')
+
+
+CONFIG = entry.define(BenchmarkConfig(), 'benchmark', out_help='Output directory: <out>/benchmark.json.')
+
+
+def require_torch_twin(what: str) -> None:
+  """Raises ValueError (one line) unless torch and the PyTorch twin (tests/torch_reference) import."""
+  try:
+    import torch  # noqa: F401
+    import tests.torch_reference.train  # noqa: F401
+  except ImportError as e:
+    raise ValueError(f'{what} needs PyTorch ({e}): pip install torch==2.13.0, and a source checkout for '
+                     'tests/torch_reference') from None
 
 
 # -- FLOP counting ---------------------------------------------------------------------------------
@@ -135,34 +191,44 @@ def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
 # -- data -------------------------------------------------------------------------------------------
 
 
-def split(images, labels, n_train):
-  n_val = max(int(round(VAL_FRACTION * n_train)), FLAGS.batch_size)
+def split(images, labels, n_train, batch_size):
+  n_val = max(int(round(VAL_FRACTION * n_train)), batch_size)
   images, labels = images[:n_train + n_val], labels[:n_train + n_val].astype(np.int32)
   a = n_train
   return DeviceData(*(jnp.asarray(v) for v in (images[:a], labels[:a], images[a:], labels[a:],
                                                 images[a:], labels[a:])))
 
 
-def load_data(name: str) -> tuple[DeviceData, str]:
+def load_data(config: BenchmarkConfig) -> dict[str, tuple[DeviceData, str]]:
+  """Every model's data and a note on it, loaded before anything is timed (a bad --data_dir stops here)."""
   rng = np.random.default_rng(0)
-  if name == 'modelc':
-    n = FLAGS.modelc_examples
-    images = rng.integers(0, 256, (n + max(int(round(VAL_FRACTION * n)), FLAGS.batch_size), 32, 32, 3), np.uint8)
-    labels = rng.integers(0, 10, len(images))
-    return split(images, labels, n), f'random CIFAR-shaped uint8 data, {n} training examples (reduced for CPU)'
-  wanted = FLAGS.fc_examples if name == 'fc' else FLAGS.conv_examples
-  if FLAGS.data_dir and os.path.isdir(FLAGS.data_dir):
+  mnist = None
+  if config.data_dir is not None and {'fc', 'conv'} & set(config.models):
     from dropnet_jax.input_pipeline import load_dataset
-    ds = load_dataset('mnist', FLAGS.data_dir)
-    n = len(ds.train_labels) if not wanted else min(wanted, len(ds.train_labels))
-    data = DeviceData(*(jnp.asarray(v) for v in (ds.train_images[:n], ds.train_labels[:n].astype(np.int32),
-                                                  ds.val_images, ds.val_labels.astype(np.int32),
-                                                  ds.test_images, ds.test_labels.astype(np.int32))))
-    note = f'MNIST subset, {n} of {len(ds.train_labels)} training examples'
-    return data, note + (' (reduced for CPU)' if n < len(ds.train_labels) else '')
-  n = wanted or 20428
-  images = rng.integers(0, 256, (n + max(int(round(VAL_FRACTION * n)), FLAGS.batch_size), 28, 28, 1), np.uint8)
-  return split(images, rng.integers(0, 10, len(images)), n), f'random MNIST-shaped data, {n} training examples'
+    mnist = load_dataset('mnist', config.data_dir)  # DataError (a ValueError) names a missing or bad file
+  out = {}
+  for name in config.models:
+    if name == 'modelc':
+      n = config.modelc_examples
+      images = rng.integers(0, 256, (n + max(int(round(VAL_FRACTION * n)), config.batch_size), 32, 32, 3), np.uint8)
+      out[name] = (split(images, rng.integers(0, 10, len(images)), n, config.batch_size),
+                   f'random CIFAR-shaped uint8 data, {n} training examples (reduced for CPU)')
+      continue
+    wanted = config.fc_examples if name == 'fc' else config.conv_examples
+    if mnist is not None:
+      ds = mnist
+      n = len(ds.train_labels) if not wanted else min(wanted, len(ds.train_labels))
+      data = DeviceData(*(jnp.asarray(v) for v in (ds.train_images[:n], ds.train_labels[:n].astype(np.int32),
+                                                    ds.val_images, ds.val_labels.astype(np.int32),
+                                                    ds.test_images, ds.test_labels.astype(np.int32))))
+      note = f'MNIST subset, {n} of {len(ds.train_labels)} training examples'
+      out[name] = (data, note + (' (reduced for CPU)' if n < len(ds.train_labels) else ''))
+      continue
+    n = wanted or 20428
+    images = rng.integers(0, 256, (n + max(int(round(VAL_FRACTION * n)), config.batch_size), 28, 28, 1), np.uint8)
+    out[name] = (split(images, rng.integers(0, 10, len(images)), n, config.batch_size),
+                 f'random MNIST-shaped data (no --data_dir), {n} training examples')
+  return out
 
 
 # -- timing -----------------------------------------------------------------------------------------
@@ -182,8 +248,8 @@ def stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def time_jax(name, model, data, image_shape, trials: int) -> dict[str, Any]:
-  config = TrainConfig(batch_size=FLAGS.batch_size, max_epochs=10 ** 6, patience=10 ** 6)
+def time_jax(name, model, data, image_shape, trials: int, bench: BenchmarkConfig) -> dict[str, Any]:
+  config = TrainConfig(batch_size=bench.batch_size, max_epochs=10 ** 6, patience=10 ** 6)
   masks = models.full_masks(model)
   out: dict[str, Any] = {'model': name, 'trials': trials}
   if trials == 1:
@@ -193,13 +259,13 @@ def time_jax(name, model, data, image_shape, trials: int) -> dict[str, Any]:
     opt_state = trainer.tx.init(params)
     state = trainer.init_fit(params, masks, jax.random.key(1))
     out['train_epoch_s'] = best_time(lambda: trainer.train_epoch(
-        params, opt_state, masks, data.train_images, data.train_labels, jax.random.key(2)), FLAGS.epochs)
-    out['epoch_s'] = best_time(lambda: trainer.epoch_step(state, data), FLAGS.epochs)
+        params, opt_state, masks, data.train_images, data.train_labels, jax.random.key(2)), bench.epochs)
+    out['epoch_s'] = best_time(lambda: trainer.epoch_step(state, data), bench.epochs)
     out['lanes_per_chunk'] = 1
-    if len(jax.local_devices()) > 1 and FLAGS.batch_size % len(jax.local_devices()) == 0:
+    if len(jax.local_devices()) > 1 and bench.batch_size % len(jax.local_devices()) == 0:
       parallel = Trainer(model, config)
       pstate = parallel.init_fit(params, masks, jax.random.key(1))
-      out['data_parallel_epoch_s'] = best_time(lambda: parallel.epoch_step(pstate, data), FLAGS.epochs)
+      out['data_parallel_epoch_s'] = best_time(lambda: parallel.epoch_step(pstate, data), bench.epochs)
       out['data_parallel_devices'] = parallel.num_devices
     out['devices'] = 1
   else:
@@ -210,32 +276,29 @@ def time_jax(name, model, data, image_shape, trials: int) -> dict[str, Any]:
     state = runner.init_fit(params, stack([masks] * lanes), jax.random.split(jax.random.key(1), lanes))
     state = state._replace(done=jnp.arange(lanes) >= trials)
     out['lanes'] = lanes
-    out['epoch_s'] = best_time(lambda: runner.epoch_step(state, data), FLAGS.epochs)
+    out['epoch_s'] = best_time(lambda: runner.epoch_step(state, data), bench.epochs)
     out['devices'] = runner.trainer.num_devices
     out['lanes_per_chunk'] = runner.lanes_per_chunk
   out['model_epochs_per_s'] = trials / out['epoch_s']
   return out
 
 
-def time_torch(name, data: DeviceData, image_shape, widths) -> dict[str, Any] | None:
-  """One PyTorch training epoch (same model, SGD, batch size, data); None without torch."""
-  try:
-    import torch
-  except ImportError:
-    return None
+def time_torch(name, data: DeviceData, image_shape, widths, bench: BenchmarkConfig) -> dict[str, Any]:
+  """One PyTorch training epoch (same model, SGD, batch size, data); `require_torch_twin` has run."""
+  import torch
+  from tests.torch_reference import models as tmodels
+  from tests.torch_reference import train as ttrain
   images = torch.from_numpy(np.array(data.train_images))
   labels = torch.from_numpy(np.array(data.train_labels).astype(np.int64))
   order = np.random.default_rng(0).permutation(len(labels))
-  from tests.torch_reference import models as tmodels
-  from tests.torch_reference import train as ttrain
   model = tmodels.create_model(name, widths, 10, image_shape)
   masks = tmodels.full_masks(model)
-  trainer = ttrain.Trainer(model, TrainConfig(batch_size=FLAGS.batch_size))
+  trainer = ttrain.Trainer(model, TrainConfig(batch_size=bench.batch_size))
   opt = torch.optim.SGD(model.parameters(), lr=0.1)
   run = lambda o: trainer.train_epoch(opt, masks, images, labels, o)
-  run(order[:FLAGS.batch_size * 4])  # warm-up
+  run(order[:bench.batch_size * 4])  # warm-up
   best = float('inf')
-  for _ in range(FLAGS.epochs):  # best of as many epochs as JAX gets
+  for _ in range(bench.epochs):  # best of as many epochs as JAX gets
     t = time.perf_counter()
     run(order)
     best = min(best, time.perf_counter() - t)
@@ -255,36 +318,49 @@ def memory() -> dict[str, Any]:
   return out
 
 
-def main(argv):
-  del argv
-  trial_counts = [int(t) for t in FLAGS.trials]
-  names = list(FLAGS.models)
-  for name in names:
-    if name not in models.MODELS:
-      sys.exit(f'error: unknown model {name!r}; choose from {sorted(models.MODELS)}')
+def line(r: dict[str, Any]) -> str:
+  """One configuration's figures as a line of the printed report."""
+  text = (f'  {r["trials"]:3d} trial(s): epoch {r["epoch_s"] * 1e3:9.1f} ms  {r["model_epochs_per_s"]:8.2f} '
+          f'model-epochs/s  {r["achieved_flops_per_s"] / 1e9:6.1f} GFLOP/s = '
+          f'{100 * r["fraction_of_matmul_rate"]:5.1f}% of matmul')
+  if r['trials'] == 1:
+    text += (f' | train epoch {r["train_epoch_s"] * 1e3:.1f} ms, {r["train_achieved_flops_per_s"] / 1e9:.1f} GFLOP/s'
+             f' = {100 * r["train_fraction_of_matmul_rate"]:.1f}%')
+    if 'speedup_vs_torch' in r:
+      text += f' | torch {r["torch_train_epoch_s"] * 1e3:.0f} ms: {r["speedup_vs_torch"]:.1f}x'
+    if 'data_parallel_epoch_s' in r:
+      text += (f' | data-parallel over {r["data_parallel_devices"]} devices: epoch '
+               f'{r["data_parallel_epoch_s"] * 1e3:.0f} ms')
+  else:
+    text += f' | {r["devices"]} device(s), lanes per chunk {r["lanes_per_chunk"]}'
+  return text + f' | peak RSS {r["host_peak_rss_mib"]:.0f} MiB'
+
+
+def benchmark(bench: BenchmarkConfig, all_data: dict[str, tuple[DeviceData, str]]) -> dict[str, Any]:
+  """Times every model x trial count (printing a line each); returns the report benchmark.json holds."""
   rate = matmul_rate()
   machine = {'platform': platform.platform(), 'cpu_count': os.cpu_count(), 'jax': jax.__version__,
              'devices': [str(d) for d in jax.devices()], 'matmul_f32_flops_per_s': rate}
   print(f'{len(jax.devices())} x {jax.devices()[0].platform} device(s), {os.cpu_count()} CPU cores; '
         f'measured float32 matmul rate (4096^2, best of 5): {rate / 1e9:.1f} GFLOP/s')
   print('Timings on a shared machine are noisy; each figure is the best of '
-        f'{FLAGS.epochs} epoch(s) after a warm-up epoch.')
+        f'{bench.epochs} epoch(s) after a warm-up epoch.')
   results, notes = [], []
-  for name in names:
-    data, note = load_data(name)
+  batch = bench.batch_size
+  for name, (data, note) in all_data.items():
     notes.append(f'{name}: {note}')
-    print(f'\n{name}: {note}; val {data.val_labels.shape[0]} examples; batch {FLAGS.batch_size}')
+    print(f'\n{name}: {note}; val {data.val_labels.shape[0]} examples; batch {batch}')
     image_shape = tuple(data.train_images.shape[1:])
     model = models.create_model(name, None, 10)
     params = models.init_params(model, jax.random.key(0), image_shape)
-    flops = step_flops(model, params, models.full_masks(model), image_shape, FLAGS.batch_size)
+    flops = step_flops(model, params, models.full_masks(model), image_shape, batch)
     n_train, n_val = data.train_labels.shape[0], data.val_labels.shape[0]
-    steps = -(-n_train // FLAGS.batch_size)
+    steps = -(-n_train // batch)
     train_epoch_flops = steps * flops['train_step']
-    epoch_flops = train_epoch_flops + n_val * flops['forward'] // FLAGS.batch_size  # epoch_step: + validation
-    torch_res = time_torch(name, data, image_shape, model.widths) if FLAGS.torch else None
-    for trials in trial_counts:
-      r = time_jax(name, model, data, image_shape, trials)
+    epoch_flops = train_epoch_flops + n_val * flops['forward'] // batch  # epoch_step: + validation
+    torch_res = time_torch(name, data, image_shape, model.widths, bench) if bench.torch else None
+    for trials in bench.trials:
+      r = time_jax(name, model, data, image_shape, trials, bench)
       r.update(examples=n_train, steps_per_epoch=steps, train_epoch_flops=train_epoch_flops,
                epoch_flops=epoch_flops, train_step_flops_xla_cost_analysis=flops['train_step_xla'],
                train_epoch_flops_xla_cost_analysis=steps * flops['train_step_xla'])
@@ -298,33 +374,35 @@ def main(argv):
           r['speedup_vs_torch'] = torch_res['torch_train_epoch_s'] / r['train_epoch_s']
       r.update(memory())
       results.append(r)
-      line = (f'  {trials:3d} trial(s): epoch {r["epoch_s"] * 1e3:9.1f} ms  {r["model_epochs_per_s"]:8.2f} model-epochs/s  '
-              f'{r["achieved_flops_per_s"] / 1e9:6.1f} GFLOP/s = {100 * r["fraction_of_matmul_rate"]:5.1f}% of matmul')
-      if trials == 1:
-        line += (f' | train epoch {r["train_epoch_s"] * 1e3:.1f} ms, {r["train_achieved_flops_per_s"] / 1e9:.1f} GFLOP/s'
-                 f' = {100 * r["train_fraction_of_matmul_rate"]:.1f}%')
-        if 'speedup_vs_torch' in r:
-          line += f' | torch {r["torch_train_epoch_s"] * 1e3:.0f} ms: {r["speedup_vs_torch"]:.1f}x'
-        if 'data_parallel_epoch_s' in r:
-          line += f' | data-parallel over {r["data_parallel_devices"]} devices: epoch {r["data_parallel_epoch_s"] * 1e3:.0f} ms'
-      else:
-        line += f' | {r["devices"]} device(s), lanes per chunk {r["lanes_per_chunk"]}'
-      print(line + f' | peak RSS {r["host_peak_rss_mib"]:.0f} MiB')
+      print(line(r), flush=True)
     print(f'  FLOPs per train epoch (fwd+bwd matmul/conv, from the jaxpr): {train_epoch_flops / 1e9:.2f} G '
-          f'(XLA cost analysis: {steps * flops["train_step_xla"] / 1e9:.2f} G); with validation: {epoch_flops / 1e9:.2f} G')
-  report = {'machine': machine, 'batch_size': FLAGS.batch_size, 'timed_epochs': FLAGS.epochs, 'data': notes,
-            'note': 'shared machine: timings are noisy; best of the timed epochs after a warm-up epoch',
-            'results': results}
-  path = os.path.join(FLAGS.out, 'benchmark.json')
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(report, f, indent=2)
+          f'(XLA cost analysis: {steps * flops["train_step_xla"] / 1e9:.2f} G); with validation: '
+          f'{epoch_flops / 1e9:.2f} G')
+  return {'machine': machine, 'batch_size': batch, 'timed_epochs': bench.epochs, 'data': notes,
+          'note': 'shared machine: timings are noisy; best of the timed epochs after a warm-up epoch',
+          'results': results}
+
+
+def main(argv):
+  del argv
+  try:
+    bench = entry.config(CONFIG)  # every setting, --data_dir's existence included
+    run_dir = RunDir(entry.FLAGS.out, 'benchmark', bench)
+    run_dir.check()  # --out: a file, read-only, another run's directory
+    if bench.torch:
+      require_torch_twin('--torch (the default; --notorch times JAX alone)')
+    all_data = load_data(bench)
+  except ValueError as e:  # includes input_pipeline.DataError
+    entry.fail(e)
+  with run_dir.open(resume_hint='benchmark.json was not written; rerun the command to time again'):
+    report = benchmark(bench, all_data)
+    path = run_dir.write_text('benchmark.json', json.dumps(report, indent=2))
   print(f'\nwrote {path}')
 
 
 def run() -> None:
   """The `dropnet-benchmark` console command (pyproject.toml [project.scripts])."""
-  app.run(main)
+  entry.run(main)
 
 
 if __name__ == '__main__':

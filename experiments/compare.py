@@ -6,10 +6,18 @@ r"""DropNet side by side: dropnet_jax and the PyTorch reference, same experiment
 Both implementations run Algorithm 1 from the same θ0 (dropnet_jax's Flax
 init, copied into torch) with the same shuffles and tie-break draws (the same
 JAX keys), so their records should agree up to float32 rounding. Writes to
---out: results_jax.jsonl, results_torch.jsonl, test_accuracy.png (test
-accuracy vs fraction of units remaining, both implementations, one panel per
-metric) and report.md (accuracy per cycle from both, wall time per epoch and
-per experiment, the speed ratio); prints the tables.
+--out: config.json, results_jax.jsonl/.csv, results_torch.jsonl/.csv,
+test_accuracy.png (test accuracy vs fraction of units remaining, both
+implementations, one panel per metric) and report.md (accuracy per cycle from
+both, wall time per epoch and per experiment, the speed ratio); prints the
+tables. The JAX side is `dropnet_jax.loop.dropnet.run_seed`, what
+`experiments.dropnet` runs, one trial at a time.
+
+The PyTorch twin (tests/torch_reference, in a source checkout) trains Models
+A, B and C with plain SGD at a constant learning rate, reshuffling every
+epoch, without augmentation, and has the activation criteria (min, max,
+random, apoz and their _layer forms); other settings are refused before any
+work, as are a missing torch and an unusable --out.
 
 Timing: JAX's compile is measured in a separate warm-up before the timed run
 (one call of every compiled program: the epoch step, evaluation on each split
@@ -20,22 +28,75 @@ epoch plus the validation pass and the early-stopping bookkeeping, in both.
 
 from __future__ import annotations
 
+from dropnet_jax.cli import entry  # first: applies --host_devices before jax is imported
+
+import dataclasses
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import logging
 
-from experiments import common
+from dropnet_jax.config import DataConfig, DropNetConfig, ModelConfig
+from dropnet_jax.runs.run_dir import RunDir
+from dropnet_jax.settings import setting
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for the PyTorch run (0: leave torch\'s default).')
-FLAGS.set_default('dataset', 'mnist')
-FLAGS.set_default('metrics', ['min', 'max'])
-FLAGS.set_default('verbose_epochs', False)
+TWIN_MODELS = ('fc', 'conv', 'modelc')
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+  """DropNet in both implementations: the settings of `ExperimentConfig` the PyTorch twin can mirror."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig(dataset='mnist')
+  seeds: int = setting(1, 'Number of seeds, run as 0..N-1.', flag='seeds')
+  dropnet: DropNetConfig = DropNetConfig(metrics=('min', 'max'))
+  torch_threads: int = setting(0, "torch.set_num_threads for the PyTorch run (0: leave torch's default).",
+                               flag='torch_threads')
+  verbose: bool = setting(False, 'Also log a line per epoch (with -v: absl logging at INFO).', flag='verbose',
+                          result=False)
+
+  def validate(self) -> None:
+    """Raises ValueError naming the setting (the metrics are checked against the twin in `main`)."""
+    if self.seeds < 1:
+      raise ValueError(f'seeds must be >= 1, got {self.seeds}')
+    if self.torch_threads < 0:
+      raise ValueError(f'torch_threads must be >= 0, got {self.torch_threads}')
+    if self.model.name not in TWIN_MODELS:
+      raise ValueError(f'model: the PyTorch reference has {", ".join(TWIN_MODELS)}, not {self.model.name}')
+    self.dropnet.validate()
+    d, train, optim = self.dropnet, self.dropnet.train, self.dropnet.train.optim
+    # What the twin mirrors: each setting with the value it needs (and what it is).
+    twin = {
+        'dropnet.train.optim.optimizer': (optim.optimizer, 'sgd', 'plain SGD'),
+        'dropnet.train.optim.momentum': (optim.momentum or None, None, 'plain SGD'),
+        'dropnet.train.optim.weight_decay': (optim.weight_decay, 0.0, 'plain SGD, no weight decay'),
+        'dropnet.train.optim.schedule': (optim.schedule, 'constant', 'a constant learning rate'),
+        'dropnet.train.shuffle': (train.shuffle, True, 'a reshuffle every epoch'),
+        'dropnet.train.augment': (train.augment, 'none', 'no augmentation'),
+        'dropnet.score_params': (d.score_params, 'best', "the best epoch's θ scored"),
+        'dropnet.param_budget': (d.param_budget, None, 'no size budget'),
+        'dropnet.mac_budget': (d.mac_budget, None, 'no size budget'),
+    }
+    for path, (value, needed, what) in twin.items():
+      if value != needed:
+        raise ValueError(f'{path}={value}: the PyTorch reference supports {path}={needed} only ({what})')
+
+
+CONFIG = entry.define(CompareConfig(), 'compare', out_help='Output directory: report.md, the records of both '
+                      'implementations and the figure.')
+
+
+def require_torch_twin(what: str) -> None:
+  """Raises ValueError (one line) unless torch and the PyTorch twin (tests/torch_reference) import."""
+  try:
+    import torch  # noqa: F401
+    import tests.torch_reference.dropnet  # noqa: F401
+  except ImportError as e:
+    raise ValueError(f'{what} needs PyTorch ({e}): pip install torch==2.13.0, and a source checkout for '
+                     'tests/torch_reference') from None
 
 
 def _timed(fn, *args):
@@ -81,7 +142,8 @@ def warm_up_jax(trainer, model, image_shape, data, config) -> dict[str, float]:
           'first_epoch_step_s': epoch_first, 'second_epoch_step_s': epoch_second}
 
 
-def run_jax(model, ds, config, seeds, out_dir):
+def run_jax(model, ds, config, seeds, write, log_epochs: bool):
+  """The JAX side: `run_seed` per seed (every record to `write(records)`), each epoch step timed."""
   import jax
   from dropnet_jax.loop.dropnet import run_seed
   from dropnet_jax.training.trainer import DeviceData, Trainer
@@ -102,21 +164,20 @@ def run_jax(model, ds, config, seeds, out_dir):
 
   trainer.epoch_step = timed_epoch_step
   records, timing = timed_seeds(
-      os.path.join(out_dir, 'results_jax.jsonl'), seeds,
+      write, seeds,
       lambda seed, on_record: run_seed(model, ds.image_shape, data, seed, config, trainer, on_record,
-                                       lambda m: logging.info('[jax] %s', m), FLAGS.verbose_epochs))
+                                       lambda m: logging.info('[jax] %s', m), log_epochs))
   return records, {**timing, 'epoch_s': epoch_times, **warm}
 
 
-def timed_seeds(path, seeds, run_one):
-  """Runs `run_one(seed, on_record)` for every seed, rewriting `path` (JSONL) as records arrive;
-  returns (records, {'wall_s', 'load_before', 'load_after'})."""
-  from dropnet_jax.runs import reporting
+def timed_seeds(write, seeds, run_one):
+  """Runs `run_one(seed, on_record)` for every seed, calling `write(all records so far)` as records
+  arrive; returns (records, {'wall_s', 'load_before', 'load_after'})."""
   records: list[dict] = []
 
   def on_record(r):
     records.append(r)
-    reporting.write_jsonl(path, records)
+    write(records)
 
   load0 = os.getloadavg()[0]
   start = time.perf_counter()
@@ -126,7 +187,8 @@ def timed_seeds(path, seeds, run_one):
   return records, {'wall_s': wall, 'load_before': load0, 'load_after': os.getloadavg()[0]}
 
 
-def run_torch(flax_model, torch_model, ds, config, seeds, out_dir):
+def run_torch(flax_model, torch_model, ds, config, seeds, write, log_epochs: bool):
+  """The PyTorch twin's side, the same seeds and draws; every epoch timed."""
   import jax
   from tests.torch_reference import dropnet as tdropnet
   from tests.torch_reference.train import TorchData, Trainer
@@ -141,10 +203,9 @@ def run_torch(flax_model, torch_model, ds, config, seeds, out_dir):
 
   epoch_times: list[float] = []
   records, timing = timed_seeds(
-      os.path.join(out_dir, 'results_torch.jsonl'), seeds,
+      write, seeds,
       lambda seed, on_record: tdropnet.run_seed(flax_model, torch_model, ds.image_shape, data, seed, config,
-                                                trainer, on_record, lambda m: logging.info('%s', m),
-                                                FLAGS.verbose_epochs,
+                                                trainer, on_record, lambda m: logging.info('%s', m), log_epochs,
                                                 on_epoch=lambda s: epoch_times.append(s.epoch_seconds[-1])))
   return records, {**timing, 'epoch_s': epoch_times}
 
@@ -156,13 +217,13 @@ def _by_key(records):
   return {(r['seed'], r['metric'], r['cycle']): r for r in records}
 
 
-def accuracy_table(rec_jax, rec_torch) -> str:
+def accuracy_table(rec_jax, rec_torch, metrics) -> str:
   """Markdown: one row per (seed, metric, cycle) present in either implementation."""
   a, b = _by_key(rec_jax), _by_key(rec_torch)
   rows = ['| seed | metric | cycle | fraction | units JAX | units torch | same mask | test acc JAX | '
           'test acc torch | Δ | stop epoch JAX / torch |',
           '|---|---|---:|---:|---|---|---|---:|---:|---:|---|']
-  for k in sorted(set(a) | set(b), key=lambda k: (k[0], FLAGS.metrics.index(k[1]), k[2])):
+  for k in sorted(set(a) | set(b), key=lambda k: (k[0], metrics.index(k[1]), k[2])):
     j, t = a.get(k), b.get(k)
     frac = (j or t)['fraction_remaining']
     acc = lambda r: f'{r["test_accuracy"]:.4f}' if r else '-'
@@ -198,13 +259,12 @@ def timing_table(tj, tt) -> str:
   return '\n'.join(rows)
 
 
-def save_figure(rec_jax, rec_torch, path, title):
+def save_figure(rec_jax, rec_torch, metrics, path, title):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   import numpy as np
 
-  metrics = list(FLAGS.metrics)
   fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False, sharey=True)
   fracs = [r['fraction_remaining'] for r in rec_jax + rec_torch]
   for ax, metric in zip(axes[0], metrics):
@@ -234,56 +294,70 @@ def save_figure(rec_jax, rec_torch, path, title):
   plt.close(fig)
 
 
-def main(argv):
-  del argv
-  import jax
-  import torch
-
-  from dropnet_jax.runs import reporting
-  from dropnet_jax.input_pipeline import load_dataset
-  from dropnet_jax.models import create_model, parse_widths
+def prepare(config: CompareConfig, out: str):
+  """Checks everything (the twin's metrics, the model, --out), then loads the data; raises ValueError
+  naming the problem before anything is written. Returns (flax model, torch model, dataset, run dir)."""
+  from dropnet_jax.input_pipeline import dataset_fingerprint, load_dataset
+  from dropnet_jax.runs.experiment import build_model
   from tests.torch_reference import dropnet as tdropnet
   from tests.torch_reference import models as tmodels
 
-  try:
-    widths = parse_widths(FLAGS.widths)
-    for m in FLAGS.metrics:
+  for m in config.dropnet.metrics:
+    try:
       tdropnet.check_metric(m)
-    if FLAGS.model not in ('fc', 'conv', 'modelc'):
-      raise ValueError(f'--model: the PyTorch reference has fc, conv and modelc, not {FLAGS.model}')
-    config = common.build_config()
-    ds = load_dataset(FLAGS.dataset, FLAGS.data_dir, split_seed=FLAGS.split_seed)
-    flax_model = create_model(FLAGS.model, widths, ds.num_classes)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  torch_model = tmodels.create_model(FLAGS.model, flax_model.widths, ds.num_classes, ds.image_shape)
-  if FLAGS.torch_threads:
-    torch.set_num_threads(FLAGS.torch_threads)
-  os.makedirs(FLAGS.out, exist_ok=True)
-  seeds = range(FLAGS.seeds)
-  logging.info('%s: train %d, val %d, test %d', FLAGS.dataset, len(ds.train_labels), len(ds.val_labels),
+    except ValueError as e:
+      raise ValueError(f'metrics: {e}') from None
+  build_model(config, 10)  # the model's widths, before any data are read
+  run_dir = RunDir(out, 'compare', config)
+  run_dir.check()
+  ds = load_dataset(config.data.dataset, config.data.data_dir, split_seed=config.data.split_seed)
+  run_dir.data_fingerprint = dataset_fingerprint(ds)
+  run_dir.check()
+  flax_model = build_model(config, ds.num_classes)
+  torch_model = tmodels.create_model(config.model.name, flax_model.widths, ds.num_classes, ds.image_shape)
+  return flax_model, torch_model, ds, run_dir
+
+
+def main(argv):
+  del argv
+  try:
+    config = entry.config(CONFIG)
+    require_torch_twin('experiments.compare')
+    flax_model, torch_model, ds, run_dir = prepare(config, entry.FLAGS.out)
+  except ValueError as e:  # includes input_pipeline.DataError
+    entry.fail(e)
+  import jax
+  import torch
+
+  if config.torch_threads:
+    torch.set_num_threads(config.torch_threads)
+  seeds = range(config.seeds)
+  metrics = list(config.dropnet.metrics)
+  logging.info('%s: train %d, val %d, test %d', config.data.dataset, len(ds.train_labels), len(ds.val_labels),
                len(ds.test_labels))
+  dn = config.dropnet
+  title = f'{config.model.name} {list(flax_model.widths)} on {config.data.dataset}: JAX vs PyTorch'
+  with run_dir.open(resume_hint='rerun the same command to start again'):
+    rec_jax, t_jax = run_jax(flax_model, ds, dn, seeds, lambda r: run_dir.write_results(r, 'results_jax'),
+                             config.verbose)
+    rec_torch, t_torch = run_torch(flax_model, torch_model, ds, dn, seeds,
+                                   lambda r: run_dir.write_results(r, 'results_torch'), config.verbose)
+    save_figure(rec_jax, rec_torch, metrics, run_dir.file('test_accuracy.png'), title)
+    acc = accuracy_table(rec_jax, rec_torch, metrics)
+    timing = timing_table(t_jax, t_torch)
+    torch_by_key = _by_key(rec_torch)
+    same_masks = sum(1 for k, r in _by_key(rec_jax).items()
+                     if k in torch_by_key and torch_by_key[k]['mask'] == r['mask'])
+    machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; JAX {jax.__version__} on '
+               f'{jax.devices()[0].platform}; PyTorch {torch.__version__} on CPU with {torch.get_num_threads()} '
+               'threads')
+    shown = {'model': config.model.name, 'widths': list(flax_model.widths), 'dataset': config.data.dataset,
+             'data_dir': config.data.data_dir, 'metrics': metrics, 'seeds': config.seeds,
+             'fraction': dn.fraction, 'floor': dn.floor, 'lr': dn.train.lr, 'batch_size': dn.train.batch_size,
+             'max_epochs': dn.train.max_epochs, 'patience': dn.train.patience, 'split_seed': config.data.split_seed}
+    report = f"""# DropNet: dropnet_jax vs the PyTorch reference
 
-  rec_jax, t_jax = run_jax(flax_model, ds, config, seeds, FLAGS.out)
-  rec_torch, t_torch = run_torch(flax_model, torch_model, ds, config, seeds, FLAGS.out)
-
-  title = f'{FLAGS.model} {list(flax_model.widths)} on {FLAGS.dataset}: JAX vs PyTorch'
-  save_figure(rec_jax, rec_torch, os.path.join(FLAGS.out, 'test_accuracy.png'), title)
-  acc = accuracy_table(rec_jax, rec_torch)
-  timing = timing_table(t_jax, t_torch)
-  torch_by_key = _by_key(rec_torch)
-  same_masks = sum(1 for k, r in _by_key(rec_jax).items()
-                   if k in torch_by_key and torch_by_key[k]['mask'] == r['mask'])
-  machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; JAX {jax.__version__} on '
-             f'{jax.devices()[0].platform}; PyTorch {torch.__version__} on CPU with {torch.get_num_threads()} threads')
-  settings = {'model': FLAGS.model, 'widths': list(flax_model.widths), 'dataset': FLAGS.dataset,
-              'data_dir': FLAGS.data_dir, 'metrics': list(config.metrics), 'seeds': FLAGS.seeds,
-              'fraction': config.fraction, 'floor': config.floor, 'lr': config.train.lr,
-              'batch_size': config.train.batch_size, 'max_epochs': config.train.max_epochs,
-              'patience': config.train.patience, 'split_seed': FLAGS.split_seed}
-  report = f"""# DropNet: dropnet_jax vs the PyTorch reference
-
-{title}. Settings: `{json.dumps(settings)}`.
+{title}. Settings: `{json.dumps(shown)}` (all of them in config.json).
 Machine: {machine}.
 
 Both start from the same θ0 (the Flax init copied into torch) and use the same shuffles and tie-break
@@ -306,16 +380,16 @@ share its CPUs (load averages above).
 
 ![test accuracy](test_accuracy.png)
 """
-  reporting.atomic_write_text(os.path.join(FLAGS.out, 'report.md'), report)
+    path = run_dir.write_text('report.md', report)
   print(timing)
   print()
   print(acc)
-  print(f'\nreport: {os.path.join(FLAGS.out, "report.md")}')
+  print(f'\nreport: {path}')
 
 
 def run() -> None:
   """The `dropnet-compare` console command (pyproject.toml [project.scripts])."""
-  app.run(main)
+  entry.run(main)
 
 
 if __name__ == '__main__':

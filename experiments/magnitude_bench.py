@@ -1,7 +1,11 @@
 r"""Seconds per prune-and-retrain round: dropnet_jax against PyTorch's prune-and-retrain loop.
 
   python -m experiments.magnitude_bench --model=fc --widths=40,40 --dataset=mnist \
-      --data_dir=../shared/data/mnist_subset --epochs=2 --rounds=3 --out=runs/magnitude_bench_fc40.json
+      --data_dir=../shared/data/mnist_subset --epochs=2 --rounds=3 --out=runs/magnitude_bench_fc40
+
+Writes <out>/bench.json (the figures below) and <out>/config.json. Needs
+PyTorch and this source checkout (tests/torch_reference); without them, or
+with an unusable --out, it stops before any work.
 
 One round is what iterative magnitude pruning repeats: prune `--amount` of the
 remaining weights by global |w| (every Dense/Conv kernel, the classifier's
@@ -42,32 +46,68 @@ an oversubscribed machine.
 
 from __future__ import annotations
 
+from dropnet_jax.cli import entry  # first: applies --host_devices before jax is imported
+
+import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
 
-FLAGS = flags.FLAGS
+from dropnet_jax.config import DataConfig, ModelConfig
+from dropnet_jax.runs.run_dir import RunDir
+from dropnet_jax.settings import setting
+
+TWIN_MODELS = ('fc', 'conv', 'modelc')
+BENCH_DATASETS = ('digits', 'mnist', 'cifar10')
 
 
-def define_flags() -> None:
-  """Declared when run as a program only, so tests can import this beside other entry points."""
-  flags.DEFINE_enum('model', 'fc', ['fc', 'conv', 'modelc'], 'Model: fc (A), conv (B), modelc (C).')
-  flags.DEFINE_list('widths', None, 'Units/filters per masked layer (default: the model\'s).')
-  flags.DEFINE_enum('dataset', 'digits', ['digits', 'mnist', 'cifar10'], 'Dataset (digits is bundled, offline).')
-  flags.DEFINE_string('data_dir', None, 'Local data files (mnist: a directory of the four IDX files).')
-  flags.DEFINE_integer('epochs', 2, 'Training epochs per round.')
-  flags.DEFINE_integer('rounds', 3, 'Timed rounds, after one warm-up round.')
-  flags.DEFINE_float('amount', 0.2, 'Fraction of the remaining weights pruned per round.')
-  flags.DEFINE_float('lr', 0.1, 'SGD learning rate.')
-  flags.DEFINE_integer('batch_size', 32, 'Batch size.')
-  flags.DEFINE_integer('seed', 0, 'Seed of θ0 and of the batch order.')
-  flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads (0: torch\'s default).')
-  flags.DEFINE_string('out', None, 'Optional JSON file for the figures.')
+@dataclasses.dataclass(frozen=True)
+class MagnitudeBenchConfig:
+  """The prune-and-retrain rounds both sides time (see the module docstring)."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  epochs: int = setting(2, 'Training epochs per round.', flag='epochs')
+  rounds: int = setting(3, 'Timed rounds, after one warm-up round.', flag='rounds')
+  amount: float = setting(0.2, 'Fraction of the remaining weights pruned per round, in (0, 1).', flag='amount')
+  lr: float = setting(0.1, 'SGD learning rate.', flag='lr')
+  batch_size: int = setting(32, 'Batch size.', flag='batch_size')
+  seed: int = setting(0, 'Seed of θ0 and of the batch order.', flag='seed')
+  torch_threads: int = setting(0, "torch.set_num_threads (0: torch's default).", flag='torch_threads')
+
+  def validate(self) -> None:
+    """Raises ValueError naming the setting."""
+    if self.model.name not in TWIN_MODELS:
+      raise ValueError(f'model: the PyTorch reference has {", ".join(TWIN_MODELS)}, not {self.model.name}')
+    if self.data.dataset not in BENCH_DATASETS:
+      raise ValueError(f'dataset: one of {", ".join(BENCH_DATASETS)}, not {self.data.dataset}')
+    for name in ('epochs', 'rounds', 'batch_size'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if not 0 < self.amount < 1:
+      raise ValueError(f'amount must be in (0, 1), got {self.amount}')
+    if not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f'lr must be a positive number, got {self.lr}')
+    if self.torch_threads < 0:
+      raise ValueError(f'torch_threads must be >= 0, got {self.torch_threads}')
+
+
+CONFIG = entry.define(MagnitudeBenchConfig(), 'magnitude_bench',
+                      out_help='Output directory (a run directory): <out>/bench.json and config.json.')
+
+
+def require_torch_twin(what: str) -> None:
+  """Raises ValueError (one line) unless torch and the PyTorch twin (tests/torch_reference) import."""
+  try:
+    import torch  # noqa: F401
+    import tests.torch_reference.weights  # noqa: F401
+  except ImportError as e:
+    raise ValueError(f'{what} needs PyTorch ({e}): pip install torch==2.13.0, and a source checkout for '
+                     'tests/torch_reference') from None
 
 
 def epoch_keys(seed: int, rounds: int, epochs: int) -> list[list[jax.Array]]:
@@ -187,11 +227,11 @@ def _summary(times: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def compare(model_name: str, widths, dataset, *, epochs: int, rounds: int, amount: float, lr: float,
-            batch_size: int, seed: int) -> dict[str, Any]:
+            batch_size: int, seed: int, width_multiplier: float = 1.0) -> dict[str, Any]:
   from dropnet_jax.training.batches import shuffle_order
   from dropnet_jax.models import create_model, init_params
 
-  model = create_model(model_name, widths, dataset.num_classes)
+  model = create_model(model_name, widths, dataset.num_classes, width_multiplier)
   theta0 = init_params(model, jax.random.key(seed), dataset.image_shape)
   keys = epoch_keys(seed, rounds + 1, epochs)
   n = len(dataset.train_labels)
@@ -225,18 +265,35 @@ def compare(model_name: str, widths, dataset, *, epochs: int, rounds: int, amoun
 
 def main(argv):
   del argv
+  out = entry.FLAGS.out
+  try:
+    config = entry.config(CONFIG)
+    if out.endswith('.json'):
+      raise ValueError(f'--out={out}: --out is a run directory now (it gets bench.json and config.json); '
+                       'give a directory')
+    run_dir = RunDir(out, 'magnitude_bench', config)
+    run_dir.check()
+    require_torch_twin('experiments.magnitude_bench')
+    from dropnet_jax.input_pipeline import dataset_fingerprint, load_dataset
+    from dropnet_jax.models import create_model
+    create_model(config.model.name, config.model.widths, 10, config.model.width_multiplier)  # before the data
+    dataset = load_dataset(config.data.dataset, config.data.data_dir, split_seed=config.data.split_seed)
+    run_dir.data_fingerprint = dataset_fingerprint(dataset)
+    run_dir.check()
+  except ValueError as e:  # includes input_pipeline.DataError
+    entry.fail(e)
   import torch
-
-  from dropnet_jax.input_pipeline import load_dataset
-  from dropnet_jax.models import parse_widths
-  if FLAGS.torch_threads:
-    torch.set_num_threads(FLAGS.torch_threads)
-  dataset = load_dataset(FLAGS.dataset, FLAGS.data_dir)
-  result = compare(FLAGS.model, parse_widths(FLAGS.widths), dataset, epochs=FLAGS.epochs, rounds=FLAGS.rounds,
-                   amount=FLAGS.amount, lr=FLAGS.lr, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+  if config.torch_threads:
+    torch.set_num_threads(config.torch_threads)
+  with run_dir.open(resume_hint='bench.json was not written; rerun the command to time again'):
+    result = compare(config.model.name, config.model.widths, dataset, epochs=config.epochs, rounds=config.rounds,
+                     amount=config.amount, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
+                     width_multiplier=config.model.width_multiplier)
+    path = run_dir.write_text('bench.json', json.dumps(result, indent=2))
   j, t = result['jax'], result['torch']
-  print(f'{result["model"]} {result["widths"]}: {FLAGS.epochs} epoch(s) of {result["train_examples"]} examples per '
-        f'round, prune {FLAGS.amount:g} of the remaining by global |w|; {FLAGS.rounds} timed rounds after a warm-up')
+  print(f'{result["model"]} {result["widths"]}: {config.epochs} epoch(s) of {result["train_examples"]} examples '
+        f'per round, prune {config.amount:g} of the remaining by global |w|; {config.rounds} timed rounds after a '
+        'warm-up')
   print(f'  JAX    round {j["median_round_seconds"]:.3f}s (median; prune {j["median_prune_seconds"] * 1e3:.1f} ms), '
         f'warm-up round {j["warmup_round_seconds"]:.2f}s, compile {j["compile_seconds"]:.2f}s, '
         f'test acc {j["test_accuracy"]:.4f}')
@@ -245,12 +302,8 @@ def main(argv):
   print(f'  ratio torch / JAX per round: {result["ratio_torch_over_jax"]:.2f}; weights remaining '
         f'{result["fraction_remaining"]:.3f}; masks agree on {result["mask_agreement"]:.4%} of weights; '
         f'max |w_jax - w_torch| {result["max_abs_weight_difference"]:.2e}; load average {result["load_average"]}')
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, 'w') as f:
-      json.dump(result, f, indent=2)
+  print(f'wrote {path}')
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  entry.run(main)

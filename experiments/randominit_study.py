@@ -12,7 +12,6 @@ import os
 
 from dropnet_jax.cli import entry
 from dropnet_jax.config import ExperimentConfig
-from dropnet_jax.loop.dropnet import retrain_all_from_random_init
 from dropnet_jax.runs import experiment, reporting
 
 CONFIG = entry.define(ExperimentConfig(), 'randominit_study')
@@ -31,10 +30,8 @@ def main(argv):
   with study.open():
     theta0 = experiment.run(setup)
     path = study.file('randominit.jsonl')
-    reinit = retrain_all_from_random_init(setup.trainer(), setup.model, setup.dataset.image_shape, setup.data,
-                                          theta0, config.dropnet,
-                                          done=reporting.read_jsonl(path) if os.path.exists(path) else [],
-                                          on_record=lambda records: reporting.write_jsonl(path, records))
+    reinit = experiment.random_init_baseline(setup, theta0, reporting.read_jsonl(path) if os.path.exists(path) else [],
+                                             on_record=lambda records: reporting.write_jsonl(path, records))
   both = theta0 + reinit
   reporting.save_figures(both, out, title=f'θ0 vs random re-init: {setup.title()}')
   print(reporting.summary_table(both, 'test_accuracy'))

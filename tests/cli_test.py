@@ -44,7 +44,7 @@ def test_end_to_end_on_the_offline_default(tmp_path):
     assert set(REQUIRED) <= set(r)
   for name in ('test_accuracy.png', 'accuracy_panels.png', 'early_stopping.png'):
     assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  assert json.loads((out / 'config.json').read_text())['widths'] == [8, 8]
+  assert json.loads((out / 'config.json').read_text())['config']['model']['widths'] == [8, 8]
   assert 'random_layer' in proc.stdout and 'cycle' in proc.stdout  # the summary table
   assert 'cycle' in proc.stdout and 'epoch' in proc.stdout  # a line per cycle while it runs (progress.py)
 

@@ -177,7 +177,7 @@ def test_duplicated_members_never_chosen_together():
   pairs = [tuple(t) for t in scores.teams[0]]
   dup = pairs.index((0, 1))
   beta = 0.2
-  for j, metric in enumerate(E.METRICS):
+  for j, metric in enumerate(E.DIVERSITIES):
     pair_scores = scores.focal[0][:, j]
     # A duplicated pair attains every metric's upper bound for both focal members: normalised 1.
     assert pair_scores[dup] == pytest.approx(1.0)
@@ -249,7 +249,7 @@ def test_report_uses_validation_only_and_writes_files(tmp_path):
   full = next(r for r in records if r['selection'] == 'full')
   assert full['test_accuracy_soft'] == pytest.approx(R.team_accuracy(test_probs, test_labels, tuple(range(6)))[1])
   hq = [r for r in records if r['selection'] == 'hq']
-  assert {r['diversity_metric'] for r in hq if r['overall']} == set(E.METRICS)
+  assert {r['diversity_metric'] for r in hq if r['overall']} == set(E.DIVERSITIES)
   for r in hq:
     team = tuple(r['members'])
     assert not {0, 1} <= set(team)
@@ -258,6 +258,6 @@ def test_report_uses_validation_only_and_writes_files(tmp_path):
     plural, soft = R.team_accuracy(test_probs, test_labels, team)
     assert (r['test_accuracy_plurality'], r['test_accuracy_soft']) == pytest.approx((plural, soft))
   table = open(paths[1]).read()
-  assert table.count('| min |') == 2 + len(E.METRICS)
+  assert table.count('| min |') == 2 + len(E.DIVERSITIES)
   for p in paths[2:]:
     assert open(p, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'

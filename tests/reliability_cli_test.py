@@ -19,7 +19,7 @@ from dropnet_jax.runs import reporting
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, '-m', 'experiments.dropnet', '--widths=6,6', '--metrics=min', '--max_epochs=2',
-       '--floor=0.4', '--verbose_epochs=false']
+       '--floor=0.4', '--noverbose']
 
 
 def run(args, **kw):

@@ -130,7 +130,7 @@ def test_mid_cycle_checkpoint_holds_the_training_state(setup, tmp_path):
 
 CLI = [sys.executable, '-m', 'experiments.dropnet', '--dataset=digits', '--widths=8,8', '--metrics=min,max_layer',
        '--max_epochs=5', '--patience=2', '--floor=0.3', '--seeds=2', '--checkpoint_every_epochs=1',
-       '--verbose_epochs=false']
+       '--noverbose']
 
 
 def test_sigkill_and_resume_via_cli(tmp_path):

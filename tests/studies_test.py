@@ -11,6 +11,7 @@ import pytest
 from dropnet_jax import models
 
 from dropnet_jax.loop import dropnet
+from dropnet_jax.loop.driver import RunIO
 
 from dropnet_jax.pruning import masks as mask_ops
 
@@ -18,6 +19,8 @@ from dropnet_jax.runs import reporting
 from dropnet_jax.config import DropNetConfig, TrainConfig
 from dropnet_jax.training.lanes import Lanes
 from dropnet_jax.training.trainer import DeviceData, Trainer, fit
+
+QUIET = RunIO(log=lambda s: None)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +48,7 @@ def test_random_init_is_fresh_and_keeps_mask_and_order(mnist_small):
 
 def run(module, out, *args):
   proc = subprocess.run([sys.executable, '-m', module, '--widths=6,6', '--max_epochs=2', '--floor=0.5',
-                         '--verbose_epochs=false', f'--out={out}', *args], cwd=REPO, capture_output=True, text=True)
+                         '--noverbose', f'--out={out}', *args], cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -90,7 +93,7 @@ def test_oracle_metric_resumes_exactly(tmp_path, mnist_small):
   config = DropNetConfig(metrics=('min', 'oracle'), fraction=0.3, floor=0.5, oracle_examples=200,
                                  train=TrainConfig(max_epochs=2))
   trainer = Trainer(model, config.train)
-  reference = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, log=lambda s: None)
+  reference = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, io=QUIET)
   calls = []
 
   def crash(records):
@@ -99,10 +102,10 @@ def test_oracle_metric_resumes_exactly(tmp_path, mnist_small):
       raise RuntimeError('crash')
 
   with pytest.raises(RuntimeError):
-    dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, Checkpointer(str(tmp_path)), 0,
-                           crash, lambda s: None)
-  resumed = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer, Checkpointer(str(tmp_path)),
-                                   0, log=lambda s: None)
+    dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer,
+                           io=RunIO(checkpointer=Checkpointer(str(tmp_path)), on_record=crash, log=lambda s: None))
+  resumed = dropnet.run_experiment(model, (28, 28, 1), data, [0], config, trainer,
+                                   io=RunIO(checkpointer=Checkpointer(str(tmp_path)), log=lambda s: None))
   strip = lambda rs: [{k: v for k, v in r.items() if k != 'seconds'} for r in rs]
   assert strip(resumed) == strip(reference)
   assert any(r['metric'] == 'oracle' and r['cycle'] > 0 for r in reference)
@@ -116,8 +119,8 @@ def test_oracle_runs_batched_with_the_sequential_records(mnist_small):
   config = DropNetConfig(metrics=('oracle', 'min'), fraction=0.3, floor=0.5, oracle_examples=200,
                          train=TrainConfig(max_epochs=2))
   trainer = Trainer(model, config.train)
-  sequential = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, log=lambda s: None)
-  batched = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, log=lambda s: None,
+  sequential = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, io=QUIET)
+  batched = dropnet.run_experiment(model, (28, 28, 1), data, [0, 1], config, trainer, io=QUIET,
                                    batch_trials=True)
   exact = ('seed', 'metric', 'cycle', 'mask', 'units', 'stop_reason', 'early_stop_epoch')
   assert [[r[k] for k in exact] for r in batched] == [[r[k] for k in exact] for r in sequential]

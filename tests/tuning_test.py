@@ -1,6 +1,7 @@
 """Tests of dropnet_jax.tuning and experiments.tune: the search space, lanes against independent
 one-trial runs, per-lane pruning, resumable SQLite studies, stale trials retried, DropNet's
-objective, and several worker processes on SQLite and on a real PostgreSQL server."""
+objective, the settings and directories a study refuses before any work, and several worker
+processes on SQLite and on a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ optuna = pytest.importorskip('optuna')
 from optuna.trial import TrialState  # noqa: E402
 
 from dropnet_jax import tuning  # noqa: E402
-from dropnet_jax.config import DropNetConfig, TrainConfig  # noqa: E402
+from dropnet_jax.config import DataConfig, DropNetConfig, ExperimentConfig, ModelConfig, TrainConfig  # noqa: E402
 from dropnet_jax.loop.dropnet import SeedKeys  # noqa: E402
 from dropnet_jax.input_pipeline import load_dataset  # noqa: E402
 from dropnet_jax.models.layers import full_masks  # noqa: E402
 from dropnet_jax.models import create_model, init_params  # noqa: E402
+from dropnet_jax.runs.run_dir import RunDir  # noqa: E402
 from dropnet_jax.training.trainer import DeviceData, Trainer, steps_per_epoch  # noqa: E402
+from dropnet_jax.tuning import experiment  # noqa: E402
+from dropnet_jax.tuning.config import TuneConfig, with_space_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # One static shape (and the same compiled programs, cached by the module's runner) for most tests.
@@ -112,6 +116,102 @@ def test_templates_group_static_settings_only():
   assert ta == tb and hash(ta) == hash(tb) and ta != tc  # a schedule parameter is static
   assert ta.optim.weight_decay > 0 and ta.optim.momentum > 0  # the terms exist in the shared program
   assert tuning.lane_hyperparams(b, space) == {'learning_rate': 0.01, 'momentum': 0.6, 'weight_decay': 1e-3}
+
+
+# -- the study's settings and directory -------------------------------------------------------------
+
+def test_config_validation_space_file_and_objective(tmp_path):
+  for changes, match in (({'train_subset': -5}, 'train_subset'), ({'train_subset': 0}, 'train_subset'),
+                         ({'n_trials': 0}, 'n_trials'), ({'workers': 0}, 'workers'), ({'batch': 0}, 'batch'),
+                         ({'objective': 'dropnet', 'batch': 2}, 'batch'), ({'lanes_per_chunk': 0}, 'lanes_per_chunk'),
+                         ({'objective': 'dropnet', 'units_remaining': 1.5}, 'units_remaining'),
+                         ({'retrain_seeds': -1}, 'retrain_seeds'), ({'grace_period': 0}, 'grace_period'),
+                         ({'space': tuning.SearchSpace(optimizers=('sgd', 'sgd'))}, 'duplicates'),
+                         ({'data': DataConfig(dataset='mnist', data_dir=str(tmp_path / 'none'))}, 'data_dir'),
+                         ({'space_file': str(tmp_path / 'none.json')}, 'space')):
+    with pytest.raises(ValueError, match=match):
+      dataclasses.replace(TuneConfig(), **changes).validate()
+  TuneConfig().validate()
+  # --space's file under the --tune_* flags given on the command line (here the learning rate).
+  path = tmp_path / 'space.json'
+  path.write_text(json.dumps({'optimizers': ['adam'], 'lr': [0.01, 0.01], 'augments': ['crop+flip']}))
+  given = dataclasses.replace(TuneConfig(), space=tuning.SearchSpace(lr=(1e-3, 0.1)), space_file=str(path))
+  merged = with_space_file(given, ['space.lr'])
+  assert merged.space_file is None  # config.json holds the space itself
+  assert (merged.space.optimizers, merged.space.lr, merged.space.augments) == (('adam',), (1e-3, 0.1), ('crop,flip',))
+  assert merged.space.batch_sizes == tuning.SearchSpace().batch_sizes  # the file's missing fields: defaults
+  assert with_space_file(given).space.lr == (0.01, 0.01)
+  # DropNet's p and criterion are searched by the dropnet objective only.
+  assert TuneConfig().search_space.fractions is None and TuneConfig().search_space.metrics is None
+  assert TuneConfig(objective='dropnet').search_space.fractions == (0.1, 0.5)
+  assert tuning.SearchSpace(weight_decay=()).weight_decay is None  # an empty --tune_weight_decay: not searched
+
+
+def test_worker_argv_replaces_the_worker_settings():
+  argv = ['py', '-m', 'experiments.tune', '--out=x', '--workers=3', '--config.worker_id=5', '--worker_only',
+          '--ready_file', 'r', '--noconfig.worker_only', '--batch=2']
+  assert experiment.worker_argv(argv, 2, 'ready') == [
+      'py', '-m', 'experiments.tune', '--out=x', '--batch=2', '--worker_only', '--worker_id=2', '--workers=1',
+      '--ready_file=ready']
+
+
+SMALL_STUDY = TuneConfig(model=ModelConfig(widths=(8, 8)), dropnet=DropNetConfig(train=TrainConfig(max_epochs=2)))
+
+
+def test_prepare_refuses_other_settings_and_data(tmp_path, monkeypatch):
+  out = str(tmp_path / 'tune')
+  setup = experiment.prepare(SMALL_STUDY, out)
+  with setup.run_dir.open():  # config.json, as a study's first run writes it
+    pass
+  assert len(setup.dataset.train_labels) > 1000 and setup.storage_url == tuning.sqlite_url(out)
+  assert setup.settings['data_fingerprint'] == setup.run_dir.data_fingerprint
+  again = experiment.prepare(dataclasses.replace(SMALL_STUDY, n_trials=50, workers=2), out)  # not result settings
+  assert again.settings == setup.settings
+  with pytest.raises(ValueError, match=r'model\.widths: saved \[8, 8\], now \[6, 6\]'):
+    experiment.prepare(dataclasses.replace(SMALL_STUDY, model=ModelConfig(widths=(6, 6))), out)
+  with pytest.raises(ValueError, match='train_subset'):
+    experiment.prepare(dataclasses.replace(SMALL_STUDY, train_subset=300), out)
+  ds = load_dataset('digits')
+  other = dataclasses.replace(ds, train_images=255 - ds.train_images)
+  monkeypatch.setattr(experiment, 'load_dataset', lambda *args, **kwargs: other)
+  with pytest.raises(ValueError, match='data_fingerprint'):
+    experiment.prepare(SMALL_STUDY, out)
+  assert sorted(os.listdir(out)) == ['.lock', 'config.json']  # nothing else was written
+  with pytest.raises(ValueError, match='storage'):
+    experiment.prepare(SMALL_STUDY, str(tmp_path / 'other'), storage='not a url')
+
+
+def _refused(proc, match):
+  assert proc.returncode != 0 and proc.stderr.strip().startswith('error:'), proc.stderr[-2000:]
+  assert len(proc.stderr.strip().splitlines()) == 1 and match in proc.stderr, proc.stderr
+
+
+def test_cli_refuses_bad_out_before_work(tmp_path):
+  tune = lambda *args: subprocess.run([sys.executable, '-m', 'experiments.tune', '--widths=8,8', *args], cwd=REPO,
+                                      capture_output=True, text=True, timeout=120)
+  afile = tmp_path / 'file'
+  afile.write_text('x')
+  _refused(tune(f'--out={afile}'), 'is a file')
+  dropnet = tmp_path / 'dropnet_run'
+  with RunDir(str(dropnet), 'dropnet', ExperimentConfig()).open():  # what experiments.dropnet writes first
+    pass
+  _refused(tune(f'--out={dropnet}'), 'holds a dropnet run')
+  assert sorted(os.listdir(dropnet)) == ['.lock', 'config.json']
+  _refused(tune(f'--out={tmp_path / "neg"}', '--train_subset=-5'), 'train_subset')
+  assert not (tmp_path / 'neg').exists()
+  study = tmp_path / 'study'
+  with RunDir(str(study), 'tune', SMALL_STUDY).open():
+    pass
+  _refused(tune(f'--out={study}', '--widths=6,6', '--max_epochs=2'), 'model.widths: saved [8, 8], now [6, 6]')
+  assert sorted(os.listdir(study)) == ['.lock', 'config.json']
+  if os.geteuid() != 0:  # root may write anywhere
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+      _refused(tune(f'--out={locked / "x"}'), 'not writable')
+    finally:
+      locked.chmod(0o700)
 
 
 # -- lanes ------------------------------------------------------------------------------------------

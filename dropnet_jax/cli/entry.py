@@ -20,11 +20,12 @@ flags.disclaim_key_flags()
 
 
 def define(default: Any, kind: str, *, out_help: str = 'Output directory (the run directory).',
-           distributed: bool = False) -> config_flags.ConfigFlags:
-  """The entry point's flags: its settings (`config_flags.define`), --out, --host_devices, and with
-  `distributed` the multi-process flags."""
+           distributed: bool = False, out_required: bool = True) -> config_flags.ConfigFlags:
+  """The entry point's flags: its settings (`config_flags.define`), --out (optional where
+  `out_required` is False: the entry point then has a default or writes nothing), --host_devices, and
+  with `distributed` the multi-process flags."""
   holder = config_flags.define(default, kind)
-  flags.DEFINE_string('out', None, out_help, required=True)
+  flags.DEFINE_string('out', None, out_help, required=out_required)
   flags.DEFINE_integer('host_devices', 1, 'CPU only: split the host into this many XLA devices '
                        '(--xla_force_host_platform_device_count, applied before jax is imported); batched '
                        'trials are split over them.')

@@ -1,6 +1,6 @@
-"""Ensemble diversity metrics (CK, BD, KW, GD), computed from pairwise count statistics.
+"""Ensemble diversity measures (CK, BD, KW, GD), computed from pairwise count statistics.
 
-The four metrics of EnsembleBench (git-disl/EnsembleBench, `diversityMetrics.py`
+The four diversity measures of EnsembleBench (git-disl/EnsembleBench, `diversityMetrics.py`
 and `groupMetrics.calDiversityMetric`), in its orientation: after its `1 - x`
 transforms a *lower* value means a *more diverse* team. For a team of L
 members on N samples (predicted labels p_ij, correctness c_ij = [p_ij == y_j]):
@@ -14,12 +14,12 @@ members on N samples (predicted labels p_ij, correctness c_ij = [p_ij == y_j]):
   * GD: 1 - GD_Partridge = P2 / P1 with m_j = L - l_j members wrong on j,
     P1 = sum_j m_j / (N L), P2 = sum_j m_j (m_j - 1) / (N L (L - 1)).
 
-Why statistics instead of the formulas: every team metric above is a function of
+Why statistics instead of the formulas: every measure above is a function of
 integer counts over *pairs* of members on one set of samples -- n, the
 per-member correct count A_i, the both-correct count G_ik (sum_j l_j^2 =
 sum_ik G_ik), the agreement count and the chance-agreement count of kappa. They
 are computed once per sample set (`pair_stats`, one einsum each) and a team's
-metrics are then gathers from (M, M) tables (`team_metrics`), independent of N,
+diversity is then gathered from (M, M) tables (`team_diversity`), independent of N,
 so all C(M, s) teams are scored by one vmapped gather program. Counts are
 int32, so the ratios are exact up to one float32 division.
 
@@ -27,7 +27,7 @@ Defined values where the formulas are 0/0 (tested):
   * kappa with p_e = 1 (both members always predict the same single class,
     hence p_o = 1): 1, identical raters (sklearn returns nan);
   * an empty sample set (n = 0, e.g. a focal model with no errors): every
-    metric is 1, "no observed diversity";
+    measure is 1, "no observed diversity";
   * GD with no failure at all (P1 = 0): 1 (GD_Partridge = 0).
   * N <= L is not special here; EnsembleBench's GD indexes its histogram of
     failure counts by sample and so fails or truncates when N <= L, whereas we
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METRICS = ('CK', 'BD', 'KW', 'GD')
+DIVERSITIES = ('CK', 'BD', 'KW', 'GD')  # the diversity measures, in the column order of every score array
 
 # n * agreement and n^2 - chance are int32: n^2 must stay below 2^31.
 MAX_SAMPLES = 46340
@@ -80,7 +80,7 @@ def pair_stats(preds: jax.Array, labels: jax.Array, weights: jax.Array,
   return PairStats(n, correct, both, kappa)
 
 
-def team_metrics(stats: PairStats, team: jax.Array, row: jax.Array | int) -> jax.Array:
+def team_diversity(stats: PairStats, team: jax.Array, row: jax.Array | int) -> jax.Array:
   """(4,) float32 [CK, BD, KW, GD] of the members `team` (s,) on sample set `row`; lower = more diverse.
 
   Jittable and vmappable over teams and rows; s = len(team) >= 2 is static.
@@ -117,4 +117,4 @@ def diversity(preds: jax.Array, labels: jax.Array, num_classes: int,
   if weights is None:
     weights = jnp.ones(preds.shape[1], jnp.int32)
   stats = pair_stats(preds, labels, weights[None, :], num_classes)
-  return team_metrics(stats, jnp.arange(preds.shape[0]), 0)
+  return team_diversity(stats, jnp.arange(preds.shape[0]), 0)

@@ -2,11 +2,11 @@
 
 Focal diversity (Wu & Liu; EnsembleBench `groupMetrics.calFocalDiversityScores`
 and HQ-Ensemble's script): for a focal member f and a team T containing f, the
-diversity metric of T evaluated only on f's *negative* samples (those f gets
+diversity measure of T evaluated only on f's *negative* samples (those f gets
 wrong). For each focal member and team size these values are min-max
 normalised over the teams of that size containing f, and a team's focal score
 is the accuracy-rank-weighted mean over its members of their normalised
-values. Lower = more diverse, per metric (see `diversity`).
+values. Lower = more diverse, per diversity measure (see `diversity`).
 
 Deliberate differences from the reference script, all deterministic:
   * Rank weights are true ranks: member k's weight is the 1-based rank of its
@@ -23,7 +23,7 @@ Deliberate differences from the reference script, all deterministic:
   * A min-max range of 0 (all teams of that size tie for the focal member, e.g.
     size M) normalises to 0; the reference leaves the raw values. A member
     with no negatives (perfect on validation) has an empty sample set, every
-    metric 1 on every team (see `diversity`), so it contributes 0 (nothing
+    measure 1 on every team (see `diversity`), so it contributes 0 (nothing
     left to complement); the reference script skips it and then fails.
 """
 
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropnet_jax.ensemble.diversity import pair_stats, team_metrics
+from dropnet_jax.ensemble.diversity import pair_stats, team_diversity
 
 
 def enumerate_teams(num_members: int, size: int) -> np.ndarray:
@@ -73,10 +73,10 @@ def rank_weights(accuracy: jax.Array) -> jax.Array:
 
 
 def _score_size(stats, teams: jax.Array, member_accuracy: jax.Array, num_members: int):
-  """Focal (T, 4) and whole-set (T, 4) metrics of the teams (T, s) of one size."""
-  per_focal = jax.vmap(lambda team: jax.vmap(lambda f: team_metrics(stats, team, f))(team))
+  """Focal (T, 4) and whole-set (T, 4) diversity of the teams (T, s) of one size."""
+  per_focal = jax.vmap(lambda team: jax.vmap(lambda f: team_diversity(stats, team, f))(team))
   raw = per_focal(teams)  # (T, s, 4): row f of stats = f's negatives
-  whole = jax.vmap(lambda team: team_metrics(stats, team, num_members))(teams)
+  whole = jax.vmap(lambda team: team_diversity(stats, team, num_members))(teams)
   ids = teams.reshape(-1)
   flat = raw.reshape(-1, raw.shape[-1])
   lo = jax.ops.segment_min(flat, ids, num_segments=num_members)[teams]
@@ -103,8 +103,8 @@ def score_teams(preds: jax.Array, labels: jax.Array, negatives: jax.Array,
     num_classes: number of classes (static).
 
   Returns:
-    Per size, (focal, whole): (T_s, 4) focal scores and (T_s, 4) metrics on all
-    N samples, columns in `METRICS` order, lower = more diverse.
+    Per size, (focal, whole): (T_s, 4) focal scores and (T_s, 4) diversity on all
+    N samples, columns in `DIVERSITIES` order, lower = more diverse.
   """
   num_members = preds.shape[0]
   rows = jnp.concatenate([negatives.astype(jnp.int32),

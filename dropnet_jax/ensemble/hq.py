@@ -30,7 +30,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class HQResult:
-  """Outcome of HQ for one focal metric and beta; indices refer to rows of `teams[i]` of size `sizes[i]`."""
+  """Outcome of HQ for one diversity measure and beta; indices refer to rows of `teams[i]` of size `sizes[i]`."""
   sizes: tuple[int, ...]
   beta: float
   survivors: tuple[np.ndarray, ...]  # team indices that survive at each size
@@ -67,7 +67,7 @@ def hq_prune(teams: Sequence[np.ndarray], scores: Sequence[np.ndarray],
   Args:
     teams: per size, (T_s, s) teams of *all* s-subsets in itertools.combinations
       order (`focal.enumerate_teams`), sizes consecutive from 2.
-    scores: per size, (T_s,) focal scores of one metric (lower = more diverse).
+    scores: per size, (T_s,) focal scores of one diversity measure (lower = more diverse).
     accuracy: per size, (T_s,) selection (validation) accuracy, for ties and the overall pick.
     beta: fraction of candidates pruned per size, in [0, 1].
     num_members: M (default: 1 + the largest member index).

@@ -1,7 +1,7 @@
 """Straightforward float64 NumPy / itertools implementation of the ensemble definitions.
 
 The test oracle and the benchmark baseline for the vectorised package: every
-metric is computed from its textbook formula on the team's own prediction rows
+diversity measure is computed from its textbook formula on the team's own prediction rows
 (pairs by itertools, counts by comparisons, kappa from marginals), every team x
 focal member is evaluated separately, normalisation and HQ use dicts and sets.
 It shares no code with the JAX implementation, so agreement checks the count
@@ -64,7 +64,7 @@ def diversity(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def focal_scores(preds: np.ndarray, labels: np.ndarray, sizes: Sequence[int],
                  negatives: np.ndarray | None = None,
                  member_accuracy: np.ndarray | None = None) -> tuple[dict[Team, np.ndarray], dict[Team, np.ndarray]]:
-  """Focal scores and whole-set metrics of every team, as {team: (4,) array}."""
+  """Focal scores and whole-set diversity of every team, as {team: (4,) array}."""
   preds = np.asarray(preds)
   labels = np.asarray(labels)
   members = preds.shape[0]

@@ -5,16 +5,17 @@ DropNet metric), described by one dict per member with at least 'metric',
 'seed', 'cycle', 'fraction_remaining' and optionally 'macs' (inference cost),
 and by its class probabilities on the validation and test sets ((M, N, C)
 arrays, e.g. from `voting.predict_proba`). `evaluate_pool` scores every team of
-sizes 2..S on the validation set, runs HQ for every focal metric and beta, and
-computes the validation and test accuracy of every team with both votings.
+sizes 2..S on the validation set, runs HQ for every diversity measure and beta,
+and computes the validation and test accuracy of every team with both votings.
 Only validation data enters a choice (HQ, its per-size and overall picks, the
 best single member); test accuracy is reported after selection.
 
 Outputs (`write_report`):
-  * teams.jsonl: one record per HQ pick (per pool, focal metric, beta, size;
-    'overall' marks the pool's overall pick) and per baseline ('full': all M
-    members, 'best_single': the best member on validation), with members, size,
-    beta, focal and whole-set diversity per metric, val/test accuracy with
+  * teams.jsonl: one record per HQ pick (per pool, diversity measure (the
+    record's 'diversity_metric'), beta and size; 'overall' marks the pool's
+    overall pick) and per baseline ('full': all M members, 'best_single': the
+    best member on validation), with members, size,
+    beta, focal and whole-set diversity per measure, val/test accuracy with
     plurality and soft voting, and cost as members/M and as MACs share (the
     team's MACs over the whole pool's, None without 'macs');
   * ensemble_table.md: per pool, the baselines and each overall HQ pick: team,
@@ -23,7 +24,9 @@ Outputs (`write_report`):
   * ensemble_accuracy_cost.png: test accuracy vs cost of every team, HQ picks
     highlighted, one panel per pool;
   * focal_vs_accuracy.png: focal score vs test accuracy of every team, one row
-    per pool, one column per metric.
+    per pool, one column per diversity measure.
+`pool_summary` is a pool's entry of summary.json (`experiments.ensemble`) and
+`describe` its printed lines.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dropnet_jax.runs import reporting
-from dropnet_jax.ensemble.diversity import METRICS
+from dropnet_jax.ensemble.diversity import DIVERSITIES
 from dropnet_jax.ensemble.focal import focal_diversity
 from dropnet_jax.ensemble.hq import HQResult, hq_prune
 from dropnet_jax.ensemble.voting import accuracies_by_size
@@ -51,7 +54,7 @@ class PoolResult:
   members: list[dict[str, Any]]
   sizes: tuple[int, ...]
   teams: tuple[np.ndarray, ...]  # (T_s, s)
-  focal: tuple[np.ndarray, ...]  # (T_s, 4), columns METRICS
+  focal: tuple[np.ndarray, ...]  # (T_s, 4), columns DIVERSITIES
   whole: tuple[np.ndarray, ...]  # (T_s, 4) diversity on all validation samples
   val_accuracy: tuple[np.ndarray, ...]  # (T_s, 2), columns VOTES
   test_accuracy: tuple[np.ndarray, ...]
@@ -88,14 +91,6 @@ class PoolResult:
     return macs[teams].sum(1) / macs.sum()
 
 
-def group_members(members: Sequence[Mapping[str, Any]], key: str = 'metric') -> dict[str, np.ndarray]:
-  """Member indices grouped by descriptor `key`, groups in order of first appearance."""
-  groups: dict[str, list[int]] = {}
-  for i, m in enumerate(members):
-    groups.setdefault(str(m[key]), []).append(i)
-  return {k: np.array(v) for k, v in groups.items()}
-
-
 def evaluate_pool(name: str, members: Sequence[Mapping[str, Any]], val_proba: np.ndarray,
                   val_labels: np.ndarray, test_proba: np.ndarray, test_labels: np.ndarray, *,
                   max_size: int = 5, betas: Sequence[float] = (0.1,), vote: str = 'soft',
@@ -121,9 +116,9 @@ def evaluate_pool(name: str, members: Sequence[Mapping[str, Any]], val_proba: np
   full_test = accuracies_by_size(test_proba, test_labels, everyone)[0][0]
   column = VOTES.index(vote)
   hq = {}
-  for j, metric in enumerate(METRICS):
+  for j, diversity in enumerate(DIVERSITIES):
     for beta in betas:
-      hq[(metric, float(beta))] = hq_prune(scores.teams, [f[:, j] for f in scores.focal],
+      hq[(diversity, float(beta))] = hq_prune(scores.teams, [f[:, j] for f in scores.focal],
                                            [a[:, column] for a in val_acc], beta, count)
   return PoolResult(name, [dict(m) for m in members], scores.sizes, scores.teams, scores.focal,
                     scores.whole, val_acc, test_acc, member_val, member_test, full_val, full_test,
@@ -139,8 +134,8 @@ def _record(pool: PoolResult, team: Sequence[int], val: Sequence[float], test: S
   cost_members, cost_macs = pool.team_cost(team)
   record = {'pool': pool.name, **extra, 'size': len(team), 'members': [int(i) for i in team],
             'member_info': [_member_brief(pool.members[i]) for i in team]}
-  record['focal'] = None if focal is None else dict(zip(METRICS, map(float, focal)))
-  record['diversity'] = None if whole is None else dict(zip(METRICS, map(float, whole)))
+  record['focal'] = None if focal is None else dict(zip(DIVERSITIES, map(float, focal)))
+  record['diversity'] = None if whole is None else dict(zip(DIVERSITIES, map(float, whole)))
   for split, acc in (('val', val), ('test', test)):
     for v, a in zip(VOTES, acc):
       record[f'{split}_accuracy_{v}'] = float(a)
@@ -162,13 +157,13 @@ def pool_records(pool: PoolResult) -> list[dict[str, Any]]:
       _record(pool, [single], [pool.member_val_accuracy[single]] * 2,
               [pool.member_test_accuracy[single]] * 2, None, None, selection='best_single'),
   ]
-  for (metric, beta), result in pool.hq.items():
+  for (diversity, beta), result in pool.hq.items():
     for i, (s, c) in enumerate(zip(result.sizes, result.chosen)):
       if c < 0:
         continue
       records.append(_record(
           pool, pool.teams[i][c], pool.val_accuracy[i][c], pool.test_accuracy[i][c],
-          pool.focal[i][c], pool.whole[i][c], selection='hq', diversity_metric=metric,
+          pool.focal[i][c], pool.whole[i][c], selection='hq', diversity_metric=diversity,
           beta=beta, overall=(s == result.best_size and c == result.best_index)))
   return records
 
@@ -225,7 +220,7 @@ def _save(fig: Any, path: str) -> str:
 def plot_accuracy_vs_cost(pools: Sequence[PoolResult], path: str) -> str:
   """Test accuracy vs cost of every team per pool; HQ overall picks and baselines highlighted."""
   fig, axes = _figure(1, len(pools), 5.0, 4.0)
-  colours = dict(zip(METRICS, ('tab:blue', 'tab:orange', 'tab:green', 'tab:red')))
+  colours = dict(zip(DIVERSITIES, ('tab:blue', 'tab:orange', 'tab:green', 'tab:red')))
   markers = ('o', 's', 'D', '^', 'v', 'P')
   for ax, pool in zip(axes[0], pools):
     col = VOTES.index(pool.vote)
@@ -234,14 +229,14 @@ def plot_accuracy_vs_cost(pools: Sequence[PoolResult], path: str) -> str:
     ys = np.concatenate([a[:, col] for a in pool.test_accuracy])
     ax.scatter(xs, ys, s=3, c='0.75', rasterized=True, label='all teams')
     betas = sorted({b for _, b in pool.hq})
-    for (metric, beta), result in pool.hq.items():
+    for (diversity, beta), result in pool.hq.items():
       if result.best_index < 0:
         continue
       i = pool.sizes.index(result.best_size)
       team = pool.teams[i][result.best_index]
       ax.scatter(pool.costs(team[None, :]), [pool.test_accuracy[i][result.best_index, col]],
-                 s=60, c=colours[metric], marker=markers[betas.index(beta) % len(markers)],
-                 edgecolors='k', zorder=3, label=f'HQ {metric} β={beta}')
+                 s=60, c=colours[diversity], marker=markers[betas.index(beta) % len(markers)],
+                 edgecolors='k', zorder=3, label=f'HQ {diversity} β={beta}')
     ax.axhline(pool.full_test_accuracy[col], color='k', ls='--', lw=1, label='all M members')
     ax.axhline(pool.member_test_accuracy[best_single(pool)], color='k', ls=':', lw=1, label='best single (val)')
     ax.set_xlabel('cost (MACs share)' if use_macs else 'cost (members / M)')
@@ -253,16 +248,16 @@ def plot_accuracy_vs_cost(pools: Sequence[PoolResult], path: str) -> str:
 
 
 def plot_focal_vs_accuracy(pools: Sequence[PoolResult], path: str) -> str:
-  """Focal score vs test accuracy of every team: rows pools, columns focal metrics, colour = team size."""
-  fig, axes = _figure(len(pools), len(METRICS), 3.6, 3.2)
+  """Focal score vs test accuracy of every team: rows pools, columns diversity measures, colour = team size."""
+  fig, axes = _figure(len(pools), len(DIVERSITIES), 3.6, 3.2)
   for row, pool in zip(axes, pools):
     col = VOTES.index(pool.vote)
     sizes = np.concatenate([np.full(len(t), t.shape[1]) for t in pool.teams])
     acc = np.concatenate([a[:, col] for a in pool.test_accuracy])
-    for j, (ax, metric) in enumerate(zip(row, METRICS)):
+    for j, (ax, diversity) in enumerate(zip(row, DIVERSITIES)):
       focal = np.concatenate([f[:, j] for f in pool.focal])
       points = ax.scatter(focal, acc, s=3, c=sizes, cmap='viridis', rasterized=True)
-      ax.set_title(f'{pool.name}: focal {metric}', fontsize=9)
+      ax.set_title(f'{pool.name}: focal {diversity}', fontsize=9)
       ax.set_xlabel('focal score (lower = more diverse)', fontsize=8)
       ax.set_ylabel('test accuracy', fontsize=8)
     fig.colorbar(points, ax=row[-1], label='team size', ticks=pool.sizes)
@@ -281,3 +276,63 @@ def write_report(pools: Sequence[PoolResult], out_dir: str | os.PathLike[str]) -
   plot_accuracy_vs_cost(pools, paths[2])
   plot_focal_vs_accuracy(pools, paths[3])
   return paths
+
+
+def pool_summary(pool: PoolResult) -> dict[str, Any]:
+  """summary.json entry of one pool: test accuracies (selection voting) of the baselines, each HQ
+  overall pick, the one of them with the best validation accuracy, the correlation of focal score and
+  test accuracy over all teams, and, in hindsight only, the best team by test accuracy."""
+  col = VOTES.index(pool.vote)
+  full = float(pool.full_test_accuracy[col])
+  single = best_single(pool)
+  single_acc = float(pool.member_test_accuracy[single])
+  picks = []
+  for (diversity, beta), result in pool.hq.items():
+    if result.best_index < 0:
+      continue
+    i = pool.sizes.index(result.best_size)
+    team = pool.teams[i][result.best_index]
+    test = float(pool.test_accuracy[i][result.best_index, col])
+    cost_members, cost_macs = pool.team_cost(team)
+    picks.append({'diversity_metric': diversity, 'beta': beta, 'members': team.tolist(), 'size': int(len(team)),
+                  'val_accuracy': float(pool.val_accuracy[i][result.best_index, col]), 'test_accuracy': test,
+                  'cost_members': cost_members, 'cost_macs': cost_macs,
+                  'delta_vs_full': test - full, 'delta_vs_best_single': test - single_acc})
+  flat = [(float(a[k, col]), i, k) for i, a in enumerate(pool.test_accuracy) for k in range(len(a))]
+  best_acc, i, k = max(flat, key=lambda x: (x[0], -x[1]))
+  # One answer chosen on validation only: the HQ pick with the best validation accuracy (ties: smaller team).
+  chosen = max(picks, key=lambda p: (p['val_accuracy'], -p['size']), default=None)
+  acc = np.concatenate([a[:, col] for a in pool.test_accuracy])
+  focal = np.concatenate(pool.focal)
+  correlation = {d: float(np.corrcoef(focal[:, j], acc)[0, 1]) if focal[:, j].std() > 0 and acc.std() > 0 else None
+                 for j, d in enumerate(DIVERSITIES)}
+  return {'pool': pool.name, 'members': pool.num_members, 'vote': pool.vote, 'full_test_accuracy': full,
+          'best_single': {'member': single, 'val_accuracy': float(pool.member_val_accuracy[single]),
+                          'test_accuracy': single_acc},
+          'best_member_test_accuracy_hindsight': float(pool.member_test_accuracy.max()),
+          'hq_picks': picks, 'val_selected_pick': chosen, 'focal_test_accuracy_correlation': correlation,
+          'hq_picks_above_full': sum(p['delta_vs_full'] > 0 for p in picks),
+          'hq_picks_above_best_single': sum(p['delta_vs_best_single'] > 0 for p in picks),
+          'best_team_by_test_hindsight': {'members': pool.teams[i][k].tolist(), 'test_accuracy': best_acc,
+                                          'beats_full': best_acc > full}}
+
+
+def describe(summary: Mapping[str, Any]) -> str:
+  """Lines per pool: does the validation-selected sub-ensemble beat the full pool / the best single member?"""
+  s, pick = summary, summary['val_selected_pick']
+  lines = [f'{s["pool"]} (M={s["members"]}, {s["vote"]} voting): full pool {100 * s["full_test_accuracy"]:.2f}%, '
+           f'best single by val {100 * s["best_single"]["test_accuracy"]:.2f}% test']
+  if pick is not None:
+    macs = 'n/a' if pick['cost_macs'] is None else f'{pick["cost_macs"]:.3f}'
+    lines.append(f'  HQ pick with the best val accuracy: {pick["diversity_metric"]} beta={pick["beta"]} '
+                 f'(size {pick["size"]}, MACs share {macs}): '
+                 f'{100 * pick["test_accuracy"]:.2f}% test, {100 * pick["delta_vs_full"]:+.2f} pp vs full, '
+                 f'{100 * pick["delta_vs_best_single"]:+.2f} pp vs best single; HQ picks above the full pool: '
+                 f'{s["hq_picks_above_full"]}/{len(s["hq_picks"])}, above the best single: '
+                 f'{s["hq_picks_above_best_single"]}/{len(s["hq_picks"])}')
+  h = s['best_team_by_test_hindsight']
+  lines.append('  Pearson r of focal score and test accuracy over all teams: ' + ', '.join(
+      f'{d} {"n/a" if r is None else f"{r:+.2f}"}' for d, r in s['focal_test_accuracy_correlation'].items()))
+  lines.append(f'  hindsight (test-chosen, not a selection): best team of size <= S {100 * h["test_accuracy"]:.2f}%'
+               f' ({"above" if h["beats_full"] else "not above"} the full pool)')
+  return '\n'.join(lines)

@@ -39,7 +39,7 @@ import numpy as np
 
 from dropnet_jax.loop import state as state_lib
 # Trial, Outcome and the checkpoint format live in `state`; importable from here as before.
-from dropnet_jax.loop.state import CHECKPOINT_VERSION, Outcome, Position, Trial, stack, stamp_differences  # noqa: F401
+from dropnet_jax.loop.state import CHECKPOINT_VERSION, Outcome, Position, Trial, stack  # noqa: F401
 from dropnet_jax.models.layers import StatSums
 from dropnet_jax.training import trainer as train_lib
 from dropnet_jax.training.trainer import DeviceData, FitState

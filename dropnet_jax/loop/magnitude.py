@@ -45,6 +45,7 @@ from dropnet_jax.models.layers import full_masks, zero_sums
 from dropnet_jax.models import init_params
 from dropnet_jax.training.trainer import split_theta
 from dropnet_jax.pruning.weight_masks import init_weight_mask, mask_fingerprint, sparsity_report
+from dropnet_jax.settings import setting
 
 METHODS = ('oneshot', 'iterative', 'lottery', 'lottery_reinit')
 _EPS = 1e-9
@@ -52,16 +53,26 @@ _EPS = 1e-9
 
 @dataclasses.dataclass(frozen=True)
 class MagnitudeConfig:
-  methods: tuple[str, ...] = ('oneshot', 'iterative', 'lottery', 'lottery_reinit')
-  criterion: str = 'global_l1'
-  sparsities: tuple[float, ...] = (0.5, 0.75, 0.9)
-  prune_fraction: float = 0.2  # q of lottery: fraction of the remaining weights per round
-  iterative_fraction: float = 0.11  # q of iterative fine-tuning (the source report's 11 % per round)
-  finetune_epochs: int = 20  # one-shot's fine-tuning
-  round_epochs: int = 5  # iterative: per round
-  final_epochs: int = 100  # iterative: after reaching the target
-  biases: bool = False  # prunable leaves besides the Dense/Conv kernels
-  output_layer: bool = True
+  """Weight magnitude pruning's settings: which methods, criterion and target sparsities, and how
+  long each method trains."""
+  methods: tuple[str, ...] = setting(('oneshot', 'iterative', 'lottery', 'lottery_reinit'),
+                                     'Methods: oneshot, iterative (fine-tuning rounds), lottery (θ0 rewind), '
+                                     'lottery_reinit (its control).', flag='methods')
+  criterion: str = setting('global_l1', 'Which weights go: smallest |w| over all layers (torch global_unstructured '
+                           'L1) or per layer, or random.', flag='criterion',
+                           choices=('global_l1', 'layer_l1', 'global_random', 'layer_random'))
+  sparsities: tuple[float, ...] = setting((0.5, 0.75, 0.9), 'Target sparsities of the prunable weights.',
+                                          flag='sparsities')
+  prune_fraction: float = setting(0.2, 'lottery: fraction q of the remaining weights pruned per round.',
+                                  flag='prune_fraction')
+  iterative_fraction: float = setting(0.11, "iterative: fraction of the remaining weights pruned per round (the "
+                                      "source report's 11 %).", flag='iterative_fraction')
+  finetune_epochs: int = setting(20, 'oneshot: epochs of fine-tuning after the prune.', flag='finetune_epochs')
+  round_epochs: int = setting(5, 'iterative: epochs of fine-tuning per round.', flag='round_epochs')
+  final_epochs: int = setting(100, 'iterative: epochs of training once the target is reached.', flag='final_epochs')
+  biases: bool = setting(False, 'Biases are prunable too (default: Dense and Conv kernels only).',
+                         flag='prune_biases')
+  output_layer: bool = setting(True, 'The output layer\'s kernel is prunable.')
   train: TrainConfig = TrainConfig()
 
   def validate(self) -> None:
@@ -72,6 +83,10 @@ class MagnitudeConfig:
     criteria.get(self.criterion, 'weight')
     if not self.sparsities or any(not (0 < s < 1) for s in self.sparsities):
       raise ValueError(f'sparsities must be in (0, 1), got {self.sparsities}')
+    if len(set(self.sparsities)) != len(self.sparsities):
+      raise ValueError(f'sparsities: duplicates in {self.sparsities} (each target is one trial)')
+    if len(set(self.methods)) != len(self.methods):
+      raise ValueError(f'methods: duplicates in {self.methods}')
     for name in ('prune_fraction', 'iterative_fraction'):
       if not 0 < getattr(self, name) < 1:
         raise ValueError(f'{name} must be in (0, 1), got {getattr(self, name)}')

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dropnet_jax import settings
 from dropnet_jax.models.layers import StatSums
 from dropnet_jax.runs.checkpoint import CheckpointError
 from dropnet_jax.training.trainer import FitState
@@ -92,7 +93,7 @@ def restore(checkpointer, method, runner, lane_count: int, trials: list[Trial],
         (t.seed, t.metric) for t in trials]:
       raise CheckpointError(f'{checkpointer.directory} holds a checkpoint of another experiment '
                             '(other seeds, metrics or format); use another output directory')
-    differences = stamp_differences(meta.get('stamp'), stamp)
+    differences = settings.differences(meta.get('stamp'), stamp)
     if differences:
       raise CheckpointError(f'{checkpointer.directory} holds a checkpoint made with other settings or data '
                             f'({"; ".join(differences)}); use another output directory or the same settings')
@@ -122,14 +123,6 @@ def restore(checkpointer, method, runner, lane_count: int, trials: list[Trial],
     pos.fit = _wrap_key(unflatten(_key_data(_fit_template(method, runner, lane_count)), arrays['fit']))
     pos.fit_meta = meta['fit']
   return pos
-
-
-def stamp_differences(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:
-  """'key: saved X, now Y' for every setting in which two stamps differ (none when either is absent)."""
-  if saved is None or current is None:
-    return []
-  return [f'{k}: saved {saved.get(k)!r}, now {current.get(k)!r}' for k in sorted(set(saved) | set(current))
-          if saved.get(k) != current.get(k)]
 
 
 def _templates(method, runner, lane_count: int, meta: dict[str, Any]) -> dict[str, Any]:

@@ -158,3 +158,49 @@ def run_side_by_side(study: RunDir, runs: dict[str, Setup], label: Callable[[str
     if study.writes:
       reporting.save_figures(combined, study.path, title=title)
   return combined
+
+
+def random_init_baseline(setup: Setup, records: list[dict[str, Any]], done: list[dict[str, Any]],
+                         on_record: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+  """Every record's mask retrained from a fresh random init (`loop.dropnet.retrain_from_random_init`),
+  after the `done` ones of an earlier invocation; `on_record` gets all of them after each one."""
+  from dropnet_jax.loop.dropnet import retrain_from_random_init
+  reinit = list(done)
+  finished = {(r['seed'], r['metric'], r['cycle']) for r in reinit}
+  trainer = Trainer(setup.model, setup.config.dropnet.train)
+  for record in records:
+    if (record['seed'], f'{record["metric"]}_randominit', record['cycle']) in finished:
+      continue  # resumed: already retrained
+    reinit.append(retrain_from_random_init(trainer, setup.model, setup.dataset.image_shape, setup.data, record,
+                                           setup.config.dropnet))
+    on_record(reinit)
+    r = reinit[-1]
+    logging.info('randominit seed %d %s cycle %d fraction %.3f test_acc %.4f (θ0: %.4f)', r['seed'], r['metric'],
+                 r['cycle'], r['fraction_remaining'], r['test_accuracy'], record['test_accuracy'])
+  return reinit
+
+
+def run_config(config: ExperimentConfig, out: str) -> list[dict[str, Any]]:
+  """`prepare` and `run` in one call (the public `dropnet_jax.run`): DropNet for every seed x metric
+  of `config` into the run directory `out` (resumed when it holds the same run)."""
+  return run(prepare(config, out))
+
+
+def load_results(run_dir: str) -> list[dict[str, Any]]:
+  """A run's records (its results.jsonl), in the order they were made."""
+  import os
+  path = os.path.join(run_dir, 'results.jsonl')
+  if not os.path.isfile(path):
+    raise ValueError(f'{run_dir}: no results.jsonl')
+  return reporting.read_jsonl(path)
+
+
+def load_config(run_dir: str, default: Any = None) -> Any:
+  """A run's configuration from its config.json (`default`: the config class's defaults, for runs
+  of other kinds), e.g. to rerun it or vary one setting with `dataclasses.replace`."""
+  import json
+  import os
+  from dropnet_jax import settings
+  with open(os.path.join(run_dir, 'config.json')) as f:
+    data = json.load(f)
+  return settings.from_dict(default if default is not None else ExperimentConfig(), data['config'])

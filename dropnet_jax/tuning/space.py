@@ -13,8 +13,10 @@ import json
 import math
 from typing import Any
 
+from dropnet_jax import settings
 from dropnet_jax.pruning import criteria
 from dropnet_jax.config import AUGMENTATIONS, DropNetConfig, TrainConfig
+from dropnet_jax.settings import setting
 from dropnet_jax.training.optim import DEFAULT_MOMENTUM, OPTIMIZERS, SCHEDULES
 
 DYNAMIC = ('lr', 'momentum', 'weight_decay')  # per-lane values; everything else is static
@@ -26,39 +28,75 @@ _SCHEDULES_WITH_FLOOR = ('cosine', 'linear', 'cyclic', 'warmup_cosine')
 
 # -- the search space -----------------------------------------------------------------------------
 
+_RANGES = ('lr', 'momentum', 'weight_decay', 'min_lr_factor', 'step_epochs', 'gamma', 'cyclic_half_epochs',
+           'warmup_epochs', 'fractions')
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-  """What a study searches. Ranges are (low, high); a None range or one choice is not searched."""
-  optimizers: tuple[str, ...] = ('sgd', 'momentum', 'adam')
-  lr: tuple[float, float] | None = (1e-5, 1e-1)  # log scale
-  momentum: tuple[float, float] | None = (0.5, 0.99)  # for 'momentum' and 'rmsprop'
-  weight_decay: tuple[float, float] | None = None  # log scale; None: the base config's
-  batch_sizes: tuple[int, ...] = (64, 128, 256)
-  schedules: tuple[str, ...] = ('constant', 'cosine', 'step')
-  min_lr_factor: tuple[float, float] | None = (0.0, 0.1)  # cosine/linear/cyclic/warmup_cosine floor
-  step_epochs: tuple[int, int] | None = (2, 10)  # step
-  gamma: tuple[float, float] | None = (0.1, 0.5)  # step, log scale
-  cyclic_half_epochs: tuple[int, int] | None = (1, 4)  # cyclic
-  warmup_epochs: tuple[int, int] | None = (1, 3)  # warmup_cosine (capped below max_epochs)
-  augments: tuple[str, ...] = ('none',)
-  fractions: tuple[float, float] | None = None  # DropNet p (objective 'dropnet')
-  metrics: tuple[str, ...] | None = None  # DropNet criteria (objective 'dropnet')
+  """What a study searches: settings (`dropnet_jax.settings`), so each is a `--tune_<name>` flag, a
+  `--config.space.<name>` and a field of a `--space=<file.json>`. Ranges are [low, high]; an empty or
+  None range, or one choice, is not searched (its value is fixed)."""
+  optimizers: tuple[str, ...] = setting(('sgd', 'momentum', 'adam'), 'Optimisers searched.', flag='tune_optimizers')
+  lr: tuple[float, ...] | None = setting((1e-5, 1e-1), 'Learning-rate range (log).', flag='tune_lr')
+  momentum: tuple[float, ...] | None = setting((0.5, 0.99), 'Momentum range (momentum, rmsprop); empty: not '
+                                               'searched.', flag='tune_momentum')
+  weight_decay: tuple[float, ...] | None = setting(None, 'Weight-decay range (log), e.g. 1e-6,1e-2; empty: '
+                                                   '--weight_decay.', flag='tune_weight_decay')
+  batch_sizes: tuple[int, ...] = setting((64, 128, 256), 'Batch sizes searched.', flag='tune_batch_sizes')
+  schedules: tuple[str, ...] = setting(('constant', 'cosine', 'step'), 'Schedules searched (constant, cosine, '
+                                       'linear, step, cyclic, warmup_cosine).', flag='tune_schedules')
+  min_lr_factor: tuple[float, ...] | None = setting((0.0, 0.1), 'cosine/linear/cyclic/warmup_cosine floor range.',
+                                                    flag='tune_min_lr_factor')
+  step_epochs: tuple[int, ...] | None = setting((2, 10), 'step: epochs between drops (integers).',
+                                                flag='tune_step_epochs')
+  gamma: tuple[float, ...] | None = setting((0.1, 0.5), 'step: drop factor range (log).', flag='tune_gamma')
+  cyclic_half_epochs: tuple[int, ...] | None = setting((1, 4), 'cyclic: half-cycle range in epochs (integers).',
+                                                       flag='tune_cyclic_half_epochs')
+  warmup_epochs: tuple[int, ...] | None = setting((1, 3), 'warmup_cosine: warmup range in epochs (integers; capped '
+                                                  'below max_epochs).', flag='tune_warmup_epochs')
+  augments: tuple[str, ...] = setting(('none',), 'Augmentations searched (none, flip, crop, crop,flip as '
+                                      'crop+flip).', flag='tune_augments')
+  fractions: tuple[float, ...] | None = setting((0.1, 0.5), 'dropnet objective: range of p.', flag='tune_fractions')
+  metrics: tuple[str, ...] | None = setting(('min', 'min_layer'), 'dropnet objective: criteria searched.',
+                                            flag='tune_metrics')
+
+  def __post_init__(self):
+    # Lists (from JSON) as tuples, an empty range as None (not searched), crop+flip as crop,flip.
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, list):
+        value = tuple(value)
+      if f.name in _RANGES and value == ():
+        value = None
+      if f.name == 'augments' and isinstance(value, tuple):
+        value = tuple(v.replace('+', ',') if isinstance(v, str) else v for v in value)
+      object.__setattr__(self, f.name, value)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'SearchSpace':
+  def from_dict(cls, d: dict[str, Any], where: str = 'search space') -> 'SearchSpace':
+    """The fields `d` gives (JSON: ranges as [low, high]) over the defaults; ValueError names the field."""
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    unknown = sorted(set(d) - names) if isinstance(d, dict) else []
     if unknown:
-      raise ValueError(f'search space: unknown fields {unknown}; known: {sorted(names)}')
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
+      raise ValueError(f'{where}: unknown fields {unknown}; known: {sorted(names)}')
+    return settings.from_dict(cls(), d, where).validate()
 
   @classmethod
   def load(cls, path: str) -> 'SearchSpace':
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
+    try:
+      with open(path) as f:
+        d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f'--space={path}: not readable JSON ({e})') from None
+    return cls.from_dict(d, f'--space={path}')
 
   def to_dict(self) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    return settings.to_dict(self)
+
+  def without_dropnet(self) -> 'SearchSpace':
+    """This space for the 'train' objective: DropNet's p and criterion are not searched."""
+    return dataclasses.replace(self, fractions=None, metrics=None)
 
   def validate(self) -> 'SearchSpace':
     """Raises ValueError naming the field; returns self."""
@@ -66,6 +104,10 @@ class SearchSpace:
       choices = getattr(self, name)
       if not choices or any(c not in known for c in choices):
         raise ValueError(f'{name}: {list(choices)} must be a non-empty subset of {list(known)}')
+    for name in ('optimizers', 'schedules', 'augments', 'batch_sizes', 'metrics'):
+      choices = getattr(self, name) or ()
+      if len(set(choices)) != len(choices):
+        raise ValueError(f'{name}: duplicates in {list(choices)}')
     if not self.batch_sizes or any(int(b) != b or b < 1 for b in self.batch_sizes):
       raise ValueError(f'batch_sizes: positive integers, got {list(self.batch_sizes)}')
     for name, low, high, log in (('lr', 0, None, True), ('momentum', 0, 1, False), ('weight_decay', 0, None, True),

@@ -1,0 +1,94 @@
+"""A weight magnitude pruning run as one library call: `MagnitudeRunConfig` and a directory in,
+records, the report's table and the figure out.
+
+Every method (one-shot, iterative fine-tuning, lottery tickets and their re-init control) runs in the
+one loop at weight granularity (`loop.magnitude`), all methods x targets x seeds as lanes of one group,
+resumable like DropNet. The run directory gets config.json, results.jsonl/.csv (one record per trial
+and cycle), table.md (method x target sparsity -> test-accuracy drop against the dense network),
+test_accuracy_vs_weights.png and, with save_params, the trained params (pruned weights exactly 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from dropnet_jax.config import DataConfig, ModelConfig, OutputConfig
+from dropnet_jax.input_pipeline import dataset_fingerprint, load_dataset
+from dropnet_jax.loop import magnitude
+from dropnet_jax.models import create_model
+from dropnet_jax.runs import reporting
+from dropnet_jax.runs.run_dir import RunDir
+from dropnet_jax.settings import setting
+from dropnet_jax.training.trainer import DeviceData, Trainer, steps_per_epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudeRunConfig:
+  """`experiments.magnitude`: weight pruning methods side by side on one model and dataset."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  seeds: int = setting(1, 'Number of seeds, run as 0..N-1.', flag='seeds')
+  magnitude: magnitude.MagnitudeConfig = magnitude.MagnitudeConfig()
+  dropnet_run: str | None = setting(None, 'A DropNet run directory whose min/min_layer records join the figure '
+                                    '(placed by the weights of their compact networks).', flag='dropnet_run',
+                                    result=False)
+  output: OutputConfig = OutputConfig(save_params='last')
+
+  def validate(self) -> None:
+    if self.seeds < 1:
+      raise ValueError(f'seeds must be >= 1, got {self.seeds}')
+    self.magnitude.validate()
+    self.output.validate()
+    if self.dropnet_run and not os.path.isfile(os.path.join(self.dropnet_run, 'results.jsonl')):
+      raise ValueError(f'--dropnet_run: no results.jsonl in {self.dropnet_run}')
+
+
+@dataclasses.dataclass
+class Setup:
+  config: MagnitudeRunConfig
+  model: Any
+  dataset: Any
+  run_dir: RunDir
+  trainer: Trainer
+
+
+def prepare(config: MagnitudeRunConfig, out: str) -> Setup:
+  """Every check before any work, then the data; ValueError names the problem."""
+  config.validate()
+  create_model(config.model.name, config.model.widths, 10, config.model.width_multiplier)  # before the data
+  run_dir = RunDir(out, 'magnitude', config, inputs=[config.dropnet_run] if config.dropnet_run else [])
+  run_dir.check()
+  d = config.data
+  dataset = load_dataset(d.dataset, d.data_dir, split_seed=d.split_seed)
+  run_dir.data_fingerprint = dataset_fingerprint(dataset)
+  run_dir.check()
+  model = create_model(config.model.name, config.model.widths, dataset.num_classes, config.model.width_multiplier)
+  train = config.magnitude.train
+  trainer = Trainer(model, train, weight_masks=True,
+                    steps_per_epoch=steps_per_epoch(len(dataset.train_labels), train.batch_size))
+  return Setup(config, model, dataset, run_dir, trainer)
+
+
+def run(setup: Setup) -> tuple[list[dict[str, Any]], str]:
+  """Runs (or resumes) every method into the run directory; returns (records, the table)."""
+  config, run_dir, d = setup.config, setup.run_dir, setup.dataset
+  spec = {'model': config.model.name, 'widths': list(setup.model.widths), 'num_classes': d.num_classes,
+          'image_shape': list(d.image_shape)}
+  mode = 'none' if config.output.save_params == 'none' else ('all' if config.output.save_params == 'all' else 'last')
+  with run_dir.open(config.output.max_checkpoints):
+    io = run_dir.io(checkpoint_every_epochs=config.output.checkpoint_every_epochs,
+                    params_store=run_dir.params_store(mode, spec), log=lambda line: print(line, flush=True),
+                    log_epochs=config.output.verbose)
+    records = magnitude.run(setup.model, d.image_shape, setup.trainer.replicate(DeviceData.from_dataset(d)),
+                            list(range(config.seeds)), config.magnitude, setup.trainer, io=io)
+    table = magnitude.sparsity_table(records, sorted(config.magnitude.sparsities), config.magnitude.methods)
+    run_dir.write_text('table.md', table + '\n')
+    dropnet_records = (reporting.read_jsonl(os.path.join(config.dropnet_run, 'results.jsonl'))
+                       if config.dropnet_run else [])
+    title = f'{config.model.name} {list(setup.model.widths)} on {config.data.dataset}'
+    reporting.save_figure(magnitude.figure_records(records, dropnet_records), run_dir.file('test_accuracy_vs_weights.png'),
+                          ('test_accuracy',), title=f'weight pruning: {title} ({config.magnitude.criterion})',
+                          xlabel='fraction of weights remaining')
+  return records, table

@@ -1,0 +1,236 @@
+"""Learning-rate schedules compared (`experiments.schedules`) as one library call.
+
+One model is trained with each schedule for `max_epochs` epochs. Every schedule starts from the same
+θ0 and sees the same shuffles (`seed`), so the schedule is the only difference; training runs all
+epochs unless `early_stop`. The schedules' parameters are the optimiser's settings (min_lr_factor,
+step_epochs, gamma, cyclic_half_epochs, warmup_epochs, warmup_start_factor, schedule_epochs).
+
+`prepare(config, out)` checks everything before any work (the settings, the model, the run directory,
+then the data and every schedule's length in steps); `run(setup)` trains the schedules into the
+directory: config.json, schedules.json (per schedule: its settings and stamp, per-epoch curves, final
+accuracies), schedules.md (the table) and schedules.png (learning rate, training and validation
+accuracy per epoch). A rerun with the same settings skips the schedules already in schedules.json;
+the run directory's stamp (kind, every result-changing setting, the data's fingerprint) refuses a
+directory made with another model, other data or other training settings before anything is trained
+or rewritten. The list of schedules is not stamped: a rerun may add schedules to the same directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+from absl import logging
+
+from dropnet_jax.config import DataConfig, ModelConfig, TrainConfig
+from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, load_dataset
+from dropnet_jax.models import create_model
+from dropnet_jax.runs import reporting
+from dropnet_jax.runs.run_dir import CONFIG_FILE, RunDir
+from dropnet_jax.settings import setting, to_dict
+from dropnet_jax.training import optim
+from dropnet_jax.training.optim import SCHEDULES
+from dropnet_jax.training.trainer import DeviceData, steps_per_epoch
+
+RESULTS = 'schedules.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulesConfig:
+  """One model trained with each of `schedules` (the optimiser's schedule replaced, all else shared)."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig(max_epochs=50)
+  schedules: tuple[str, ...] = setting(SCHEDULES, 'Schedules to compare.', flag='schedules', result=False,
+                                       choices=SCHEDULES)
+  seed: int = setting(0, 'θ0 and shuffle order shared by every schedule.', flag='seed')
+  early_stop: bool = setting(False, 'Stop on --patience epochs without a lower validation loss (default: train all '
+                             '--max_epochs epochs).', flag='early_stop')
+  train_subset: int | None = setting(None, 'Use only this many training examples (a seeded random subset).',
+                                     flag='train_subset')
+
+  def validate(self) -> None:
+    """Raises ValueError naming the offending setting; reads no data."""
+    if not self.schedules:
+      raise ValueError(f'schedules: give at least one of {", ".join(SCHEDULES)}')
+    unknown = [s for s in self.schedules if s not in SCHEDULES]
+    if unknown:
+      raise ValueError(f'schedules: unknown {unknown}; choose from {", ".join(SCHEDULES)}')
+    if len(set(self.schedules)) != len(self.schedules):
+      raise ValueError(f'schedules: duplicates in {list(self.schedules)}')
+    if self.seed < 0:
+      raise ValueError(f'seed must be >= 0, got {self.seed}')
+    if self.train_subset is not None and self.train_subset < 1:
+      raise ValueError(f'train_subset must be a positive number of examples, got {self.train_subset}')
+    if self.data.data_dir is not None and not os.path.isdir(self.data.data_dir):
+      raise ValueError(f'data_dir: {self.data.data_dir} is not a directory')
+    self.train.validate()
+    for name in self.schedules:
+      self.schedule_config(name).validate()
+
+  def schedule_config(self, name: str) -> TrainConfig:
+    """The training settings of one schedule: `train` with its schedule (and without early stopping
+    unless `early_stop`)."""
+    config = dataclasses.replace(self.train, optim=dataclasses.replace(self.train.optim, schedule=name))
+    return config if self.early_stop else dataclasses.replace(config, patience=config.max_epochs)
+
+
+@dataclasses.dataclass
+class Setup:
+  """A checked schedules run: its config, model, data (the training subset taken) and directory."""
+  config: SchedulesConfig
+  model: Any
+  dataset: Dataset
+  run_dir: RunDir
+
+  def title(self) -> str:
+    return f'{self.config.model.name} {list(self.model.widths)} on {self.config.data.dataset}'
+
+
+def subset_train(dataset: Dataset, n: int | None) -> Dataset:
+  """The first n of a seeded permutation of the training split (validation and test unchanged)."""
+  if n is None or n >= len(dataset.train_labels):
+    return dataset
+  idx = np.sort(np.random.default_rng(0).permutation(len(dataset.train_labels))[:n])
+  return dataclasses.replace(dataset, train_images=dataset.train_images[idx], train_labels=dataset.train_labels[idx])
+
+
+def prepare(config: SchedulesConfig, out: str) -> Setup:
+  """Checks everything, then loads the data; raises ValueError (input_pipeline.DataError) naming the
+  problem before anything is trained or written."""
+  config.validate()
+  m = config.model
+  create_model(m.name, m.widths, 10, m.width_multiplier)  # the model and widths, before any data is read
+  run_dir = RunDir(out, 'schedules', config)
+  run_dir.check()
+  if os.path.exists(run_dir.file(RESULTS)) and not os.path.exists(run_dir.file(CONFIG_FILE)):
+    raise ValueError(f'{out} has {RESULTS} but no {CONFIG_FILE} (made by an older version or another run); '
+                     'use another --out')
+  d = config.data
+  dataset = subset_train(load_dataset(d.dataset, d.data_dir, split_seed=d.split_seed), config.train_subset)
+  run_dir.data_fingerprint = dataset_fingerprint(dataset)  # what is trained on, wherever it was read from
+  run_dir.check()
+  steps = steps_per_epoch(len(dataset.train_labels), config.train.batch_size)
+  for name in config.schedules:  # every schedule's lengths in steps, before the first is trained
+    train = config.schedule_config(name)
+    optim.schedule_steps(train.optim, steps, train.max_epochs)
+  return Setup(config, create_model(m.name, m.widths, dataset.num_classes, m.width_multiplier), dataset, run_dir)
+
+
+def run(setup: Setup, log: Callable[[str], None] = logging.info) -> dict[str, dict[str, Any]]:
+  """Trains each schedule (skipping those already in schedules.json with the same settings) and writes
+  the json, the table and the figure; returns the results of `config.schedules`, in order."""
+  config, run_dir, dataset = setup.config, setup.run_dir, setup.dataset
+  run_dir.check()
+  data = DeviceData.from_dataset(dataset)
+  results = {}
+  with run_dir.open():
+    saved = _saved(run_dir)
+    for name in config.schedules:
+      train = config.schedule_config(name)
+      settings = json.loads(json.dumps({'config': to_dict(train), 'seed': config.seed,
+                                        'train': int(len(dataset.train_labels)), 'stamp': run_dir.stamp}))
+      if name in saved and saved[name].get('settings') == settings:
+        results[name] = saved[name]
+        log(f'{name}: already done')
+        continue
+      r = train_schedule(setup.model, dataset.image_shape, data, train, config.seed)
+      results[name] = {'settings': settings, **r}
+      log(f'{name}: {r["epochs"]} epochs in {r["seconds"]:.1f}s, last val {r["last"]["val"]:.4f} '
+          f'test {r["last"]["test"]:.4f}')
+      run_dir.write_text(RESULTS, json.dumps({**saved, **results}, indent=1))
+    run_dir.write_text('schedules.md', table(results))
+    figure(results, run_dir.file('schedules.png'), title=setup.title())
+  return results
+
+
+def _saved(run_dir: RunDir) -> dict[str, Any]:
+  """The entries of schedules.json made with this run's stamp (the directory's check has compared
+  config.json; an entry with another stamp is dropped, never shown as this run's)."""
+  path = run_dir.file(RESULTS)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {}
+  stamp = json.loads(json.dumps(run_dir.stamp))
+  return {k: v for k, v in saved.items() if isinstance(v, dict) and v.get('settings', {}).get('stamp') == stamp}
+
+
+def train_schedule(model, image_shape, data: DeviceData, config: TrainConfig, seed: int = 0) -> dict[str, Any]:
+  """Trains `config` from seed's θ0 and returns per-epoch curves and the final accuracies."""
+  from dropnet_jax.loop.dropnet import SeedKeys
+  from dropnet_jax.models import init_params
+  from dropnet_jax.models.layers import full_masks
+  from dropnet_jax.training.trainer import Trainer, fit
+
+  steps = steps_per_epoch(int(data.train_labels.shape[0]), config.batch_size)
+  trainer = Trainer(model, config, steps_per_epoch=steps)
+  schedule = optim.make_schedule(config.optim, steps, config.max_epochs)
+  keys, masks = SeedKeys.for_seed(seed), full_masks(model)
+  curves: dict[str, list] = {k: [] for k in ('epoch', 'lr', 'train_accuracy', 'train_loss', 'val_accuracy', 'val_loss')}
+
+  def on_epoch(s):
+    e = int(s.epoch)
+    curves['epoch'].append(e)
+    curves['lr'].append(float(schedule(e * steps - 1)))  # the last step of the epoch
+    for k in ('train_accuracy', 'train_loss', 'val_accuracy', 'val_loss'):
+      curves[k].append(float(getattr(s, k)))
+
+  start = time.perf_counter()
+  state = fit(trainer.epoch_step, trainer.init_fit(init_params(model, keys.init, image_shape), masks,
+                                                   keys.shuffle_key(0)), data, on_epoch)
+  seconds = time.perf_counter() - start
+
+  def accuracies(theta):
+    return {split: float(trainer.evaluate(theta, masks, *xy).accuracy) for split, xy in (
+        ('train', (data.train_images, data.train_labels)), ('val', (data.val_images, data.val_labels)),
+        ('test', (data.test_images, data.test_labels)))}
+
+  return {'curves': curves, 'last': accuracies(state.params), 'best': accuracies(state.best_params),
+          'best_epoch': int(state.best_epoch), 'epochs': int(state.epoch), 'diverged': bool(state.diverged),
+          'lr_per_step': [float(schedule(t)) for t in range(0, steps * config.max_epochs, max(1, steps // 8))],
+          'steps_per_epoch': steps, 'seconds': seconds}
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+  """The source report's table: accuracy per schedule after the last epoch (and at the best epoch)."""
+  lines = ['| schedule | train acc | val acc | test acc | best epoch | val acc @best | test acc @best |',
+           '|---|---:|---:|---:|---:|---:|---:|']
+  for name, r in results.items():
+    last, best = r['last'], r['best']
+    lines.append(f'| {name} | {100 * last["train"]:.2f} | {100 * last["val"]:.2f} | {100 * last["test"]:.2f} | '
+                 f'{r["best_epoch"]} | {100 * best["val"]:.2f} | {100 * best["test"]:.2f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def figure(results: dict[str, dict[str, Any]], path: str, title: str = '') -> None:
+  """Learning rate (per step), running training accuracy and validation accuracy per epoch."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(16, 4.5), layout='constrained')
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, 3)
+  for name, r in results.items():
+    c = r['curves']
+    x = np.arange(len(r['lr_per_step'])) * max(1, r['steps_per_epoch'] // 8) / r['steps_per_epoch']
+    axes[0].plot(x, r['lr_per_step'], label=name)
+    axes[1].plot(c['epoch'], c['train_accuracy'], label=name)
+    axes[2].plot(c['epoch'], c['val_accuracy'], label=name)
+  for ax, label in zip(axes, ('learning rate', 'training accuracy (running, per epoch)', 'validation accuracy')):
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[2].legend()
+  if title:
+    fig.suptitle(title)
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=100)
+  reporting.atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,58 @@
+"""The README is tested as written: its Python blocks run, and every `python -m experiments.<x>`
+command in it parses (every flag exists and takes its value) and every recipe it names exists."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / 'README.md').read_text()
+BLOCKS = re.findall(r'```(\w+)\n(.*?)```', README, re.S)
+
+
+def commands() -> list[list[str]]:
+  """Each `python -m experiments.<x> ...` of the README's bash blocks, as argv after the module."""
+  out = []
+  for lang, body in BLOCKS:
+    if lang != 'bash':
+      continue
+    text = body.replace('\\\n', ' ')
+    for segment in re.split(r'&&|;|\||(?<![<>])&(?!&)', text):
+      match = re.search(r'python -m (experiments\.\w+)(.*)', segment)
+      if match:
+        args = [a.replace('$i', '0') for a in shlex.split(match.group(2), comments=True)]
+        out.append([match.group(1), *args])
+  return out
+
+
+def test_the_readme_names_commands_of_every_kind():
+  modules = {c[0] for c in commands()}
+  assert {'experiments.dropnet', 'experiments.magnitude', 'experiments.compact', 'experiments.ensemble',
+          'experiments.tune', 'experiments.protocol_study'} <= modules, modules
+
+
+@pytest.mark.parametrize('argv', commands(), ids=lambda argv: ' '.join(argv)[:80])
+def test_every_readme_command_parses(argv):
+  module, *args = argv
+  for arg in args:
+    if arg.startswith('--config=') and arg.endswith('.py'):
+      assert (REPO / arg.split('=', 1)[1]).is_file(), arg
+  proc = subprocess.run([sys.executable, '-m', module, *args, '--helpshort'], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert 'Flags parsing error' not in proc.stderr and 'Unknown command line flag' not in proc.stderr, proc.stderr
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert '--out' in proc.stdout + proc.stderr  # the help was printed: everything before it parsed
+
+
+def test_the_library_block_runs_as_written(tmp_path):
+  blocks = [body for lang, body in BLOCKS if lang == 'python']
+  assert blocks
+  for body in blocks:
+    proc = subprocess.run([sys.executable, '-c', body], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
