@@ -107,16 +107,6 @@ class BenchmarkConfig:
 CONFIG = entry.define(BenchmarkConfig(), 'benchmark', out_help='Output directory: <out>/benchmark.json.')
 
 
-def require_torch_twin(what: str) -> None:
-  """Raises ValueError (one line) unless torch and the PyTorch twin (tests/torch_reference) import."""
-  try:
-    import torch  # noqa: F401
-    import tests.torch_reference.train  # noqa: F401
-  except ImportError as e:
-    raise ValueError(f'{what} needs PyTorch ({e}): pip install torch==2.13.0, and a source checkout for '
-                     'tests/torch_reference') from None
-
-
 # -- FLOP counting ---------------------------------------------------------------------------------
 
 
@@ -390,7 +380,7 @@ def main(argv):
     run_dir = RunDir(entry.FLAGS.out, 'benchmark', bench)
     run_dir.check()  # --out: a file, read-only, another run's directory
     if bench.torch:
-      require_torch_twin('--torch (the default; --notorch times JAX alone)')
+      entry.require_torch_twin('--torch (the default; --notorch times JAX alone)')
     all_data = load_data(bench)
   except ValueError as e:  # includes input_pipeline.DataError
     entry.fail(e)

@@ -89,16 +89,6 @@ CONFIG = entry.define(CompareConfig(), 'compare', out_help='Output directory: re
                       'implementations and the figure.')
 
 
-def require_torch_twin(what: str) -> None:
-  """Raises ValueError (one line) unless torch and the PyTorch twin (tests/torch_reference) import."""
-  try:
-    import torch  # noqa: F401
-    import tests.torch_reference.dropnet  # noqa: F401
-  except ImportError as e:
-    raise ValueError(f'{what} needs PyTorch ({e}): pip install torch==2.13.0, and a source checkout for '
-                     'tests/torch_reference') from None
-
-
 def _timed(fn, *args):
   import jax
   start = time.perf_counter()
@@ -322,7 +312,7 @@ def main(argv):
   del argv
   try:
     config = entry.config(CONFIG)
-    require_torch_twin('experiments.compare')
+    entry.require_torch_twin('experiments.compare')
     flax_model, torch_model, ds, run_dir = prepare(config, entry.FLAGS.out)
   except ValueError as e:  # includes input_pipeline.DataError
     entry.fail(e)

@@ -100,16 +100,6 @@ CONFIG = entry.define(MagnitudeBenchConfig(), 'magnitude_bench',
                       out_help='Output directory (a run directory): <out>/bench.json and config.json.')
 
 
-def require_torch_twin(what: str) -> None:
-  """Raises ValueError (one line) unless torch and the PyTorch twin (tests/torch_reference) import."""
-  try:
-    import torch  # noqa: F401
-    import tests.torch_reference.weights  # noqa: F401
-  except ImportError as e:
-    raise ValueError(f'{what} needs PyTorch ({e}): pip install torch==2.13.0, and a source checkout for '
-                     'tests/torch_reference') from None
-
-
 def epoch_keys(seed: int, rounds: int, epochs: int) -> list[list[jax.Array]]:
   """The shuffle key of every (round, epoch); both sides derive their batch order from it."""
   base = jax.random.key(seed + 1)
@@ -273,7 +263,7 @@ def main(argv):
                        'give a directory')
     run_dir = RunDir(out, 'magnitude_bench', config)
     run_dir.check()
-    require_torch_twin('experiments.magnitude_bench')
+    entry.require_torch_twin('experiments.magnitude_bench')
     from dropnet_jax.input_pipeline import dataset_fingerprint, load_dataset
     from dropnet_jax.models import create_model
     create_model(config.model.name, config.model.widths, 10, config.model.width_multiplier)  # before the data

@@ -62,6 +62,17 @@ def fail(error: Any) -> NoReturn:
   sys.exit(f'error: {error}')
 
 
+def require_torch_twin(what: str) -> None:
+  """Raises ValueError (one line) unless torch and the PyTorch twin (tests/torch_reference, in a
+  source checkout: test-only, not installed) import; for the tools that compare against PyTorch."""
+  try:
+    import torch  # noqa: F401
+    import tests.torch_reference.train  # noqa: F401
+  except ImportError as e:
+    raise ValueError(f'{what} needs PyTorch ({e}): pip install torch==2.13.0, and a source checkout for '
+                     'tests/torch_reference') from None
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
   app.run(main)
 
