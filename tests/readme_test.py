@@ -22,7 +22,7 @@ def commands() -> list[list[str]]:
     if lang != 'bash':
       continue
     text = body.replace('\\\n', ' ')
-    for segment in re.split(r'&&|;|\||(?<![<>])&(?!&)', text):
+    for segment in re.split(r'\n|&&|;|\||(?<![<>])&(?!&)', text):
       match = re.search(r'python -m (experiments\.\w+)(.*)', segment)
       if match:
         args = [a.replace('$i', '0') for a in shlex.split(match.group(2), comments=True)]
