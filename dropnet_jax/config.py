@@ -141,6 +141,9 @@ class OutputConfig:
                           'line per finished cycle).', flag='verbose', result=False)
   x_axis: str = setting('fraction', "x axis of the figures: fraction of units remaining, or the compact network's "
                         'params or MACs.', flag='x_axis', result=False, choices=('fraction', 'params', 'macs'))
+  curves: bool = setting(True, 'Write learning curves: <out>/metrics.jsonl (a row per trial x cycle x epoch), '
+                         'TensorBoard event files in <out>/tb and <out>/learning_curves.png.', flag='curves',
+                         result=False)
 
   def validate(self) -> None:
     if self.checkpoint_every_epochs < 0:

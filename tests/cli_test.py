@@ -97,3 +97,38 @@ def test_bad_input_does_not_touch_an_existing_run(tmp_path):
   assert proc.returncode != 0 and 'fraction' in proc.stderr
   assert (out / 'results.jsonl').read_text() == '{"seed": 0}\n'
   assert (out / 'config.json').read_text() == '{"model": "fc"}'
+
+
+def test_config_json_reruns_the_same_records_and_overrides_apply(tmp_path):
+  """config.json is the serialised config: `--config=<run>/config.json` into a new --out gives the same
+  records; a recipe (.py) and --config.<path> overrides land in config.json and its stamp."""
+  first, again, recipe_run = tmp_path / 'first', tmp_path / 'again', tmp_path / 'recipe'
+  args = ['--widths=6,6', '--metrics=min,random', '--max_epochs=2', '--floor=0.5', '--lr=0.05']
+  proc = subprocess.run(BASE + args + [f'--out={first}'], cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = subprocess.run(BASE + [f'--config={first}/config.json', f'--out={again}'], cwd=REPO, capture_output=True,
+                        text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  strip = lambda path: [{k: v for k, v in r.items() if k != 'seconds'} for r in reporting.read_jsonl(path)]
+  assert strip(again / 'results.jsonl') == strip(first / 'results.jsonl')
+  saved = json.loads((again / 'config.json').read_text())
+  assert saved['config'] == json.loads((first / 'config.json').read_text())['config']
+  assert saved['config']['dropnet']['train']['optim']['lr'] == 0.05 and saved['kind'] == 'dropnet'
+  # A recipe file, with a long-form override on top of it.
+  path = tmp_path / 'recipe.py'
+  path.write_text('from dropnet_jax.config import *\n'
+                  'def get_config():\n'
+                  '  return ExperimentConfig(model=ModelConfig(widths=(5, 5)),\n'
+                  '                          dropnet=DropNetConfig(metrics=("max",), floor=0.6))\n')
+  proc = subprocess.run(BASE + [f'--config={path}', '--config.dropnet.train.max_epochs=1', f'--out={recipe_run}'],
+                        cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads((recipe_run / 'config.json').read_text())
+  assert saved['config']['model']['widths'] == [5, 5] and saved['stamp']['dropnet.train.max_epochs'] == 1
+  assert {r['metric'] for r in reporting.read_jsonl(recipe_run / 'results.jsonl')} == {'max'}
+  # The same setting spelled twice, and a config.json of another kind of run, are refused with one line.
+  for bad, expected in ((['--lr=0.1', '--config.dropnet.train.optim.lr=0.2'], 'set the same setting'),
+                        ([f'--config={tmp_path}/missing.json'], 'no such file')):
+    proc = subprocess.run(BASE + bad + [f'--out={tmp_path / "bad"}'], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and expected in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+    assert not (tmp_path / 'bad').exists()

@@ -256,3 +256,30 @@ def test_a_registered_criterion_runs_in_the_loop_with_no_driver_change():
                                    io=RunIO(log=lambda s: None))
   masks = lambda m: [r['mask'] for r in records if r['metric'] == m]
   assert len(masks('min')) > 3 and masks('test_min_again') == masks('min')  # continuous scores: no ties
+
+
+def test_register_replace_redefines_a_name_for_notebook_cells():
+  """Re-running a notebook cell that registers a criterion: replace=True takes the new function; the
+  default stays strict, so two modules cannot silently claim one name."""
+  name = 'test_notebook_cell_rule'
+
+  def cell(offset):  # the cell's body: a decorated definition, run again with an edit
+    @criteria.register(name, replace=True)
+    def rule(inputs, context):
+      return inputs.mask
+    rule.offset = offset
+    return rule
+
+  try:
+    first = cell(1)
+    assert criteria.get(name) is first
+    second = cell(2)  # the same cell again: no error, and the new function is the one used
+    assert criteria.get(name) is second and second is not first
+    assert criteria.names().count(name) == 1
+    with pytest.raises(ValueError, match='registered twice.*replace=True'):
+      criteria.register(name)(lambda inputs, context: inputs.mask)
+    assert criteria.get(name) is second  # the refused registration changed nothing
+    weight_rule = criteria.register(name, 'weight', replace=True)(lambda inputs, context: inputs.mask)
+    assert criteria.get(name, 'weight') is weight_rule and name not in criteria.names('unit')
+  finally:
+    criteria._REGISTRY.pop(name, None)

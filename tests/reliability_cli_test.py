@@ -114,7 +114,12 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path):
   assert run([f'--out={out}']).returncode == 0  # the killed holder's lock does not block
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
+@pytest.mark.parametrize('signum, code, line', [
+    (signal.SIGINT, 130, 'interrupted; rerun the same command to resume'),
+    (signal.SIGTERM, 143, 'terminated (SIGTERM); rerun the same command to resume')], ids=['ctrl_c', 'sigterm'])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_resume(tmp_path, signum, code, line):
+  """Ctrl-C and a cluster scheduler's SIGTERM end a run the same way: the save in flight finishes, one
+  line says how to resume, and the rerun gives the uninterrupted records."""
   out = tmp_path / 'run'
   reference = tmp_path / 'ref'
   args = ['--metrics=min,max', '--max_epochs=4', '--checkpoint_every_epochs=1']
@@ -126,11 +131,11 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
     time.sleep(0.05)
   while time.time() < deadline and len(os.listdir(out / 'checkpoints')) < 2:
     time.sleep(0.05)
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signum)
   _, err = proc.communicate(timeout=120)
   if proc.returncode == 0:
     pytest.skip('the run finished before the interrupt arrived')
-  assert proc.returncode == 130 and 'interrupted; rerun the same command to resume' in err
+  assert proc.returncode == code and line in err, err[-2000:]
   assert 'Traceback' not in err
   assert not [d for d in os.listdir(out / 'checkpoints') if 'tmp' in d]
   again = run(args + [f'--out={out}'])

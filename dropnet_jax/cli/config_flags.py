@@ -33,6 +33,16 @@ class ConfigFlags:
     self.default, self.kind, self.flag_values = default, kind, flag_values
     self.leaves = list(settings.leaves(default))
 
+  def flag_names(self) -> set[str]:
+    """Every flag `define` declared: --config, and each setting's long and short forms."""
+    return {'config'} | {f'config.{leaf.path}' for leaf in self.leaves} | {leaf.flag for leaf in self.leaves
+                                                                           if leaf.flag}
+
+  def long_twins(self) -> set[str]:
+    """The long forms (config.<path>) of the settings that have a short flag too; the short flag's
+    help names them, so --help lists them once."""
+    return {f'config.{leaf.path}' for leaf in self.leaves if leaf.flag}
+
   def _present(self, name: str) -> bool:
     return name in self.flag_values and self.flag_values[name].present
 

@@ -59,9 +59,22 @@ class RunIO:
   # {'event': 'epoch', 'cycle', 'labels', 'epochs', 'val_accuracy', 'done'} (one entry per lane being
   # trained) and {'event': 'record', 'record', 'finished'} (after each trial's cycle).
   monitor: Callable[[dict[str, Any]], None] | None = None
+  # Learning curves (`CurveSink`, e.g. runs.curves.CurveWriter): a row per trial x cycle x trained epoch.
+  curves: 'CurveSink | None' = None
   # What the run's results depend on (settings, data fingerprint): stored in every checkpoint and
   # compared on restore, so a checkpoint is never continued under other settings or data.
   stamp: dict[str, Any] | None = None
+
+
+class CurveSink(Protocol):
+  """Where the learning curves go. `start(keep)` comes first, once per run: of the rows an earlier
+  invocation wrote, keep those with keep(row) true (the restored checkpoint accounts for them; the
+  others are trained again). Then `add(rows)` after every epoch: one row per trial of each lane that
+  trained it, {'seed', 'metric', 'cycle', 'epoch', 'train_loss', 'train_accuracy', 'val_loss',
+  'val_accuracy', 'lr'} (lr: in force at the epoch's last step; None when the optimiser has none)."""
+
+  def start(self, keep: Callable[[dict[str, Any]], bool]) -> None: ...
+  def add(self, rows: list[dict[str, Any]]) -> None: ...
 
 
 class Method(Protocol):
@@ -172,6 +185,8 @@ class Driver:
                 if self.pos.fit is not None else ''))
       if io.on_record and self.records():
         io.on_record(self.records())
+    if io.curves is not None:
+      io.curves.start(self._curve_rows_kept())
     if io.monitor:
       io.monitor({'event': 'start', 'trials': len(self.trials), 'finished': sum(t.stopped for t in self.trials),
                   'records': len(self.records())})
@@ -189,13 +204,16 @@ class Driver:
       if cycle == 0 and any(t.seed not in self.pos.dense for t in active):
         seeds = sorted({t.seed for t in active if t.seed not in self.pos.dense})
         lanes = [(s, self.method.full_mask(), None, None) for s in seeds]
-        for seed, outcome in zip(seeds, self._train('dense', 0, lanes, [f'seed {s} {"dense":>12}' for s in seeds])):
+        # The shared dense cycle is cycle 0 of every trial of its seed: its curves go to each of them.
+        owners = [[(t.seed, t.metric) for t in self.trials if t.seed == s] for s in seeds]
+        for seed, outcome in zip(seeds, self._train('dense', 0, lanes, [f'seed {s} {"dense":>12}' for s in seeds],
+                                                    owners)):
           self.pos.dense[seed] = outcome
       if cycle == 0:
         outcomes = [self.pos.dense[t.seed] for t in active]
       else:
         outcomes = self._train('cycle', cycle, [(t.seed, t.mask, t.theta, t.epochs) for t in active],
-                               [f'seed {t.seed} {t.metric:>12}' for t in active])
+                               [f'seed {t.seed} {t.metric:>12}' for t in active], [[(t.seed, t.metric)] for t in active])
       for trial, outcome in zip(active, outcomes):
         self.method.advance(trial, outcome, self.pos.dense[trial.seed])
         if io.params_store is not None:
@@ -217,9 +235,9 @@ class Driver:
     self.pos.theta0 = {s: th for s, th in self.pos.theta0.items() if s in needed}
 
   def _train(self, phase: str, cycle: int, lanes: list[tuple[int, Any, Any, int | None]],
-             labels: list[str]) -> list[Outcome]:
+             labels: list[str], owners: list[list[tuple[int, str]]]) -> list[Outcome]:
     """Trains (seed, mask, start θ or None for θ0, epoch limit or None) lanes to early stopping;
-    an Outcome per lane."""
+    an Outcome per lane. `owners`: per lane, the (seed, metric) of the trials whose cycle it is."""
     started = time.perf_counter()
     n, count = len(lanes), self.lane_count
     resumed = self.pos.fit is not None and self.pos.fit_meta['phase'] == phase
@@ -234,11 +252,13 @@ class Driver:
         limits += limits[:1] * (count - n)  # padding lanes copy the first lane
         state = state._replace(max_epochs=jnp.asarray(limits if self.runner.batched else limits[0], jnp.int32))
     self.pos.fit, self.pos.fit_meta = None, None
+    # Per lane, the last epoch whose curve rows were given (a resumed state's epochs were given before).
+    reported = np.asarray(state.epoch).reshape(-1).tolist() if resumed else [0] * count
 
     def on_epoch(state: FitState) -> None:
       nonlocal started, seconds
-      if self.io.log_epochs or self.io.monitor:
-        self._report_epoch(state, labels, cycle)
+      if self.io.log_epochs or self.io.monitor or self.io.curves is not None:
+        self._report_epoch(state, labels, cycle, owners, reported)
       epoch = int(np.max(np.asarray(state.epoch)))
       every = self.io.checkpoint_every_epochs
       if every and epoch % every == 0 and not np.all(np.asarray(state.done)):
@@ -253,12 +273,29 @@ class Driver:
     return measure(self.runner, state, self.data, self.method, seconds + time.perf_counter() - started,
                    active)[:n]
 
-  def _report_epoch(self, state: FitState, labels: list[str], cycle: int) -> None:
-    s = jax.device_get(state._replace(params=None, opt_state=None, best_params=None, best_sums=None, key=None,
-                                      masks=None))
+  def _report_epoch(self, state: FitState, labels: list[str], cycle: int, owners: list[list[tuple[int, str]]],
+                    reported: list[int]) -> None:
+    """The epoch's host read (small per-lane scalars, one transfer), to the monitor, log and curves."""
+    curves = self.io.curves
+    hyper = getattr(state.opt_state, 'hyperparams', None) if curves is not None else None
+    s, hyper = jax.device_get((state._replace(params=None, opt_state=None, best_params=None, best_sums=None,
+                                              key=None, masks=None), hyper))
     if not self.runner.batched:
-      s = jax.tree.map(lambda x: np.asarray(x)[None], s)
+      s, hyper = jax.tree.map(lambda x: np.asarray(x)[None], (s, hyper))
     n = len(labels)
+    if curves is not None:
+      rows = []
+      for t, trials in enumerate(owners):
+        epoch = int(s.epoch[t])
+        if epoch <= reported[t]:
+          continue  # a finished lane: nothing trained
+        reported[t] = epoch
+        values = {'train_loss': _short(s.train_loss[t]), 'train_accuracy': _short(s.train_accuracy[t]),
+                  'val_loss': _short(s.val_loss[t]), 'val_accuracy': _short(s.val_accuracy[t]),
+                  'lr': _lr_in_force(hyper, t)}
+        rows += [{'seed': seed, 'metric': metric, 'cycle': cycle, 'epoch': epoch, **values} for seed, metric in trials]
+      if rows:
+        curves.add(rows)
     if self.io.monitor:
       self.io.monitor({'event': 'epoch', 'cycle': cycle, 'labels': labels, 'epochs': s.epoch[:n].tolist(),
                        'val_accuracy': s.val_accuracy[:n].tolist(), 'done': s.done[:n].tolist()})
@@ -269,6 +306,30 @@ class Driver:
         self.io.log(f'{label} cycle {cycle:2d} epoch {int(s.epoch[t]):3d} train_loss {float(s.train_loss[t]):.4f} '
                     f'val_loss {float(s.val_loss[t]):.4f} val_acc {float(s.val_accuracy[t]):.4f}'
                     + (' (stop)' if s.done[t] else ''))
+
+  def _curve_rows_kept(self) -> Callable[[dict[str, Any]], bool]:
+    """Which curve rows of earlier invocations the position accounts for: those of recorded cycles,
+    of the shared dense cycles it holds, and of the epochs its mid-cycle state has trained (a lane
+    that stopped earlier wrote no rows past its stop). Rows of epochs trained after the checkpoint are
+    trained again, so they are dropped and written anew; a fresh position keeps none."""
+    recorded = {(t.seed, t.metric, r['cycle']) for t in self.trials for r in t.records}
+    dense = set(self.pos.dense)
+    partial: set[tuple[int, str, int]] = set()
+    last_epoch = 0
+    if self.pos.fit is not None:  # the lanes `_run` trains next, as it derives them
+      active = [t for t in self.groups[self.pos.group] if not t.stopped]
+      if self.pos.fit_meta['phase'] == 'dense':
+        seeds = {t.seed for t in active if t.seed not in dense}
+        partial = {(t.seed, t.metric, 0) for t in self.trials if t.seed in seeds}
+      else:
+        partial = {(t.seed, t.metric, self.pos.fit_meta['cycle']) for t in active}
+      last_epoch = int(np.max(np.asarray(self.pos.fit.epoch)))
+
+    def keep(row: dict[str, Any]) -> bool:
+      key = (row['seed'], row['metric'], row['cycle'])
+      return (key in recorded or (row['cycle'] == 0 and row['seed'] in dense)
+              or (key in partial and row['epoch'] <= last_epoch))
+    return keep
 
   # -- checkpoints (the format: `state`) ------------------------------------------------------
 
@@ -286,6 +347,22 @@ class Driver:
       return False
     self.pos = pos
     return True
+
+
+def _lr_in_force(hyper: dict[str, Any] | None, lane: int) -> float | None:
+  """Lane `lane`'s learning rate at its last step: `optim.make_optimizer`'s injected learning_rate
+  times the schedule's lr_factor, both as that step used them (float32, as in the update)."""
+  if not hyper or 'learning_rate' not in hyper:
+    return None
+  lr = np.float32(hyper['learning_rate'][lane])
+  if 'lr_factor' in hyper:
+    lr = lr * np.float32(hyper['lr_factor'][lane])
+  return _short(lr)
+
+
+def _short(x) -> float:
+  """A float32 as the shortest float that reads back to it (lr 0.1, not 0.10000000149011612)."""
+  return float(str(np.float32(x)))
 
 
 def init_lanes(runner, lanes: Sequence[tuple[Any, Any, jax.Array]], count: int = 1) -> FitState:

@@ -69,15 +69,19 @@ GRANULARITIES = ('unit', 'weight')
 _REGISTRY: dict[str, tuple[Criterion, str]] = {}
 
 
-def register(name: str, granularity: str = 'unit') -> Callable[[Criterion], Criterion]:
+def register(name: str, granularity: str = 'unit', *, replace: bool = False) -> Callable[[Criterion], Criterion]:
   """Decorator: makes `fn` the criterion called `name` (the --metrics value and the records' `metric`)
-  for masks of `granularity` ('unit': node/filter masks; 'weight': weight masks)."""
+  for masks of `granularity` ('unit': node/filter masks; 'weight': weight masks).
+
+  A name already taken is refused (two modules claiming one name is a mistake), unless `replace=True`:
+  then `fn` takes its place, so a notebook cell that defines a criterion can run again. Criteria are
+  looked up by name at every use, so the next run calls the new function."""
   if granularity not in GRANULARITIES:
     raise ValueError(f'granularity must be one of {GRANULARITIES}, got {granularity!r}')
 
   def add(fn: Criterion) -> Criterion:
-    if name in _REGISTRY:
-      raise ValueError(f'criterion {name!r} is registered twice')
+    if name in _REGISTRY and not replace:
+      raise ValueError(f'criterion {name!r} is registered twice (register(..., replace=True) redefines it)')
     _REGISTRY[name] = (fn, granularity)
     return fn
   return add

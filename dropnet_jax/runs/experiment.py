@@ -21,7 +21,7 @@ from dropnet_jax.config import ExperimentConfig
 from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, load_dataset
 from dropnet_jax.loop.dropnet import run_experiment
 from dropnet_jax.models import create_model, init_params
-from dropnet_jax.runs import progress, reporting
+from dropnet_jax.runs import curves, progress, reporting
 from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.training import distributed as dist
 from dropnet_jax.training.trainer import DeviceData, Trainer, data_mesh, steps_per_epoch
@@ -128,14 +128,15 @@ def run(setup: Setup, title: str = '') -> list[dict[str, Any]]:
   trials = len(setup.seeds) * len(config.dropnet.metrics)
   cycles = progress.expected_cycles(list(setup.model.widths), config.dropnet.fraction, config.dropnet.floor)
   title = title or setup.title()
-  with run_dir.open(config.output.max_checkpoints), progress.ProgressMonitor(trials, cycles) as monitor:
+  with run_dir.open(config.output.max_checkpoints), progress.ProgressMonitor(trials, cycles) as monitor, \
+      curves.for_run(run_dir, config.output.curves, title) as curve_writer:
     d = setup.dataset
     monitor.log(f'{title}: {trials} trial{"s" * (trials != 1)} (seeds x metrics), up to {cycles} cycles each; '
                 f'train {len(d.train_labels)}, val {len(d.val_labels)}, test {len(d.test_labels)} images '
                 f'-> {run_dir.path}')
     io = run_dir.io(checkpoint_every_epochs=config.output.checkpoint_every_epochs,
                     params_store=run_dir.params_store(mode, spec), log=monitor.log,
-                    log_epochs=config.output.verbose, monitor=monitor)
+                    log_epochs=config.output.verbose, monitor=monitor, curves=curve_writer)
     records = run_experiment(setup.model, d.image_shape, data, setup.seeds, config.dropnet, trainer, io=io,
                              batch_trials=config.batch_trials)
   logging.info('%s: %d records, %.1fs in this invocation', run_dir.path, len(records), time.perf_counter() - start)
@@ -184,15 +185,6 @@ def run_config(config: ExperimentConfig, out: str) -> list[dict[str, Any]]:
   """`prepare` and `run` in one call (the public `dropnet_jax.run`): DropNet for every seed x metric
   of `config` into the run directory `out` (resumed when it holds the same run)."""
   return run(prepare(config, out))
-
-
-def load_results(run_dir: str) -> list[dict[str, Any]]:
-  """A run's records (its results.jsonl), in the order they were made."""
-  import os
-  path = os.path.join(run_dir, 'results.jsonl')
-  if not os.path.isfile(path):
-    raise ValueError(f'{run_dir}: no results.jsonl')
-  return reporting.read_jsonl(path)
 
 
 def load_config(run_dir: str, default: Any = None) -> Any:

@@ -5,7 +5,8 @@ Every method (one-shot, iterative fine-tuning, lottery tickets and their re-init
 one loop at weight granularity (`loop.magnitude`), all methods x targets x seeds as lanes of one group,
 resumable like DropNet. The run directory gets config.json, results.jsonl/.csv (one record per trial
 and cycle), table.md (method x target sparsity -> test-accuracy drop against the dense network),
-test_accuracy_vs_weights.png and, with save_params, the trained params (pruned weights exactly 0).
+test_accuracy_vs_weights.png, the learning curves (`runs.curves`: metrics.jsonl, tb/,
+learning_curves.png) and, with save_params, the trained params (pruned weights exactly 0).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dropnet_jax.config import DataConfig, ModelConfig, OutputConfig
 from dropnet_jax.input_pipeline import dataset_fingerprint, load_dataset
 from dropnet_jax.loop import magnitude
 from dropnet_jax.models import create_model
-from dropnet_jax.runs import reporting
+from dropnet_jax.runs import curves, reporting
 from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.settings import setting
 from dropnet_jax.training.trainer import DeviceData, Trainer, steps_per_epoch
@@ -77,17 +78,18 @@ def run(setup: Setup) -> tuple[list[dict[str, Any]], str]:
   spec = {'model': config.model.name, 'widths': list(setup.model.widths), 'num_classes': d.num_classes,
           'image_shape': list(d.image_shape)}
   mode = 'none' if config.output.save_params == 'none' else ('all' if config.output.save_params == 'all' else 'last')
-  with run_dir.open(config.output.max_checkpoints):
+  title = f'{config.model.name} {list(setup.model.widths)} on {config.data.dataset}'
+  with run_dir.open(config.output.max_checkpoints), \
+      curves.for_run(run_dir, config.output.curves, f'weight pruning: {title}') as curve_writer:
     io = run_dir.io(checkpoint_every_epochs=config.output.checkpoint_every_epochs,
                     params_store=run_dir.params_store(mode, spec), log=lambda line: print(line, flush=True),
-                    log_epochs=config.output.verbose)
+                    log_epochs=config.output.verbose, curves=curve_writer)
     records = magnitude.run(setup.model, d.image_shape, setup.trainer.replicate(DeviceData.from_dataset(d)),
                             list(range(config.seeds)), config.magnitude, setup.trainer, io=io)
     table = magnitude.sparsity_table(records, sorted(config.magnitude.sparsities), config.magnitude.methods)
     run_dir.write_text('table.md', table + '\n')
     dropnet_records = (reporting.read_jsonl(os.path.join(config.dropnet_run, 'results.jsonl'))
                        if config.dropnet_run else [])
-    title = f'{config.model.name} {list(setup.model.widths)} on {config.data.dataset}'
     reporting.save_figure(magnitude.figure_records(records, dropnet_records), run_dir.file('test_accuracy_vs_weights.png'),
                           ('test_accuracy',), title=f'weight pruning: {title} ({config.magnitude.criterion})',
                           xlabel='fraction of weights remaining')

@@ -89,6 +89,8 @@ class RunDir:
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
       parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+      raise ValueError(f'--out={out}: {parent} is a file, not a directory')
     if not os.access(parent, os.W_OK | os.X_OK):
       raise ValueError(f'--out={out}: {parent} is not writable')
     for source in self.inputs:
