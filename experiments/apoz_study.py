@@ -9,12 +9,12 @@ activations are zero most often; apoz_layer per layer).
 
 from dropnet_jax.cli import entry
 from dropnet_jax.config import DropNetConfig, ExperimentConfig
-from dropnet_jax.runs import experiment, reporting
 
 CONFIG = entry.define(ExperimentConfig(dropnet=DropNetConfig(metrics=('min', 'apoz'))), 'dropnet')
 
 
 def main(argv):
+  from dropnet_jax.runs import experiment, reporting  # here: --help needs neither
   del argv
   try:
     setup = experiment.prepare(entry.config(CONFIG), entry.FLAGS.out)

@@ -52,7 +52,6 @@ import numpy as np
 
 from dropnet_jax import models
 from dropnet_jax.config import TrainConfig
-from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.settings import setting
 from dropnet_jax.training.lanes import Lanes
 from dropnet_jax.training.trainer import DeviceData, Trainer
@@ -374,6 +373,7 @@ def benchmark(bench: BenchmarkConfig, all_data: dict[str, tuple[DeviceData, str]
 
 
 def main(argv):
+  from dropnet_jax.runs.run_dir import RunDir  # here: --help does not need it
   del argv
   try:
     bench = entry.config(CONFIG)  # every setting, --data_dir's existence included

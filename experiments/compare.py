@@ -40,7 +40,6 @@ import time
 from absl import logging
 
 from dropnet_jax.config import DataConfig, DropNetConfig, ModelConfig
-from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.settings import setting
 
 TWIN_MODELS = ('fc', 'conv', 'modelc')
@@ -289,6 +288,7 @@ def prepare(config: CompareConfig, out: str):
   naming the problem before anything is written. Returns (flax model, torch model, dataset, run dir)."""
   from dropnet_jax.input_pipeline import dataset_fingerprint, load_dataset
   from dropnet_jax.runs.experiment import build_model
+  from dropnet_jax.runs.run_dir import RunDir
   from tests.torch_reference import dropnet as tdropnet
   from tests.torch_reference import models as tmodels
 

@@ -14,12 +14,12 @@ import time
 
 from dropnet_jax.cli import entry
 from dropnet_jax.config import ExperimentConfig
-from dropnet_jax.runs import experiment, reporting
 
 CONFIG = entry.define(ExperimentConfig(), 'dropnet', distributed=True)
 
 
 def main(argv):
+  from dropnet_jax.runs import experiment, reporting  # here: --help needs neither
   del argv
   try:
     setup = experiment.prepare(entry.config(CONFIG), entry.FLAGS.out, distributed=entry.distributed())

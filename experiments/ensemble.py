@@ -1,4 +1,4 @@
-r"""Focal-diversity HQ ensembles of the networks a DropNet run trained (issue 14, DropNet side).
+r"""Focal-diversity HQ ensembles of the networks a DropNet run trained: which teams of them to keep.
 
   python -m experiments.ensemble --run=runs/ens_src --min_fraction=0.2 --max_fraction=0.6 \
       --max_members=20 --betas=0,0.2,0.5 --out=runs/ens_src/ensemble

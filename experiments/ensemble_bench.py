@@ -36,7 +36,6 @@ from dropnet_jax.ensemble import reference
 from dropnet_jax.ensemble.diversity import MAX_SAMPLES
 from dropnet_jax.ensemble.pipeline import MAX_TEAMS
 from dropnet_jax.ensemble.pools import team_count
-from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.settings import setting
 
 
@@ -87,6 +86,7 @@ def random_predictions(members: int, samples: int, classes: int, seed: int):
 
 
 def main(argv):
+  from dropnet_jax.runs.run_dir import RunDir  # here: --help does not need it
   del argv
   config = entry.config(CONFIG)
   out = entry.FLAGS.out

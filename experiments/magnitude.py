@@ -5,8 +5,8 @@ r"""Unstructured magnitude pruning: one-shot, iterative fine-tuning and lottery 
       --sparsities=0.5,0.75,0.9 --seeds=3 --out=runs/magnitude
 
 Every method runs in the one DropNet loop at weight granularity
-(`dropnet_jax.loop.magnitude`), all methods x targets x seeds as lanes of one
-group, resumable (rerun the same command). Writes config.json,
+(`dropnet_jax.loop.magnitude`), all methods x targets x seeds trained together
+in one compiled program, resumable (rerun the same command). Writes config.json,
 results.jsonl/.csv (one record per trial and cycle: sparsity of the prunable
 weights and of all params, per-layer sparsity, accuracies), table.md (method
 x target sparsity -> test-accuracy drop against the dense network),

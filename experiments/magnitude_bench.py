@@ -59,7 +59,6 @@ import jax
 import numpy as np
 
 from dropnet_jax.config import DataConfig, ModelConfig
-from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.settings import setting
 
 TWIN_MODELS = ('fc', 'conv', 'modelc')
@@ -254,6 +253,7 @@ def compare(model_name: str, widths, dataset, *, epochs: int, rounds: int, amoun
 
 
 def main(argv):
+  from dropnet_jax.runs.run_dir import RunDir  # here: --help does not need it
   del argv
   out = entry.FLAGS.out
   try:

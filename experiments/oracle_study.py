@@ -13,13 +13,13 @@ similarity.png.
 from dropnet_jax.cli import entry
 from dropnet_jax.config import DropNetConfig, ExperimentConfig
 from dropnet_jax.pruning.oracle import ORACLE, similarity_records
-from dropnet_jax.runs import experiment, reporting
 
 CONFIG = entry.define(ExperimentConfig(dropnet=DropNetConfig(metrics=(ORACLE, 'min', 'max', 'random_layer'))),
                       'dropnet')
 
 
 def main(argv):
+  from dropnet_jax.runs import experiment, reporting  # here: --help needs neither
   del argv
   try:
     config = entry.config(CONFIG)

@@ -17,20 +17,25 @@ import os
 
 from dropnet_jax.cli import entry
 from dropnet_jax.config import ExperimentConfig
-from dropnet_jax.runs import experiment, reporting
 
 CONFIG = entry.define(ExperimentConfig(), 'protocol_study')
 
 
 def official(config: ExperimentConfig) -> ExperimentConfig:
-  """The same run with the official notebook's protocol."""
+  """The same run with the official notebook's protocol; ValueError names a metric it lacks."""
+  from dropnet_jax.pruning import criteria
   d = config.dropnet
+  missing = [m for m in d.metrics if f'{m}_official' not in criteria.names()]
+  if missing:
+    raise ValueError(f'--metrics: the official protocol has no form of {", ".join(missing)} (it has min, max, '
+                     'min_layer and max_layer)')
   return dataclasses.replace(config, dropnet=dataclasses.replace(
       d, metrics=tuple(f'{m}_official' for m in d.metrics), score_params='last',
       train=dataclasses.replace(d.train, shuffle=False)))
 
 
 def main(argv):
+  from dropnet_jax.runs import experiment, reporting  # here: --help needs neither
   del argv
   out = entry.FLAGS.out
   try:

@@ -12,12 +12,12 @@ import os
 
 from dropnet_jax.cli import entry
 from dropnet_jax.config import ExperimentConfig
-from dropnet_jax.runs import experiment, reporting
 
 CONFIG = entry.define(ExperimentConfig(), 'randominit_study')
 
 
 def main(argv):
+  from dropnet_jax.runs import experiment, reporting  # here: --help needs neither
   del argv
   out = entry.FLAGS.out
   try:

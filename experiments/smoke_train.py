@@ -29,7 +29,6 @@ from dropnet_jax import models
 from dropnet_jax.config import MODEL_NAMES, DataConfig
 from dropnet_jax.input_pipeline import load_dataset
 from dropnet_jax.models import large as large_models
-from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.settings import setting
 from dropnet_jax.training.optim import OptimizerConfig
 from dropnet_jax.training.trainer import DeviceData, TrainConfig, Trainer, split_theta
@@ -125,6 +124,7 @@ def load(config: SmokeTrainConfig) -> tuple[DeviceData, int]:
 
 
 def main(argv):
+  from dropnet_jax.runs.run_dir import RunDir  # here: --help does not need it
   del argv
   try:
     config = entry.config(CONFIG)

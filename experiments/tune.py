@@ -29,7 +29,8 @@ import sys
 from absl import flags
 
 from dropnet_jax.cli import entry
-from dropnet_jax.tuning import config as tune_config, experiment
+from dropnet_jax import tuning
+from dropnet_jax.tuning import config as tune_config
 
 CONFIG = entry.define(tune_config.TuneConfig(), 'tune')
 flags.DEFINE_string('storage', None, 'Optuna storage URL (default: sqlite:///<out>/study.db); e.g. '
@@ -54,6 +55,8 @@ def _worker_command() -> list[str]:
 def main(argv):
   del argv
   try:
+    tuning.require_optuna()  # an extra: one line naming the install command, before any work
+    from dropnet_jax.tuning import experiment  # here: --help does not need it
     config = tune_config.with_space_file(entry.config(CONFIG, validate=False), _given_space_settings())
     config.validate()
     setup = experiment.prepare(config, entry.FLAGS.out, entry.FLAGS.storage)

@@ -71,7 +71,7 @@ def test_piped_run_prints_one_line_per_cycle_and_writes_csv(tmp_path):
   assert not [l for l in proc.stderr.splitlines() if re.match(r'I\d{4} ', l)], proc.stderr[:2000]
   assert 'orbax' not in proc.stdout + proc.stderr
   # A header, one line per record (in order), the summary table, the wall time.
-  assert lines[0].startswith('[0:00:') and 'fc [8, 8] on digits: 2 trials' in lines[0]
+  assert lines[0].startswith('[0:00:') and 'Model A (FC8-FC8) on 8x8 digits: 2 trials' in lines[0]
   cycle_lines = lines[1:1 + len(records)]
   for line, r in zip(cycle_lines, records):
     assert re.match(rf'\[\d:\d\d:\d\d eta [-:\d]+\] seed 0 +{r["metric"]} cycle +{r["cycle"]} ', line), line

@@ -263,17 +263,16 @@ def test_register_replace_redefines_a_name_for_notebook_cells():
   default stays strict, so two modules cannot silently claim one name."""
   name = 'test_notebook_cell_rule'
 
-  def cell(offset):  # the cell's body: a decorated definition, run again with an edit
+  def cell():  # the cell's body: a decorated definition, run again
     @criteria.register(name, replace=True)
     def rule(inputs, context):
       return inputs.mask
-    rule.offset = offset
     return rule
 
   try:
-    first = cell(1)
+    first = cell()
     assert criteria.get(name) is first
-    second = cell(2)  # the same cell again: no error, and the new function is the one used
+    second = cell()  # the same cell again: no error, and the new function is the one used
     assert criteria.get(name) is second and second is not first
     assert criteria.names().count(name) == 1
     with pytest.raises(ValueError, match='registered twice.*replace=True'):

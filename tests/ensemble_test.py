@@ -261,3 +261,40 @@ def test_report_uses_validation_only_and_writes_files(tmp_path):
   assert table.count('| min |') == 2 + len(E.DIVERSITIES)
   for p in paths[2:]:
     assert open(p, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_report_figures_keep_legends_off_the_data_and_fade_dense_points(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  count, samples = 12, 60
+  labels = np.arange(samples) % 10
+  probs = rng.dirichlet(np.ones(10), (count, samples)).astype(np.float32)
+  members = [{'metric': 'min', 'seed': 0, 'cycle': i, 'fraction_remaining': 0.8 ** i, 'macs': 100.0 * 0.8 ** i}
+             for i in range(count)]
+  pool = E.evaluate_pool('min', members, probs, labels, probs, labels, max_size=4, betas=(0.0, 0.5))
+  teams = sum(len(t) for t in pool.teams)  # 66 + 220 + 495
+  figures = {}
+
+  def keep(fig, path):  # instead of writing the PNG
+    figures[path] = fig
+    return path
+
+  monkeypatch.setattr(E.report, '_save', keep)
+  E.plot_accuracy_vs_cost([pool], 'cost.png')
+  E.plot_focal_vs_accuracy([pool], 'focal.png')
+  for fig in figures.values():
+    fig.canvas.draw()
+    legend = fig.axes[-1].get_legend().get_window_extent()
+    assert not any(legend.overlaps(ax.get_window_extent()) for ax in fig.axes)
+  cost = figures['cost.png']
+  every_team = cost.axes[0].collections[0]
+  assert len(every_team.get_offsets()) == teams and every_team.get_alpha() < 0.5  # 781 teams: faint
+  texts = [t.get_text() for t in cost.axes[0].texts]
+  key = next(t for t in texts if t.startswith('HQ overall picks:'))
+  # Every overall pick is numbered on the panel and keyed below it, with all measures named.
+  assert all(d in key for d in E.DIVERSITIES)
+  numbers = [t for t in texts if t.isdigit()]
+  assert numbers == [str(i) for i in range(1, len(numbers) + 1)] and key.count('\n') == len(numbers)
+  focal = figures['focal.png']
+  assert [ax.get_title().split(',')[0] for ax in focal.axes] == list(E.DIVERSITIES)
+  assert all(', r = ' in ax.get_title() for ax in focal.axes)
+  assert all(c.get_alpha() < 1 for ax in focal.axes for c in ax.collections)

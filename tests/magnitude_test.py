@@ -132,7 +132,14 @@ def test_table_and_bad_config():
       {'seed': 0, 'cycle': 0, 'test_accuracy': 0.9, 'method': 'dense', 'sparsity': 0.0, 'stop_reason': None},
       {'seed': 0, 'cycle': 1, 'test_accuracy': 0.88, 'method': 'oneshot', 'sparsity': 0.5, 'stop_reason': 'target'},
   ], [0.5], ['oneshot'])
-  assert '| oneshot | 2.00 ± 0.00 (n=1) |' in table
+  assert '| oneshot | 2.00 ± n/a (n=1) |' in table
+  two = magnitude.sparsity_table([
+      {'seed': 0, 'cycle': 0, 'test_accuracy': 0.9, 'method': 'dense', 'sparsity': 0.0, 'stop_reason': None},
+      {'seed': 0, 'cycle': 1, 'test_accuracy': 0.88, 'method': 'oneshot', 'sparsity': 0.5, 'stop_reason': 'target'},
+      {'seed': 1, 'cycle': 0, 'test_accuracy': 0.9, 'method': 'dense', 'sparsity': 0.0, 'stop_reason': None},
+      {'seed': 1, 'cycle': 1, 'test_accuracy': 0.86, 'method': 'oneshot', 'sparsity': 0.5, 'stop_reason': 'target'},
+  ], [0.5], ['oneshot'])
+  assert '| oneshot | 3.00 ± 1.41 (n=2) |' in two  # the sample std of 2 and 4 points
   with pytest.raises(ValueError, match='lottery_reinit'):
     magnitude.MagnitudeConfig(methods=('lottery_reinit',)).validate()
   with pytest.raises(ValueError, match='unknown metric'):
@@ -168,3 +175,20 @@ def test_each_target_is_reported_once_per_trial():
            'sparsity': 0.980006, 'stop_reason': 'target'}]
   [row] = magnitude.at_targets(rows, [0.98])
   assert row['test_accuracy'] == 0.7 and abs(row['drop'] - 0.2) < 1e-12
+
+
+def test_a_target_within_one_weight_ends_the_rounds():
+  """Small layers: the last rounds before 90 % sparsity would prune round(amount x remaining) = 0
+  weights; the iterative trial then goes to its final training and the lottery trial stops, instead of
+  repeating the same round forever."""
+  ds = load_dataset('digits')
+  model = create_model('fc', (8, 8), 10)
+  data = DeviceData.from_dataset(ds)
+  config = magnitude.MagnitudeConfig(methods=('iterative', 'lottery'), sparsities=(0.9,), round_epochs=1,
+                                     final_epochs=1, prune_fraction=0.5, iterative_fraction=0.5,
+                                     train=TrainConfig(max_epochs=1))
+  records = magnitude.run(model, ds.image_shape, data, [0], config, io=RunIO(log=lambda s: None))
+  for method in ('iterative', 'lottery'):
+    own = [r for r in records if r['method'] == method]
+    assert own[-1]['stop_reason'] == 'target' and len(own) < 40, (method, len(own))
+    assert own[-1]['sparsity'] >= 0.89

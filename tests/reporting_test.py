@@ -123,7 +123,8 @@ def test_mean_ci_hand_computed():
 
 
 def test_mean_ci_single_value_and_empty():
-  assert reporting.mean_ci([0.7]) == (pytest.approx(0.7), 0.0)
+  mean, half = reporting.mean_ci([0.7])
+  assert mean == pytest.approx(0.7) and math.isnan(half)  # no spread estimate, not a zero one
   with pytest.raises(ValueError):
     reporting.mean_ci([])
 
@@ -138,14 +139,13 @@ def test_aggregate_groups_by_metric_and_cycle(records):
   agg = reporting.aggregate(records, 'test_accuracy')
   assert list(agg) == ['min', 'random']
   assert len(agg['min']) == 3 and len(agg['random']) == 2
-  frac, mean, half, n = agg['min'][2]
+  frac, mean, low, high, n, kind = agg['min'][2]
   assert frac == pytest.approx(0.64)
   assert mean == pytest.approx(0.89)  # (0.88 + 0.90) / 2
-  # two values 0.02 apart: std = 0.02/sqrt(2), half = t_{.975,1} * std / sqrt(2)
-  t1 = 12.706204736174698
-  assert half == pytest.approx(t1 * 0.01, rel=1e-9)
+  # two seeds: the band is their min-max (a t interval would be +-0.127, wider than the data)
+  assert (low, high, kind) == (pytest.approx(0.88), pytest.approx(0.90), 'range')
   assert n == 2
-  frac, mean, _, n = agg['random'][1]
+  frac, mean, _, _, n, _ = agg['random'][1]
   assert (frac, n) == (pytest.approx(0.8), 2)
   assert mean == pytest.approx(0.76)
 
@@ -157,7 +157,7 @@ def test_aggregate_sorts_by_cycle_and_skips_missing_key(records):
   assert [r[0] for r in agg['min']] == pytest.approx([1.0, 0.8, 0.64])
   only = reporting.aggregate(shuffled, 'last_test_accuracy')
   assert list(only) == [shuffled[0]['metric']]
-  assert only[shuffled[0]['metric']][0][3] == 1
+  assert only[shuffled[0]['metric']][0].n == 1
 
 
 def test_summary_table(records):
@@ -166,12 +166,10 @@ def test_summary_table(records):
   lines = table.splitlines()
   # title, header, rule, 3 cycles
   assert len(lines) == 6
-  m_mean, m_half = reporting.mean_ci([0.90, 0.92])
-  cell = f'{100 * m_mean:.2f}±{100 * m_half:.2f} (1.000)'
-  assert cell == '91.00±12.71 (1.000)'
-  assert cell in lines[3]
-  assert '89.00±12.71 (0.640)' in lines[5]
-  assert '76.00±12.71 (0.800)' in lines[4]
+  assert 'min–max of the seeds' in lines[0]  # two seeds: the brackets are the seeds' min and max
+  assert '91.00 [90.00, 92.00] (1.000)' in lines[3]
+  assert '89.00 [88.00, 90.00] (0.640)' in lines[5]
+  assert '76.00 [75.00, 77.00] (0.800)' in lines[4]
   # 'random' has no cycle 2: a placeholder, not a shifted value.
   assert lines[5].rstrip().endswith('-')
   assert 'n=2' in lines[1]
@@ -179,7 +177,7 @@ def test_summary_table(records):
 
 def test_summary_table_non_accuracy_key(records):
   table = reporting.summary_table(records, key='test_loss')
-  assert '0.2500±0.0000 (1.000)' in table
+  assert '0.2500 [0.2500, 0.2500] (1.000)' in table
 
 
 # --- figures -----------------------------------------------------------------
@@ -205,7 +203,8 @@ def test_figure_axis_log_and_inverted(records):
     assert ax.xaxis_inverted()
     left, right = ax.get_xlim()
     assert left > 1.0 and right < 0.64  # 1.0 on the left, sparser to the right
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ['min', 'random']
+  # One legend, beside the last panel.
+  assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ['min', 'random']
   # Shaded CI bands: one per metric.
   assert len(fig.axes[0].collections) == 2
 
@@ -227,15 +226,108 @@ def test_no_pyplot_side_effects(records):
   assert ('matplotlib.pyplot' in sys.modules) == had_pyplot
 
 
-def test_accuracy_bands_stay_within_zero_and_one():
-  # Three seeds, one far off: the t interval (half width ~1.6) would reach below 0 and above 1.
+def _band(ax, i=0):
+  """The y values of the i-th shaded band of `ax`."""
+  return ax.collections[i].get_paths()[0].vertices[:, 1]
+
+
+def test_few_seeds_band_is_the_seeds_min_max():
+  # Three seeds, one far off: a t interval (half width ~1.6) would leave [0, 1]; the band is the data's range.
   recs = [{'seed': s, 'metric': 'max', 'cycle': 0, 'fraction_remaining': 0.5, 'test_accuracy': a,
-           'test_loss': 4.0 * a} for s, a in enumerate((0.11, 0.11, 0.88))]
-  fig = reporting.make_figure(recs, ('test_accuracy', 'test_loss'))
-  acc_band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
-  loss_band = fig.axes[1].collections[0].get_paths()[0].vertices[:, 1]
-  assert acc_band.min() >= 0.0 and acc_band.max() <= 1.0
-  assert loss_band.min() < 0.0  # losses are not clipped
+           'delta': a - 0.5} for s, a in enumerate((0.11, 0.11, 0.88))]
+  fig = reporting.make_figure(recs, ('test_accuracy', 'delta'))
+  assert (_band(fig.axes[0]).min(), _band(fig.axes[0]).max()) == (pytest.approx(0.11), pytest.approx(0.88))
+  assert (_band(fig.axes[1]).min(), _band(fig.axes[1]).max()) == (pytest.approx(-0.39), pytest.approx(0.38))
+  title = fig.axes[-1].get_legend().get_title().get_text()
+  assert 'n=3 seeds' in title and 'min–max' in title
+
+
+def test_two_seed_band_stays_within_the_data(records):
+  fig = reporting.make_figure(records, ('test_accuracy',))
+  values = {m: [r['test_accuracy'] for r in records if r['metric'] == m] for m in ('min', 'random')}
+  for i, metric in enumerate(('min', 'random')):
+    band = _band(fig.axes[0], i)
+    assert min(values[metric]) - 1e-12 <= band.min() and band.max() <= max(values[metric]) + 1e-12
+
+
+def test_many_seeds_band_is_a_t_interval_clipped_to_the_valid_range():
+  values = (0.05, 0.05, 0.05, 0.05, 0.05, 0.95)  # six seeds: mean - half < 0
+  recs = [{'seed': s, 'metric': 'min', 'cycle': 0, 'fraction_remaining': 1.0, 'test_accuracy': a,
+           'test_loss': a - 0.5, 'delta': a - 0.5} for s, a in enumerate(values)]
+  mean, half = reporting.mean_ci(values)
+  assert mean - half < 0
+  fig = reporting.make_figure(recs, ('test_accuracy', 'test_loss', 'delta'))
+  acc, loss, delta = (_band(ax) for ax in fig.axes)
+  assert (acc.min(), acc.max()) == (0.0, pytest.approx(mean + half))  # accuracy: clipped to [0, 1]
+  assert loss.min() == 0.0  # a loss is never negative
+  assert delta.min() == pytest.approx(mean - half - 0.5)  # unbounded values keep the interval
+  title = ' '.join(fig.axes[-1].get_legend().get_title().get_text().split())  # wrapped: one line
+  assert 'n=6 seeds' in title and '95% t-interval' in title and "clipped to each value's range" in title
+  table = reporting.summary_table(recs)
+  assert 'clipped to [0, 100]' in table.splitlines()[0]
+  assert f'{100 * mean:.2f} [0.00, {100 * (mean + half):.2f}]' in table
+
+
+def test_one_seed_prints_and_draws_no_spread():
+  recs = [{'seed': 0, 'metric': 'min', 'cycle': c, 'fraction_remaining': f, 'test_accuracy': a, 'test_loss': 0.3}
+          for c, (f, a) in enumerate([(1.0, 0.9), (0.5, 0.8)])]
+  table = reporting.summary_table(recs)
+  assert '90.00 [n/a] (1.000)' in table and '80.00 [n/a] (0.500)' in table
+  assert '±' not in table and '0.00,' not in table  # no zero spread that reads as a result
+  assert 'n/a at n=1' in table.splitlines()[0]
+  assert '0.3000 [n/a]' in reporting.summary_table(recs, 'test_loss')
+  fig = reporting.make_figure(recs, ('test_accuracy',))
+  assert not fig.axes[0].collections  # no band
+  assert fig.axes[0].get_legend().get_title().get_text() == 'one seed (n=1): no band'
+
+
+def test_labels_carry_n_when_metrics_have_different_seed_counts(records):
+  records = [r for r in records if not (r['metric'] == 'random' and r['seed'] == 1)]
+  fig = reporting.make_figure(records, ('test_accuracy',))
+  texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+  assert texts == ['min (n=2)', 'random (n=1)']
+  assert 'n/a at n=1' in ' '.join(fig.axes[0].get_legend().get_title().get_text().split())
+
+
+def test_legend_is_beside_the_data(records):
+  fig = reporting.make_figure(records, reporting.ACCURACY_KEYS, title='a title')
+  fig.canvas.draw()
+  legend = fig.axes[-1].get_legend().get_window_extent()
+  for ax in fig.axes:
+    assert not legend.overlaps(ax.get_window_extent())
+  assert legend.x0 > fig.axes[-1].get_window_extent().x1
+
+
+def test_variants_of_a_metric_share_its_colour():
+  labels = ['min (paper)', 'max (paper)', 'min (official)', 'max (official)', 'min_layer (paper)',
+            'min_layer (official)']
+  styles = reporting.metric_styles(labels)
+  assert list(styles) == ['min (paper)', 'min (official)', 'max (paper)', 'max (official)', 'min_layer (paper)',
+                          'min_layer (official)']  # grouped by metric, each in order of appearance
+  for base in ('min', 'max', 'min_layer'):
+    paper, official = styles[f'{base} (paper)'], styles[f'{base} (official)']
+    assert paper['color'] == official['color'] == reporting.METRIC_STYLES[base]['color']
+    assert paper['marker'] == official['marker']
+    assert (paper['linestyle'], paper['markerfacecolor']) != (official['linestyle'], official['markerfacecolor'])
+  fractions = reporting.metric_styles(['min p=0.2', 'min p=0.5', 'min p=0.9'])
+  assert len({s['color'] for s in fractions.values()}) == 1
+  assert len({str(s['linestyle']) for s in fractions.values()}) == 3
+  both = reporting.metric_styles(['min', 'min_randominit', 'my_metric', 'my_metric p=0.5'])
+  assert both['min']['color'] == both['min_randominit']['color'] == 'tab:blue'
+  assert both['min']['linestyle'] == '-' and both['min_randominit']['linestyle'] != '-'
+  assert both['my_metric']['color'] == both['my_metric p=0.5']['color'] not in {
+      s['color'] for s in reporting.METRIC_STYLES.values()}
+
+
+def test_split_label():
+  assert reporting.split_label('min (paper)') == ('min', '(paper)')
+  assert reporting.split_label('min_layer_official') == ('min_layer', 'official')
+  assert reporting.split_label('max_layer (official)') == ('max_layer', '(official)')
+  assert reporting.split_label('min p=0.2') == ('min', 'p=0.2')
+  assert reporting.split_label('random_layer') == ('random_layer', '')
+  assert reporting.split_label('minimum') == ('minimum', '')  # 'min' only before '_' or the end
+  assert reporting.split_label('DropNet min_layer') == ('min_layer', 'DropNet')  # the magnitude figure's
+  assert reporting.split_label('oneshot') == ('oneshot', '')
 
 
 def test_figures_can_use_the_compact_size_as_x_axis(tmp_path):

@@ -1,6 +1,6 @@
 """The command line of every entry point: settings flags derived from the config fields
 (`config_flags`), the process set-up every entry point shares (`entry`: --out, --host_devices,
---distributed, quiet logging, one-line errors).
+--distributed, --help, quiet logging, one-line errors).
 
 `--host_devices=N` (CPU only) splits the host into N XLA devices. XLA reads that setting once, when jax
 is first imported, so it is applied here, on import of this package, which every entry point imports

@@ -17,6 +17,7 @@ that), but a missing `--out` is not: help needs none.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import warnings
 from typing import Any, Callable, NoReturn
@@ -131,7 +132,9 @@ def help_text(main: Callable[..., Any], full: bool = False) -> str:
                          'below override it; [config.<path>] is the long form of a short flag.'))
   if full:
     app.define_help_flags()
-    parts.append('\nEvery flag, by the module that defines it:\n' + FLAGS.get_help())
+    others = sorted(name for name in FLAGS.flags_by_module_dict() if name != owner)
+    parts.append('\nThe other flags, by the module that defines them:\n\n' +
+                 '\n\n'.join(FLAGS.module_help(name).strip('\n') for name in others))
   else:
     parts.append('\n--helpfull lists every flag, absl\'s logging flags (--verbosity, ...) too.')
   return '\n'.join(p for p in parts if p)
@@ -183,8 +186,13 @@ def _initialize_distributed() -> None:
     fail(f'--distributed: {e}')
   logging.info('distributed: %s', dist.cluster_summary())
   if not dist.is_main():
-    # Process 0 alone prints (`runs.experiment.run`); the others show errors only, not even the
-    # warnings process 0 shows too.
+    # Process 0 alone prints (`runs.experiment.run`); the others show errors only (stderr), not even
+    # the warnings process 0 shows too. Their stdout goes to /dev/null at the descriptor, past
+    # Python: native libraries print there too (gloo: '[Gloo] Rank 1 is connected to 1 peer ranks').
     if not FLAGS['verbosity'].present:
       logging.set_verbosity(logging.ERROR)
     warnings.simplefilter('ignore')
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)

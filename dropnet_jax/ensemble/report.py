@@ -22,9 +22,11 @@ Outputs (`write_report`):
     beta, cost, test accuracy and its change vs the full pool ensemble and vs
     the best single member (selection voting);
   * ensemble_accuracy_cost.png: test accuracy vs cost of every team, HQ picks
-    highlighted, one panel per pool;
+    highlighted (colour: diversity measure, marker: beta), one panel per pool,
+    the legend beside the panels;
   * focal_vs_accuracy.png: focal score vs test accuracy of every team, one row
-    per pool, one column per diversity measure.
+    per pool, one column per diversity measure, colour team size, points faint
+    where thousands overlap, Pearson's r in each panel.
 `pool_summary` is a pool's entry of summary.json (`experiments.ensemble`) and
 `describe` its printed lines.
 """
@@ -202,66 +204,127 @@ def ensemble_table(pools: Sequence[PoolResult]) -> str:
   return '\n'.join(lines) + f'\n\nAccuracies with {pools[0].vote if pools else "soft"} voting; Δ in percentage points of test accuracy.\n'
 
 
-def _figure(rows: int, cols: int, width: float, height: float):
+DIVERSITY_NAMES = {'CK': "CK (Cohen's kappa)", 'BD': 'BD (binary disagreement)', 'KW': 'KW (Kohavi-Wolpert)',
+                   'GD': 'GD (generalized diversity)'}
+_SIZE_COLOURS = ('#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d', '#666666')
+
+
+def _figure(rows: int, cols: int, width: float, height: float, legend_width: float = 0.0):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  fig = Figure(figsize=(width * cols, height * rows))
+  fig = Figure(figsize=(width * cols + legend_width, height * rows), layout='constrained')
   FigureCanvasAgg(fig)
   return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _save(fig: Any, path: str) -> str:
   buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=120)
+  fig.savefig(buf, format='png', dpi=150)
   reporting.atomic_write_bytes(path, buf.getvalue())
   return path
 
 
+def _point_alpha(count: int) -> float:
+  """Opacity for `count` overlapping points: opaque when few, faint when thousands overlap."""
+  return float(np.clip(300.0 / max(count, 1), 0.06, 0.8))
+
+
+def _legend_beside(ax: Any, handles: Sequence[Any], labels: Sequence[str]) -> None:
+  """One legend right of `ax`, top-aligned with it: off the data."""
+  ax.legend(handles, labels, loc='upper left', bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0, fontsize='small',
+            frameon=False, handletextpad=0.5)
+
+
+def _teams_phrase(pool: PoolResult) -> str:
+  total = sum(len(t) for t in pool.teams)
+  sizes = f'{pool.sizes[0]}-{pool.sizes[-1]}' if len(pool.sizes) > 1 else f'{pool.sizes[0]}'
+  return f'{pool.name}: M={pool.num_members} networks, {total} teams of size {sizes}'
+
+
+def _pick_label(choosers: Sequence[tuple[str, float]], betas: Sequence[float]) -> str:
+  """Which (measure, beta) chose one team, one line per set of betas: 'CK, GD (all β)' / 'BD (β=0.5)'."""
+  by_measure = {d: tuple(sorted(b for m, b in choosers if m == d)) for d in DIVERSITIES}
+  groups: dict[tuple[float, ...], list[str]] = {}
+  for d, chosen in by_measure.items():
+    if chosen:
+      groups.setdefault(chosen, []).append(d)
+  return '\n'.join(f'{", ".join(ds)} (' + ('all β' if list(b) == list(betas) else 'β=' + '/'.join(f'{x:g}' for x in b))
+                   + ')' for b, ds in groups.items())
+
+
 def plot_accuracy_vs_cost(pools: Sequence[PoolResult], path: str) -> str:
-  """Test accuracy vs cost of every team per pool; HQ overall picks and baselines highlighted."""
-  fig, axes = _figure(1, len(pools), 5.0, 4.0)
-  colours = dict(zip(DIVERSITIES, ('tab:blue', 'tab:orange', 'tab:green', 'tab:red')))
-  markers = ('o', 's', 'D', '^', 'v', 'P')
+  """Test accuracy vs cost of every team per pool, with the two baselines; each team an HQ overall
+  pick chose is starred once and labelled with the measures and betas that chose it (several
+  picks are often the same team); the legend beside the last panel."""
+  from matplotlib import patheffects
+  from matplotlib.lines import Line2D
+  fig, axes = _figure(1, len(pools), 4.6, 3.8, legend_width=2.2)
+  betas = sorted({b for pool in pools for _, b in pool.hq})
   for ax, pool in zip(axes[0], pools):
     col = VOTES.index(pool.vote)
-    use_macs = pool.macs is not None
     xs = np.concatenate([pool.costs(t) for t in pool.teams])
     ys = np.concatenate([a[:, col] for a in pool.test_accuracy])
-    ax.scatter(xs, ys, s=3, c='0.75', rasterized=True, label='all teams')
-    betas = sorted({b for _, b in pool.hq})
+    ax.scatter(xs, ys, s=5, c='0.55', alpha=_point_alpha(len(xs)), linewidths=0, rasterized=True)
+    picked: dict[tuple[int, int], list[tuple[str, float]]] = {}
     for (diversity, beta), result in pool.hq.items():
-      if result.best_index < 0:
-        continue
-      i = pool.sizes.index(result.best_size)
-      team = pool.teams[i][result.best_index]
-      ax.scatter(pool.costs(team[None, :]), [pool.test_accuracy[i][result.best_index, col]],
-                 s=60, c=colours[diversity], marker=markers[betas.index(beta) % len(markers)],
-                 edgecolors='k', zorder=3, label=f'HQ {diversity} β={beta}')
-    ax.axhline(pool.full_test_accuracy[col], color='k', ls='--', lw=1, label='all M members')
-    ax.axhline(pool.member_test_accuracy[best_single(pool)], color='k', ls=':', lw=1, label='best single (val)')
-    ax.set_xlabel('cost (MACs share)' if use_macs else 'cost (members / M)')
+      if result.best_index >= 0:
+        picked.setdefault((pool.sizes.index(result.best_size), result.best_index), []).append((diversity, beta))
+    key = []
+    # Numbered by cost; the key under the panel says which measures and betas chose each team.
+    points = sorted((float(pool.costs(pool.teams[i][k][None, :])[0]), float(pool.test_accuracy[i][k, col]), choosers)
+                    for (i, k), choosers in picked.items())
+    for number, (x, y, choosers) in enumerate(points, start=1):
+      ax.scatter([x], [y], s=110, marker='*', c='gold', edgecolors='k', linewidths=0.7, zorder=4)
+      ax.annotate(str(number), (x, y), xytext=(4, 4), textcoords='offset points', fontsize='small',
+                  fontweight='bold', zorder=5, path_effects=[patheffects.withStroke(linewidth=2.5, foreground='white')])
+      key.append(f'{number}: ' + _pick_label(choosers, betas).replace('\n', '; '))
+    ax.text(0.0, -0.2, '\n'.join(['HQ overall picks:'] + key) if key else '', transform=ax.transAxes, va='top',
+            ha='left', fontsize='small')
+    ax.axhline(pool.full_test_accuracy[col], color='k', ls='--', lw=1)
+    ax.axhline(pool.member_test_accuracy[best_single(pool)], color='k', ls=':', lw=1)
+    ax.set_xlabel("cost: the team's MACs / all M members' MACs" if pool.macs is not None
+                  else 'cost: team size / M', fontsize='small')
     ax.set_ylabel(f'test accuracy ({pool.vote} voting)')
-    ax.set_title(f'{pool.name} (M={pool.num_members})')
-  axes[0][-1].legend(fontsize=7, loc='lower right')
-  fig.tight_layout()
+    ax.set_title(_teams_phrase(pool), fontsize='small')
+  entries = [(Line2D([], [], linestyle='none', marker='o', color='0.55', markersize=4), 'every team'),
+             (Line2D([], [], color='k', ls='--', lw=1), 'all M members'),
+             (Line2D([], [], color='k', ls=':', lw=1), 'best single member\n(chosen on val)'),
+             (Line2D([], [], linestyle='none', marker='*', markersize=10, markerfacecolor='gold', markeredgecolor='k'),
+              'HQ overall pick\n(numbered; key\nbelow the panel)')]
+  entries += [(Line2D([], [], linestyle='none'), name) for name in DIVERSITY_NAMES.values()]
+  _legend_beside(axes[0][-1], [h for h, _ in entries], [label for _, label in entries])
   return _save(fig, path)
 
 
 def plot_focal_vs_accuracy(pools: Sequence[PoolResult], path: str) -> str:
-  """Focal score vs test accuracy of every team: rows pools, columns diversity measures, colour = team size."""
-  fig, axes = _figure(len(pools), len(DIVERSITIES), 3.6, 3.2)
-  for row, pool in zip(axes, pools):
+  """Focal diversity vs test accuracy of every team: rows pools, columns diversity measures, colour
+  team size, faint points where thousands overlap; each panel gives Pearson's r over its teams."""
+  from matplotlib.lines import Line2D
+  fig, axes = _figure(len(pools), len(DIVERSITIES), 3.0, 2.6, legend_width=2.0)
+  sizes = sorted({s for pool in pools for s in pool.sizes})
+  colour = {s: _SIZE_COLOURS[i % len(_SIZE_COLOURS)] for i, s in enumerate(sizes)}
+  for r, (row, pool) in enumerate(zip(axes, pools)):
     col = VOTES.index(pool.vote)
-    sizes = np.concatenate([np.full(len(t), t.shape[1]) for t in pool.teams])
     acc = np.concatenate([a[:, col] for a in pool.test_accuracy])
     for j, (ax, diversity) in enumerate(zip(row, DIVERSITIES)):
       focal = np.concatenate([f[:, j] for f in pool.focal])
-      points = ax.scatter(focal, acc, s=3, c=sizes, cmap='viridis', rasterized=True)
-      ax.set_title(f'{pool.name}: focal {diversity}', fontsize=9)
-      ax.set_xlabel('focal score (lower = more diverse)', fontsize=8)
-      ax.set_ylabel('test accuracy', fontsize=8)
-    fig.colorbar(points, ax=row[-1], label='team size', ticks=pool.sizes)
-  fig.tight_layout()
+      # Most numerous sizes first, so the few teams of the other sizes stay visible on top.
+      for i in sorted(range(len(pool.sizes)), key=lambda i: -len(pool.teams[i])):
+        ax.scatter(pool.focal[i][:, j], pool.test_accuracy[i][:, col], s=5, c=colour[pool.sizes[i]],
+                   alpha=_point_alpha(len(pool.teams[i])), linewidths=0, rasterized=True)
+      r_text = f'r = {np.corrcoef(focal, acc)[0, 1]:+.2f}' if focal.std() > 0 and acc.std() > 0 else 'r: n/a'
+      ax.set_title(f'{diversity}, {r_text}', fontsize='small')  # in the title: never over the points
+      ax.set_xlim(-0.03, 1.03)  # every measure is in [0, 1]: columns compare directly
+      if r == len(pools) - 1:
+        ax.set_xlabel('focal diversity (lower: more diverse)', fontsize='small')
+      if j == 0:
+        ax.set_ylabel(f'{pool.name} (M={pool.num_members})\ntest accuracy', fontsize='small')
+      ax.tick_params(labelsize='small')
+  handles = [Line2D([], [], linestyle='none', marker='o', color=colour[s], markersize=5) for s in sizes]
+  handles += [Line2D([], [], linestyle='none')] * len(DIVERSITIES)
+  _legend_beside(axes[0][-1], handles, [f'team size {s}' for s in sizes] + list(DIVERSITY_NAMES.values()))
+  fig.suptitle(f'Focal diversity vs test accuracy of every team ({pools[0].vote if pools else "soft"} voting); '
+               "r: Pearson's correlation over a panel's teams", fontsize='medium')
   return _save(fig, path)
 
 

@@ -23,8 +23,9 @@ flags, θ0 of the current group's seeds, the shared dense outcomes still
 needed, and a mid-cycle training state of the group. A rerun continues from
 the newest checkpoint and gives the same records (up to wall-clock
 `seconds`) as an uninterrupted run. The format is `state`'s; what a run
-writes and reports (checkpoints, saved params, records, log, progress) is
-its `RunIO`.
+writes and reports (checkpoints, saved params, records, log, progress,
+learning curves) is its `RunIO`. Everything reported per epoch comes from one
+host read of the lanes' small scalars after the epoch, none per step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, Callable, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from dropnet_jax.loop import state as state_lib
 # Trial, Outcome and the checkpoint format live in `state`; importable from here as before.
@@ -45,15 +47,21 @@ from dropnet_jax.training import trainer as train_lib
 from dropnet_jax.training.trainer import DeviceData, FitState
 
 
+def log_info(line: str) -> None:
+  """RunIO's default `log`: the line through absl logging at INFO, so a library call is quiet unless
+  logging asks for it (`-v` / `logging.set_verbosity(logging.INFO)`); entry points pass their own."""
+  logging.info('%s', line)
+
+
 @dataclasses.dataclass
 class RunIO:
-  """What a run writes and reports as it goes; a bare RunIO() runs in memory and logs with print."""
+  """What a run writes and reports as it goes; a bare RunIO() runs in memory and logs at INFO."""
   checkpointer: Any = None  # runs.checkpoint.Checkpointer: the position after every cycle (None: no checkpoints)
   checkpoint_every_epochs: int = 0  # also checkpoint every N epochs inside a cycle (0: after cycles only)
   params_store: Any = None  # runs.saved_params.ParamsStore: the trained θ of finished cycles (None: nothing saved)
   # All records so far, after every cycle (and once on resume, with the restored ones).
   on_record: Callable[[list[dict[str, Any]]], None] | None = None
-  log: Callable[[str], None] = print  # the run's lines: one per cycle, resume notes, per-epoch lines
+  log: Callable[[str], None] = log_info  # the run's lines: one per cycle, resume notes, per-epoch lines
   log_epochs: bool = False  # also a `log` line per trained epoch of every lane
   # The run as events, for a progress display: {'event': 'start', 'trials', 'finished', 'records'},
   # {'event': 'epoch', 'cycle', 'labels', 'epochs', 'val_accuracy', 'done'} (one entry per lane being
@@ -180,13 +188,12 @@ class Driver:
   def _run(self) -> list[dict[str, Any]]:
     io = self.io
     if self._restore():
-      io.log(f'resuming: {len(self.records())} records so far, group {self.pos.group}'
-             + (f', mid-cycle ({self.pos.fit_meta["phase"]}, epoch {int(np.max(self.pos.fit.epoch))})'
-                if self.pos.fit is not None else ''))
+      io.log(self._resume_note())
       if io.on_record and self.records():
         io.on_record(self.records())
     if io.curves is not None:
-      io.curves.start(self._curve_rows_kept())
+      current = self.groups[self.pos.group] if self.pos.group < len(self.groups) else []
+      io.curves.start(state_lib.curve_rows_kept(self.trials, self.pos, [t for t in current if not t.stopped]))
     if io.monitor:
       io.monitor({'event': 'start', 'trials': len(self.trials), 'finished': sum(t.stopped for t in self.trials),
                   'records': len(self.records())})
@@ -226,6 +233,25 @@ class Driver:
       if io.on_record:
         io.on_record(self.records())
     return self.records()
+
+  def _resume_note(self) -> str:
+    """Where a resumed run continues, in the user's terms: trials (seed x metric), cycles, epochs."""
+    count = len(self.records())
+    note = f'resuming from the checkpoint: {count} record{"s" * (count != 1)} so far'
+    if self.pos.group >= len(self.groups):
+      return f'{note}; every trial has finished'
+    group, total = self.groups[self.pos.group], len(self.trials)
+    first = sum(len(g) for g in self.groups[:self.pos.group]) + 1
+    if len(group) == 1:
+      where = f'trial {first} of {total} (seed {group[0].seed}, {group[0].metric})'
+    else:
+      where = f'trials {first}-{first + len(group) - 1} of {total} (trained together)'
+    if self.pos.fit is not None:
+      cycle = self.pos.fit_meta['cycle']
+      dense = ' (the dense network)' if self.pos.fit_meta['phase'] == 'dense' else ''
+      return f'{note}; {where}, cycle {cycle}{dense} at epoch {int(np.max(self.pos.fit.epoch))}'
+    active = [t for t in group if not t.stopped]
+    return f'{note}; {where}' + (f', from cycle {active[0].cycle}' if active else '')
 
   def _next_group(self) -> None:
     """Moves on; keeps θ0 and dense outcomes only for seeds a later trial still needs."""
@@ -306,30 +332,6 @@ class Driver:
         self.io.log(f'{label} cycle {cycle:2d} epoch {int(s.epoch[t]):3d} train_loss {float(s.train_loss[t]):.4f} '
                     f'val_loss {float(s.val_loss[t]):.4f} val_acc {float(s.val_accuracy[t]):.4f}'
                     + (' (stop)' if s.done[t] else ''))
-
-  def _curve_rows_kept(self) -> Callable[[dict[str, Any]], bool]:
-    """Which curve rows of earlier invocations the position accounts for: those of recorded cycles,
-    of the shared dense cycles it holds, and of the epochs its mid-cycle state has trained (a lane
-    that stopped earlier wrote no rows past its stop). Rows of epochs trained after the checkpoint are
-    trained again, so they are dropped and written anew; a fresh position keeps none."""
-    recorded = {(t.seed, t.metric, r['cycle']) for t in self.trials for r in t.records}
-    dense = set(self.pos.dense)
-    partial: set[tuple[int, str, int]] = set()
-    last_epoch = 0
-    if self.pos.fit is not None:  # the lanes `_run` trains next, as it derives them
-      active = [t for t in self.groups[self.pos.group] if not t.stopped]
-      if self.pos.fit_meta['phase'] == 'dense':
-        seeds = {t.seed for t in active if t.seed not in dense}
-        partial = {(t.seed, t.metric, 0) for t in self.trials if t.seed in seeds}
-      else:
-        partial = {(t.seed, t.metric, self.pos.fit_meta['cycle']) for t in active}
-      last_epoch = int(np.max(np.asarray(self.pos.fit.epoch)))
-
-    def keep(row: dict[str, Any]) -> bool:
-      key = (row['seed'], row['metric'], row['cycle'])
-      return (key in recorded or (row['cycle'] == 0 and row['seed'] in dense)
-              or (key in partial and row['epoch'] <= last_epoch))
-    return keep
 
   # -- checkpoints (the format: `state`) ------------------------------------------------------
 

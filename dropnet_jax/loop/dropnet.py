@@ -32,7 +32,7 @@ from dropnet_jax.compaction import accounting
 from dropnet_jax.pruning import criteria
 from dropnet_jax.training import trainer as train_lib
 from dropnet_jax.config import DropNetConfig
-from dropnet_jax.loop.driver import Driver, Outcome, RunIO, Trial, measure
+from dropnet_jax.loop.driver import Driver, Outcome, RunIO, Trial, measure, log_info
 from dropnet_jax.training.lanes import Lanes, OneLane
 from dropnet_jax.models.layers import Masks, full_masks, zero_sums
 from dropnet_jax.pruning.masks import fraction_remaining, mask_to_strings, masks_from_strings, units_per_layer
@@ -84,7 +84,7 @@ class DropNetMethod:
   """Algorithm 1's side of the loop (`driver.Method`) for one model, dataset and configuration."""
 
   def __init__(self, model, image_shape: Sequence[int], data: DeviceData, config: DropNetConfig,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = log_info):
     self.model, self.image_shape, self.config, self.log = model, tuple(image_shape), config, log
     self.score_from, self.score_params = config.score_from, config.score_params
     self.context = criteria.Context(model.apply, data.train_images, data.train_labels, config.oracle_examples)
@@ -146,7 +146,7 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
 
   Sequential (default): one trial at a time. `batch_trials`: all trials of a
   cycle together, as lanes of one program (`lanes_per_chunk`: `lanes.Lanes`).
-  `io` (`driver.RunIO`; None: in memory, lines to print) is what the run writes
+  `io` (`driver.RunIO`; None: in memory, lines to logging at INFO) is what the run writes
   and reports: with a checkpointer, the state is saved after every cycle (and
   every `checkpoint_every_epochs` epochs) and a rerun continues from the newest
   checkpoint with the same records (up to `seconds`); `on_record` gets all
@@ -170,7 +170,7 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
 
 def run_seed(model, image_shape, data: DeviceData, seed: int, config: DropNetConfig,
              trainer: Trainer | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
-             log: Callable[[str], None] = print, log_epochs: bool = True) -> list[dict[str, Any]]:
+             log: Callable[[str], None] = log_info, log_epochs: bool = True) -> list[dict[str, Any]]:
   """All metrics of one seed, without checkpoints; `on_record` gets each new record."""
   seen = 0
 

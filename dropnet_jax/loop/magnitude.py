@@ -40,7 +40,7 @@ import numpy as np
 from dropnet_jax.pruning import criteria
 from dropnet_jax.config import TrainConfig
 from dropnet_jax.loop.dropnet import SeedKeys, random_init_key
-from dropnet_jax.loop.driver import Driver, Outcome, RunIO, Trial
+from dropnet_jax.loop.driver import Driver, Outcome, RunIO, Trial, log_info
 from dropnet_jax.models.layers import full_masks, zero_sums
 from dropnet_jax.models import init_params
 from dropnet_jax.training.trainer import split_theta
@@ -129,7 +129,7 @@ class MagnitudeMethod:
   score_from, score_params = 'data', 'best'
 
   def __init__(self, model, image_shape: Sequence[int], data, config: MagnitudeConfig, trials: list[MagnitudeTrial],
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = log_info):
     self.model, self.image_shape, self.config, self.log = model, tuple(image_shape), config, log
     self.trials = trials
     theta = self.theta0(0)
@@ -191,18 +191,23 @@ class MagnitudeMethod:
     elif method == 'iterative':
       if not reached:
         amount = self._amount_to(remaining, self.config.iterative_fraction, [target])
-        new_mask, theta, epochs, next_phase = self._prune(trial, outcome.best_theta, amount), outcome.best_theta, \
-            self.config.round_epochs, 'round'
+        new_mask = self._prune(trial, outcome.best_theta, amount)
+        # Within one weight of the target the rounded count is 0: as close as the weights allow, so the
+        # final training starts (else the same round would repeat forever).
+        reached = mask_fingerprint(new_mask) == mask_fingerprint(trial.mask)
+      if not reached:
+        theta, epochs, next_phase = outcome.best_theta, self.config.round_epochs, 'round'
       elif phase != 'final':
         theta, epochs, next_phase = outcome.best_theta, self.config.final_epochs, 'final'
       else:
         stop = 'target'
     elif method == 'lottery':
-      if reached:
-        stop = 'target'
-      else:
+      if not reached:
         amount = self._amount_to(remaining, self.config.prune_fraction, self.config.sparsities)
         new_mask, next_phase = self._prune(trial, outcome.best_theta, amount), 'rewind'
+        reached = mask_fingerprint(new_mask) == mask_fingerprint(trial.mask)  # within one weight: see iterative
+      if reached:
+        stop, new_mask, next_phase = 'target', trial.mask, None
     else:  # lottery_reinit: the sibling lottery trial (same seed) advanced just before this one
       sibling = next(t for t in self.trials if t.seed == trial.seed and t.method == 'lottery')
       if sibling.stopped and sibling.records[-1]['cycle'] <= trial.cycle:
@@ -248,7 +253,7 @@ def at_targets(records: Sequence[dict[str, Any]], targets: Sequence[float]) -> l
 
 def sparsity_table(records: Sequence[dict[str, Any]], targets: Sequence[float], methods: Sequence[str]) -> str:
   """The source report's table: method x target sparsity -> test-accuracy drop against the dense
-  network, in points (mean ± std over seeds)."""
+  network, in points (mean ± sample std over seeds; n/a for one seed)."""
   rows = at_targets(records, targets)
   head = '| method | ' + ' | '.join(f'{t:.0%} sparsity' for t in targets) + ' |'
   lines = [head, '|' + ' --- |' * (len(targets) + 1)]
@@ -256,7 +261,12 @@ def sparsity_table(records: Sequence[dict[str, Any]], targets: Sequence[float], 
     cells = []
     for t in targets:
       drops = [100 * r['drop'] for r in rows if r['method'] == method and r['target'] == t]
-      cells.append(f'{np.mean(drops):.2f} ± {np.std(drops):.2f} (n={len(drops)})' if drops else '-')
+      if not drops:
+        cells.append('-')
+      elif len(drops) == 1:  # no spread from one seed: say so rather than print ± 0.00
+        cells.append(f'{drops[0]:.2f} ± n/a (n=1)')
+      else:
+        cells.append(f'{np.mean(drops):.2f} ± {np.std(drops, ddof=1):.2f} (n={len(drops)})')
     lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
   dense = sorted({(r['seed'], r['test_accuracy']) for r in records if r['cycle'] == 0})
   lines.append(f'\ndense test accuracy: {np.mean([a for _, a in dense]):.4f} over {len(dense)} seed(s); '
@@ -291,7 +301,7 @@ def run(model, image_shape, data, seeds: Sequence[int], config: MagnitudeConfig,
         io: RunIO | None = None, lanes_per_chunk: int | None = None) -> list[dict[str, Any]]:
   """Every method x target x seed as lanes of one group (the lottery_reinit trials follow their
   lottery siblings cycle by cycle); resumable like DropNet, with what the run writes and reports
-  in `io` (`driver.RunIO`; None: in memory, lines to print). Returns the records."""
+  in `io` (`driver.RunIO`; None: in memory, lines to logging at INFO). Returns the records."""
   from dropnet_jax.training.lanes import Lanes
   from dropnet_jax.training.trainer import Trainer, steps_per_epoch
   config.validate()

@@ -7,12 +7,14 @@ group, θ0 of its seeds, the shared dense outcomes, a mid-cycle training state).
 reads the newest readable one back into the trials, after checking that it is
 of the same experiment (seeds, metrics, format) made with the same settings and
 data (the `stamp`), so a checkpoint is never continued under other settings.
+`curve_rows_kept` says which learning-curve rows of earlier invocations a
+restored position accounts for (the rest are trained again).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +125,32 @@ def restore(checkpointer, method, runner, lane_count: int, trials: list[Trial],
     pos.fit = _wrap_key(unflatten(_key_data(_fit_template(method, runner, lane_count)), arrays['fit']))
     pos.fit_meta = meta['fit']
   return pos
+
+
+def curve_rows_kept(trials: list[Trial], pos: Position, active: list[Trial]) -> Callable[[dict[str, Any]], bool]:
+  """Which learning-curve rows (`driver.CurveSink`) of earlier invocations the position `pos` accounts
+  for: those of recorded cycles, of the shared dense cycles it holds, and of the epochs its mid-cycle
+  state has trained (`active`: the current group's unstopped trials, whose cycle, or whose seeds'
+  dense cycle, it is; a lane that stopped earlier wrote no rows past its stop). Rows of epochs trained
+  after the checkpoint are trained again, so they are dropped and written anew; a fresh position
+  keeps none."""
+  recorded = {(t.seed, t.metric, r['cycle']) for t in trials for r in t.records}
+  dense = set(pos.dense)
+  partial: set[tuple[int, str, int]] = set()
+  last_epoch = 0
+  if pos.fit is not None:  # the lanes the driver trains next, as it derives them
+    if pos.fit_meta['phase'] == 'dense':  # cycle 0 of every trial of the seeds being trained
+      seeds = {t.seed for t in active if t.seed not in dense}
+      partial = {(t.seed, t.metric, 0) for t in trials if t.seed in seeds}
+    else:
+      partial = {(t.seed, t.metric, pos.fit_meta['cycle']) for t in active}
+    last_epoch = int(np.max(np.asarray(pos.fit.epoch)))
+
+  def keep(row: dict[str, Any]) -> bool:
+    key = (row['seed'], row['metric'], row['cycle'])
+    return (key in recorded or (row['cycle'] == 0 and row['seed'] in dense)
+            or (key in partial and row['epoch'] <= last_epoch))
+  return keep
 
 
 def _templates(method, runner, lane_count: int, meta: dict[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,9 @@ read: restart it (or reload with a fresh --logdir) to drop the replaced epochs.
 Cost: the rows come from the driver's one host read per epoch (small per-lane scalars, the same read
 the progress display uses); nothing is read per step. A row is appended and flushed to the OS when
 its epoch ends (before any checkpoint of that epoch, so a checkpoint never gets ahead of the file);
-the TensorBoard writer flushes every few seconds in its own thread.
+the TensorBoard writer flushes every few seconds in its own thread. On the default digits run
+(6 trials, 2,858 epochs) writing the rows took 0.03 s as JSON lines and 0.13 s as TensorBoard events
+(one event per row; `add_scalar` per value took 0.8 s), and the figure about 1.2 s once at the end.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 from dropnet_jax.runs import reporting
@@ -98,6 +101,27 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
   return rows
 
 
+def _import_tensorboardx() -> None:
+  """Imports tensorboardX, without torch. tensorboardX's writer module imports torch whenever it is
+  installed, only to accept torch tensors as values (ours are Python floats); that import took 1.8 s
+  of a 20 s default digits run where torch is installed (the test environment, PyTorch users). So
+  unless torch is loaded already, `import torch` is made to fail for the duration of this import
+  (a None entry in sys.modules raises ImportError, which tensorboardX catches) and works again after."""
+  if 'tensorboardX' in sys.modules:
+    return
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None  # type: ignore[assignment]
+  try:
+    import tensorboardX  # noqa: F401
+  except ImportError:
+    raise RuntimeError('learning curves need tensorboardX (pip install tensorboardX, or reinstall '
+                       'dropnet_jax); or turn them off with --nocurves') from None
+  finally:
+    if blocked:
+      del sys.modules['torch']
+
+
 class CurveWriter:
   """Writes a run's learning curves into `directory` (a `driver.CurveSink`; see the module docstring).
 
@@ -107,12 +131,9 @@ class CurveWriter:
     self.directory = directory
     self.tensorboard = tensorboard
     if tensorboard:
-      try:
-        import tensorboardX  # noqa: F401  (a dependency; checked here, before the run trains)
-      except ImportError:
-        raise RuntimeError('learning curves need tensorboardX (pip install tensorboardX, or reinstall '
-                           'dropnet_jax); or turn them off with --nocurves') from None
+      _import_tensorboardx()  # a dependency; checked here, before the run trains
     self._file = None
+    self._started = False
     self._writers: dict[str, Any] = {}
 
   @property
@@ -129,34 +150,38 @@ class CurveWriter:
     reporting.write_jsonl(self.path, kept)
     for old in glob.glob(os.path.join(self.directory, TENSORBOARD_DIR, '*', 'events.out.tfevents.*')):
       os.remove(old)
-    self._file = open(self.path, 'a', encoding='utf-8')
+    self._started = True
     self._to_tensorboard(kept)
 
   def add(self, rows: Sequence[dict[str, Any]]) -> None:
     """Appends one epoch's rows (starting afresh if `start` was not called)."""
-    if self._file is None:
+    if not self._started:
       self.start()
+    if self._file is None:
+      self._file = open(self.path, 'a', encoding='utf-8')
     self._file.write(''.join(json.dumps({k: row[k] for k in ROW_KEYS}) + '\n' for row in rows))
     self._file.flush()
     self._to_tensorboard(rows)
 
   def _to_tensorboard(self, rows: Sequence[dict[str, Any]]) -> None:
+    """A row is one event (a summary of its five scalars at step = epoch): what
+    `SummaryWriter.add_scalar` writes per value, at a fifth of the cost."""
     if not self.tensorboard:
       return
+    from tensorboardX import FileWriter
+    from tensorboardX.proto.summary_pb2 import Summary
     for row in rows:
       run = tensorboard_run(row['seed'], row['metric'])
       writer = self._writers.get(run)
       if writer is None:
-        from tensorboardX import SummaryWriter
-        writer = self._writers[run] = SummaryWriter(os.path.join(self.directory, TENSORBOARD_DIR, run),
-                                                    flush_secs=TB_FLUSH_SECONDS)
-      for quantity in QUANTITIES:
-        value = row[quantity]
-        if value is not None:
-          writer.add_scalar(tensorboard_tag(quantity, row['cycle']), value, row['epoch'])
+        writer = self._writers[run] = FileWriter(os.path.join(self.directory, TENSORBOARD_DIR, run),
+                                                 flush_secs=TB_FLUSH_SECONDS)
+      values = [Summary.Value(tag=tensorboard_tag(q, row['cycle']), simple_value=row[q])
+                for q in QUANTITIES if row[q] is not None]
+      writer.add_summary(Summary(value=values), row['epoch'])
 
   def close(self) -> None:
-    """Flushes and closes metrics.jsonl and the TensorBoard files (a later `add` starts afresh)."""
+    """Flushes and closes metrics.jsonl and the TensorBoard files (a later `add` appends again)."""
     if self._file is not None:
       self._file.close()
       self._file = None
@@ -205,6 +230,9 @@ def make_figure(rows: Sequence[dict[str, Any]], title: str = ''):
   max_cycle = max(r['cycle'] for r in rows)
   norm = colors.Normalize(vmin=0, vmax=max(max_cycle, 1))
   cmap = cm.viridis
+  longest = max(sum(1 for r in rows if (r['seed'], r['metric'], r['cycle']) == key)
+                for key in {(r['seed'], r['metric'], r['cycle']) for r in rows})
+  marker = '.' if longest <= 15 else None  # dots only where a few epochs would hide the points
   pairs_per_row = 1 if len(metrics) == 1 else 2
   nrows = math.ceil(len(metrics) / pairs_per_row)
   fig = Figure(figsize=(4.6 * 2 * pairs_per_row + 1.2, 3.2 * nrows + 0.6), layout='constrained')
@@ -217,7 +245,7 @@ def make_figure(rows: Sequence[dict[str, Any]], title: str = ''):
     for cycle in sorted({r['cycle'] for r in mine}):
       points = sorted((r['epoch'], r['val_accuracy'], r['train_loss']) for r in mine if r['cycle'] == cycle)
       epochs = [p[0] for p in points]
-      style = {'color': cmap(norm(cycle)), 'linewidth': 1.4, 'marker': '.' if len(points) < 25 else None}
+      style = {'color': cmap(norm(cycle)), 'linewidth': 1.4, 'marker': marker}
       acc_ax.plot(epochs, [p[1] for p in points], **style)
       loss_ax.plot(epochs, [p[2] for p in points], **style)
     acc_ax.set_title(f'{metric} (seed {seed}): validation accuracy', fontsize=10)
@@ -248,6 +276,6 @@ def _integer_ticks():
 def save_figure(rows: Sequence[dict[str, Any]], path: str, title: str = '') -> str:
   """`make_figure` written atomically to `path` as PNG; returns the path."""
   buf = io.BytesIO()
-  make_figure(rows, title).savefig(buf, format='png', dpi=110)
+  make_figure(rows, title).savefig(buf, format='png', dpi=100)
   reporting.atomic_write_bytes(path, buf.getvalue())
   return path

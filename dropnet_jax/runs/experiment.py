@@ -59,7 +59,7 @@ class Setup:
                    steps_per_epoch=steps_per_epoch(len(self.dataset.train_labels), train.batch_size))
 
   def title(self) -> str:
-    return f'{self.config.model.name} {list(self.model.widths)} on {self.config.data.dataset}'
+    return reporting.run_title(self.config.model.name, self.model.widths, self.config.data.dataset)
 
   def derived(self, out: str, **dropnet_changes) -> 'Setup':
     """The same run with some DropNetConfig fields replaced, into `out` (for studies); checked."""
@@ -68,7 +68,9 @@ class Setup:
     return self.into(out, config)
 
   def into(self, out: str, config: ExperimentConfig | None = None, kind: str = 'dropnet') -> 'Setup':
-    """This run (or `config` on the same model and data) into another directory; checked."""
+    """This run (or `config` on the same model and data) into another directory; checked (the config
+    too, so a study's derived run is refused before the first run trains)."""
+    (config or self.config).validate()
     run_dir = RunDir(out, kind, config or self.config, data_fingerprint=self.run_dir.data_fingerprint,
                      writes=self.run_dir.writes, distributed=self.distributed)
     run_dir.check()
@@ -112,10 +114,24 @@ def save_params_mode(setup: Setup) -> str:
   return 'all' if count < 1_000_000 else 'last'
 
 
+class _Silent:
+  """A stream that drops what is written: the progress output of a process that does not write."""
+
+  def write(self, text: str) -> int:
+    return len(text)
+
+  def flush(self) -> None:
+    pass
+
+  def isatty(self) -> bool:
+    return False
+
+
 def run(setup: Setup, title: str = '') -> list[dict[str, Any]]:
   """Runs (or resumes) DropNet into the setup's directory; returns all records.
 
-  Shows a progress bar on a terminal (elsewhere one line per cycle; per epoch too with verbose).
+  Shows a progress bar on a terminal (elsewhere one line per cycle; per epoch too with verbose); a
+  process that does not write (a --distributed run's processes other than 0) shows nothing.
   """
   config, run_dir = setup.config, setup.run_dir
   run_dir.check()
@@ -128,7 +144,10 @@ def run(setup: Setup, title: str = '') -> list[dict[str, Any]]:
   trials = len(setup.seeds) * len(config.dropnet.metrics)
   cycles = progress.expected_cycles(list(setup.model.widths), config.dropnet.fraction, config.dropnet.floor)
   title = title or setup.title()
-  with run_dir.open(config.output.max_checkpoints), progress.ProgressMonitor(trials, cycles) as monitor, \
+  # A --distributed run's processes other than 0 (they do not write) print nothing: process 0's lines
+  # are the run's.
+  display = progress.ProgressMonitor(trials, cycles, stream=None if run_dir.writes else _Silent())
+  with run_dir.open(config.output.max_checkpoints), display as monitor, \
       curves.for_run(run_dir, config.output.curves, title) as curve_writer:
     d = setup.dataset
     monitor.log(f'{title}: {trials} trial{"s" * (trials != 1)} (seeds x metrics), up to {cycles} cycles each; '

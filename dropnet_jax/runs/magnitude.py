@@ -78,7 +78,7 @@ def run(setup: Setup) -> tuple[list[dict[str, Any]], str]:
   spec = {'model': config.model.name, 'widths': list(setup.model.widths), 'num_classes': d.num_classes,
           'image_shape': list(d.image_shape)}
   mode = 'none' if config.output.save_params == 'none' else ('all' if config.output.save_params == 'all' else 'last')
-  title = f'{config.model.name} {list(setup.model.widths)} on {config.data.dataset}'
+  title = reporting.run_title(config.model.name, setup.model.widths, config.data.dataset)
   with run_dir.open(config.output.max_checkpoints), \
       curves.for_run(run_dir, config.output.curves, f'weight pruning: {title}') as curve_writer:
     io = run_dir.io(checkpoint_every_epochs=config.output.checkpoint_every_epochs,

@@ -3,10 +3,17 @@
 An experiment produces *records*: one dict per (seed, metric, cycle) with at
 least `seed`, `metric`, `cycle`, `fraction_remaining` and the accuracy / loss /
 early-stopping fields. This module persists them (atomically, so a killed run
-never leaves a half-written results file), averages them over seeds with a
-Student-t confidence interval and renders them like the DropNet paper's
-figures: metric value against the fraction of nodes/filters remaining, on a
-log x axis that runs from 1.0 on the left towards sparser networks on the right.
+never leaves a half-written results file), averages them over seeds and renders
+them like the DropNet paper's figures: metric value against the fraction of
+nodes/filters remaining, on a log x axis that runs from 1.0 on the left towards
+sparser networks on the right.
+
+Every mean comes with a spread that a reader can take at face value: with fewer
+than `CI_MIN_SEEDS` seeds the min-max of the seeds (a t-interval over 2-4 seeds
+is wider than the data and leaves [0, 1]), from there on the 95% t-interval
+clipped to the value's range, and 'n/a' for one seed, never a '±0.00' that
+reads as a result. Each figure's legend and each table's title line say which
+it is and over how many seeds. Legends sit beside the panels, not on the data.
 
 Plotting uses `matplotlib.figure.Figure` with an explicit Agg canvas instead of
 pyplot, so importing or calling this module never changes the caller's pyplot
@@ -21,32 +28,20 @@ import json
 import math
 import os
 import tempfile
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
+
+# Seed statistics, styles and titles live in their own modules; these names stay importable from here.
+from dropnet_jax.runs.seed_stats import (CI_MIN_SEEDS, Point, aggregate, band_phrase, mean_ci,  # noqa: F401
+                                         spread, value_range)
+from dropnet_jax.runs.styles import METRIC_STYLES, metric_order, metric_styles, split_label  # noqa: F401
+from dropnet_jax.runs.titles import dataset_title, model_title, run_title  # noqa: F401
 
 # Accuracies are stored in [0, 1]; only the text table shows them in percent.
 ACCURACY_KEYS = ('train_accuracy', 'val_accuracy', 'test_accuracy')
-
-# Fixed style per known metric so figures from different runs can be compared
-# at a glance. Layer-wise variants reuse their global counterpart's marker and
-# are dashed, so the pairs are easy to match up.
-METRIC_STYLES: dict[str, dict[str, Any]] = {
-    'min': {'color': 'tab:blue', 'marker': 'o', 'linestyle': '-'},
-    'max': {'color': 'tab:orange', 'marker': 's', 'linestyle': '-'},
-    'random': {'color': 'tab:green', 'marker': '^', 'linestyle': '-'},
-    'min_layer': {'color': 'tab:purple', 'marker': 'o', 'linestyle': '--'},
-    'max_layer': {'color': 'tab:brown', 'marker': 's', 'linestyle': '--'},
-    'random_layer': {'color': 'tab:olive', 'marker': '^', 'linestyle': '--'},
-    'apoz': {'color': 'tab:red', 'marker': 'D', 'linestyle': '-'},
-    'oracle': {'color': 'black', 'marker': '*', 'linestyle': ':'},
-}
-# Handed out, in sorted-name order, to metrics not listed above.
-_SPARE_COLORS = ('tab:pink', 'tab:gray', 'tab:cyan', '#1b9e77', '#d95f02',
-                 '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d')
-_SPARE_MARKERS = ('v', 'P', 'X', 'h', '<', '>', 'p', 'd')
 
 # Number of digits used for the fraction in table cells.
 _FRACTION_FMT = '{:.3f}'
@@ -177,84 +172,23 @@ def write_csv(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]
 
 
 # ---------------------------------------------------------------------------
-# Statistics over seeds.
-
-
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-  """Mean and Student-t confidence-interval half width over `values` (seeds).
-
-  A single value has no spread estimate, so its half width is 0.0.
-  """
-  x = np.asarray(values, dtype=np.float64).ravel()
-  if x.size == 0:
-    raise ValueError('mean_ci needs at least one value')
-  if not 0.0 < confidence < 1.0:
-    raise ValueError(f'confidence must be in (0, 1), got {confidence}')
-  mean = float(x.mean())
-  if x.size == 1:
-    return mean, 0.0
-  t = stats.t.ppf(0.5 + confidence / 2.0, df=x.size - 1)
-  half = float(t * x.std(ddof=1) / math.sqrt(x.size))
-  return mean, half
-
-
-def metric_order(metrics: Iterable[str]) -> list[str]:
-  """Known metrics in the paper's order first, then the others sorted."""
-  names = set(metrics)
-  known = [m for m in METRIC_STYLES if m in names]
-  return known + sorted(names - set(known))
-
-
-def aggregate(records: Iterable[Mapping[str, Any]], key: str,
-              confidence: float = 0.95, x_key: str = 'fraction_remaining'
-              ) -> dict[str, list[tuple[float, float, float, int]]]:
-  """Averages `key` over seeds per (metric, cycle).
-
-  Returns:
-    {metric: [(x_mean, mean, half_width, n), ...]} sorted by cycle, x being `x_key` (the fraction
-    remaining, or the compact network's `params` / `macs`);
-    metrics in `metric_order`. Records without `key` (or with None) are
-    skipped, so optional fields such as `last_test_accuracy` aggregate too.
-    The fraction is averaged although deterministic unit counts make it equal
-    across seeds, so non-deterministic schedules still plot sensibly.
-  """
-  groups: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
-  for r in records:
-    value = r.get(key)
-    if value is None:
-      continue
-    cell = groups.setdefault(str(r['metric']), {}).setdefault(int(r['cycle']), ([], []))
-    cell[0].append(float(r[x_key]))
-    cell[1].append(float(value))
-  out: dict[str, list[tuple[float, float, float, int]]] = {}
-  for metric in metric_order(groups):
-    rows = []
-    for cycle in sorted(groups[metric]):
-      fractions, values = groups[metric][cycle]
-      mean, half = mean_ci(values, confidence)
-      rows.append((float(np.mean(fractions)), mean, half, len(values)))
-    out[metric] = rows
-  return out
-
-
-# ---------------------------------------------------------------------------
 # Text table.
 
 
-def _format_value(key: str, mean: float, half: float) -> str:
-  if key in ACCURACY_KEYS or 'accuracy' in key:
-    return f'{100 * mean:.2f}±{100 * half:.2f}'
-  if 'loss' in key:
-    return f'{mean:.4f}±{half:.4f}'
-  return f'{mean:.2f}±{half:.2f}'
+def _format_value(key: str, mean: float, low: float, high: float) -> str:
+  """'91.00 [90.00, 92.00]' (accuracies in percent), '91.00 [n/a]' without a spread (one seed)."""
+  scale, digits = (100.0, 2) if 'accuracy' in key else (1.0, 4 if 'loss' in key else 2)
+  band = 'n/a' if math.isnan(low) else f'{scale * low:.{digits}f}, {scale * high:.{digits}f}'
+  return f'{scale * mean:.{digits}f} [{band}]'
 
 
 def summary_table(records: Iterable[Mapping[str, Any]], key: str = 'test_accuracy') -> str:
   """Plain-text table: one row per cycle, one column per metric.
 
-  Cells read `mean±half_width (fraction)`, accuracies in percent, e.g.
-  `97.12±0.31 (0.640)`. A metric with fewer cycles than another shows `-`.
-  The header gives each metric's seed count (the most seeds in any cycle).
+  Cells read `mean [low, high] (fraction)`, accuracies in percent, e.g. `97.12 [96.80, 97.40]
+  (0.640)`; [low, high] is the min-max of the seeds below CI_MIN_SEEDS seeds, the 95% t-interval
+  from there on, `[n/a]` for one seed (the title line says which). A metric with fewer cycles than
+  another shows `-`. The header gives each metric's seed count (the most seeds in any cycle).
   """
   records = list(records)
   agg = aggregate(records, key)
@@ -270,7 +204,7 @@ def summary_table(records: Iterable[Mapping[str, Any]], key: str = 'test_accurac
   all_cycles = sorted({c for cs in cycles_by_metric.values() for c in cs})
   index = {m: {c: i for i, c in enumerate(sorted(set(cycles_by_metric[m])))} for m in metrics}
 
-  header = ['cycle'] + [f'{m} (n={max(row[3] for row in agg[m])})' for m in metrics]
+  header = ['cycle'] + [f'{m} (n={max(p.n for p in agg[m])})' for m in metrics]
   body = []
   for cycle in all_cycles:
     row = [str(cycle)]
@@ -279,8 +213,8 @@ def summary_table(records: Iterable[Mapping[str, Any]], key: str = 'test_accurac
       if i is None:
         row.append('-')
       else:
-        frac, mean, half, _ = agg[m][i]
-        row.append(f'{_format_value(key, mean, half)} ({_FRACTION_FMT.format(frac)})')
+        p = agg[m][i]
+        row.append(f'{_format_value(key, p.mean, p.low, p.high)} ({_FRACTION_FMT.format(p.x)})')
     body.append(row)
 
   widths = [max(len(r[j]) for r in [header] + body) for j in range(len(header))]
@@ -291,26 +225,16 @@ def summary_table(records: Iterable[Mapping[str, Any]], key: str = 'test_accurac
     return '  '.join(cells).rstrip()
 
   unit = ' [%]' if 'accuracy' in key else ''
-  lines = [f'{key}{unit}: mean±95% CI half-width over seeds (fraction remaining)',
-           fmt(header), '  '.join('-' * w for w in widths)]
+  kinds = [p.kind for points in agg.values() for p in points]
+  phrase = band_phrase(kinds, key, scale=100.0 if unit else 1.0)
+  lines = [f'{key}{unit}: mean over seeds [{phrase}] (fraction remaining)', fmt(header),
+           '  '.join('-' * w for w in widths)]
   lines += [fmt(r) for r in body]
   return '\n'.join(lines) + '\n'
 
 
 # ---------------------------------------------------------------------------
 # Figures.
-
-
-def metric_styles(metrics: Iterable[str]) -> dict[str, dict[str, Any]]:
-  """Line style per metric: fixed for known names, spares for the rest."""
-  ordered = metric_order(metrics)  # consumes `metrics` once (may be a generator)
-  styles = {m: dict(METRIC_STYLES[m]) for m in ordered if m in METRIC_STYLES}
-  unknown = [m for m in ordered if m not in METRIC_STYLES]
-  for i, m in enumerate(unknown):
-    styles[m] = {'color': _SPARE_COLORS[i % len(_SPARE_COLORS)],
-                 'marker': _SPARE_MARKERS[i % len(_SPARE_MARKERS)],
-                 'linestyle': '-.'}
-  return styles
 
 
 _NICE_TICKS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
@@ -356,44 +280,66 @@ _YLABELS = {
 }
 
 
+def _legend_title(aggs: Sequence[Mapping[str, Sequence[Point]]], keys: Sequence[str],
+                  confidence: float) -> tuple[str, bool]:
+  """The legend's title (what a line and a band are, over how many seeds) and whether each label
+  must carry its own n (when the metrics' seed counts differ)."""
+  counts = {m: max(p.n for p in points) for agg in aggs for m, points in agg.items()}
+  kinds = {p.kind for agg in aggs for points in agg.values() for p in points}
+  if set(counts.values()) == {1}:
+    return 'one seed (n=1): no band', False
+  uniform = len(set(counts.values())) == 1
+  seeds = f'n={next(iter(counts.values()))} seeds' if uniform else 'seeds'
+  # One line per kind of band (wrapped when long), so the legend stays narrow.
+  band = ';\n'.join(textwrap.fill(part, 34, subsequent_indent='  ')
+                     for part in f'band: {band_phrase(kinds, keys, confidence)}'.split('; '))
+  return f'mean over {seeds}\n{band}', not uniform
+
+
 def make_figure(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
                 title: str = '', confidence: float = 0.95, x_key: str = 'fraction_remaining',
                 xlabel: str | None = None) -> Any:
   """Builds (without saving) a Figure with one panel per key vs `x_key` (default the fraction).
 
-  Each metric is a line with markers at the seed mean and a shaded band of
-  mean ± CI half width. Returns a `matplotlib.figure.Figure` with an Agg
-  canvas attached; its axes are `fig.axes`, in `keys` order.
+  Each metric is a line with markers at the seed mean and a shaded band (`spread`: min-max of the
+  seeds below CI_MIN_SEEDS, else the clipped t-interval; none for one seed). One legend, right of
+  the panels, names the metrics and says what line and band are and n. Returns a
+  `matplotlib.figure.Figure` with an Agg canvas attached; its axes are `fig.axes`, in `keys` order.
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
   records = list(records)
-  fig = Figure(figsize=(5.5 * len(keys), 4.2), layout='constrained')
+  fig = Figure(figsize=(4.6 * len(keys) + 1.9, 3.8), layout='constrained')
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, len(keys), squeeze=False)[0]
   styles = metric_styles(str(r['metric']) for r in records)
-  for ax, key in zip(axes, keys):
-    agg = aggregate(records, key, confidence, x_key)
-    all_fractions = []
-    for metric, rows in agg.items():
-      frac = np.array([r[0] for r in rows])
-      mean = np.array([r[1] for r in rows])
-      half = np.array([r[2] for r in rows])
-      all_fractions.extend(frac.tolist())
+  aggs = [aggregate(records, key, confidence, x_key) for key in keys]
+  legend_title, label_n = _legend_title(aggs, keys, confidence) if any(aggs) else ('', False)
+  handles: dict[str, Any] = {}
+  for ax, key, agg in zip(axes, keys, aggs):
+    all_x = []
+    for metric, points in agg.items():
+      x = np.array([p.x for p in points])
+      mean = np.array([p.mean for p in points])
+      low = np.array([p.low for p in points])
+      high = np.array([p.high for p in points])
+      all_x.extend(x.tolist())
       style = styles[metric]
-      ax.plot(frac, mean, label=metric, color=style['color'], marker=style['marker'],
-              linestyle=style['linestyle'], markersize=4, linewidth=1.4)
-      low, high = mean - half, mean + half
-      if key.endswith('accuracy'):  # a t interval over few seeds can leave [0, 1]; accuracy cannot
-        low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
-      ax.fill_between(frac, low, high, color=style['color'], alpha=0.18, linewidth=0)
-    _style_fraction_axis(ax, all_fractions, x_key)
+      label = f'{metric} (n={max(p.n for p in points)})' if label_n else metric
+      (line,) = ax.plot(x, mean, label=label, markersize=4, linewidth=1.4, **style)
+      handles.setdefault(label, line)
+      if np.isfinite(low).any():
+        ax.fill_between(x, low, high, color=style['color'], alpha=0.15, linewidth=0)
+    _style_fraction_axis(ax, all_x, x_key)
     if xlabel:
       ax.set_xlabel(xlabel)
     ax.set_ylabel(_YLABELS.get(key, key.replace('_', ' ')))
-    if agg:
-      ax.legend(fontsize='small', loc='best')
+  if handles:
+    # Beside the last panel, top-aligned with it (below the suptitle), never over the data.
+    axes[-1].legend(list(handles.values()), list(handles), loc='upper left', bbox_to_anchor=(1.02, 1.0),
+                    borderaxespad=0.0, fontsize='small', title=legend_title, title_fontsize='small',
+                    alignment='left', frameon=False)
   if title:
     fig.suptitle(title)
   return fig

@@ -51,6 +51,46 @@ def _version() -> str:
   return __version__
 
 
+def git_commit(package_dir: str | None = None) -> str | None:
+  """The commit of the checkout the package runs from (`git rev-parse HEAD`), with `-dirty` when
+  tracked files differ from it (untracked ones do not count, as with `git describe --dirty`); None
+  when the package is not the top of a git checkout (an installed wheel, even inside another
+  repository), or git is absent or fails. Never raises, never prints."""
+  import subprocess
+  package_dir = package_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # dropnet_jax/
+
+  def git(*args: str) -> str | None:
+    try:
+      # --no-optional-locks: a read only (status would otherwise refresh the index, taking its lock
+      # from under a commit being made in the same checkout).
+      proc = subprocess.run(['git', '--no-optional-locks', '-C', package_dir, *args], capture_output=True,
+                            text=True, timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+      return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+  found = git('rev-parse', '--show-toplevel', 'HEAD')
+  if found is None or len(found.splitlines()) != 2:
+    return None
+  top, commit = found.splitlines()
+  if os.path.realpath(top) != os.path.realpath(os.path.dirname(package_dir)):
+    return None  # the package lies in some other repository (e.g. a virtualenv inside a checkout)
+  changes = git('status', '--porcelain', '--untracked-files=no')
+  return commit + ('-dirty' if changes else '') if changes is not None else commit
+
+
+def provenance() -> dict[str, Any]:
+  """What made a run, for config.json: the package version and git commit, the JAX and Flax versions,
+  Python, and the devices (the first one's kind and platform, and how many)."""
+  import platform
+  import flax
+  import jax
+  devices = jax.devices()
+  return {'dropnet_jax': _version(), 'git_commit': git_commit(), 'jax': jax.__version__,
+          'flax': flax.__version__, 'python': platform.python_version(),
+          'device_kind': devices[0].device_kind, 'platform': devices[0].platform, 'device_count': len(devices)}
+
+
 class RunDir:
   """`path` as the output directory of a run of `kind` with `config` (see the module docstring)."""
 
@@ -186,10 +226,8 @@ class RunDir:
 
   def config_json(self) -> dict[str, Any]:
     """config.json: the config (loads back with --config), its stamp, and where it was made."""
-    import jax
-    import flax
     return {'kind': self.kind, 'config': settings.to_dict(self.config), 'stamp': self.stamp,
-            'provenance': {'dropnet_jax': _version(), 'jax': jax.__version__, 'flax': flax.__version__}}
+            'provenance': provenance()}
 
   @property
   def checkpointer(self) -> Checkpointer | None:

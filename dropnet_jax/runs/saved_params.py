@@ -19,8 +19,6 @@ import os
 import shutil
 from typing import Any
 
-import orbax.checkpoint as ocp
-
 from dropnet_jax.runs import reporting
 from dropnet_jax.pruning.masks import masks_from_strings
 from dropnet_jax.models import create_model
@@ -41,6 +39,7 @@ class ParamsStore:
     if mode not in SAVE_MODES:
       raise ValueError(f'--save_params must be one of {SAVE_MODES}, got {mode!r}')
     self.root, self.mode = os.path.abspath(directory), mode
+    import orbax.checkpoint as ocp  # here: entry points import this module for --help, which needs no orbax
     self._checkpointer = ocp.StandardCheckpointer()
     if mode != 'none':
       os.makedirs(self.root, exist_ok=True)
@@ -66,6 +65,7 @@ def load_params(run_dir: str, seed: int, metric: str, cycle: int) -> Any:
   if not os.path.isdir(path):
     raise FileNotFoundError(f'no saved params for seed {seed} metric {metric} cycle {cycle} at {path} '
                             '(was the run made with --save_params=all?)')
+  import orbax.checkpoint as ocp
   return ocp.StandardCheckpointer().restore(path)
 
 

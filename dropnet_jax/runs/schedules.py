@@ -89,7 +89,8 @@ class Setup:
   run_dir: RunDir
 
   def title(self) -> str:
-    return f'{self.config.model.name} {list(self.model.widths)} on {self.config.data.dataset}'
+    from dropnet_jax.runs.titles import run_title
+    return run_title(self.config.model.name, list(self.model.widths), self.config.data.dataset)
 
 
 def subset_train(dataset: Dataset, n: int | None) -> Dataset:

@@ -47,25 +47,56 @@ trials over `n_trials`.
 
 from __future__ import annotations
 
+import importlib
 import warnings
+from typing import Any
 
+# Optuna is an optional extra. Without it this package still imports (its settings, `config` and
+# `space`, need no Optuna, so `experiments.tune --help` and the tune recipes work), and what needs it
+# says how to install it: `require_optuna()` as one line for an entry point, before any work; a name
+# below that needs Optuna, as an ImportError with the same words.
+OPTUNA_MISSING = "dropnet_jax.tuning needs Optuna: pip install -e '.[tune]'"
 try:
   import optuna
-except ImportError as e:  # an optional extra
-  raise ImportError("dropnet_jax.tuning needs Optuna: pip install -e '.[tune]'") from e
+except ImportError:
+  optuna = None
+else:
+  warnings.filterwarnings('ignore', category=optuna.exceptions.ExperimentalWarning)
+  # Heartbeats are recorded by this package's own thread (`Heartbeat`), not by Study.optimize's.
+  warnings.filterwarnings('ignore', message='Heartbeat of storage is supposed to be used with Study.optimize')
 
-warnings.filterwarnings('ignore', category=optuna.exceptions.ExperimentalWarning)
-# Heartbeats are recorded by this package's own thread (`Heartbeat`), not by Study.optimize's.
-warnings.filterwarnings('ignore', message='Heartbeat of storage is supposed to be used with Study.optimize')
 
-from dropnet_jax.tuning.space import (DYNAMIC, SearchSpace, complete, lane_hyperparams, searched_dynamic,  # noqa: E402
-                                      suggest, template_config, train_config)
-from dropnet_jax.tuning.runner import DropNetObjective, LaneResult, LaneRunner, dropnet_value, retrain  # noqa: E402
-from dropnet_jax.tuning.study import (Heartbeat, PinnedSampler, WorkerReport, fail_dead_local_trials,  # noqa: E402
-                                      machine_id, make_pruner, make_storage, open_study, run_worker, sqlite_url,
-                                      state_counts, worker_name)
+def require_optuna() -> None:
+  """Raises ValueError (one line naming the install command) unless Optuna is installed."""
+  if optuna is None:
+    raise ValueError(OPTUNA_MISSING)
 
-__all__ = ['DYNAMIC', 'SearchSpace', 'complete', 'lane_hyperparams', 'searched_dynamic', 'suggest', 'template_config',
-           'train_config', 'DropNetObjective', 'LaneResult', 'LaneRunner', 'dropnet_value', 'retrain', 'Heartbeat',
-           'PinnedSampler', 'WorkerReport', 'fail_dead_local_trials', 'machine_id', 'make_pruner', 'make_storage',
-           'open_study', 'run_worker', 'sqlite_url', 'state_counts', 'worker_name']
+
+_MODULES = {
+    'space': ('DYNAMIC', 'SearchSpace', 'complete', 'lane_hyperparams', 'searched_dynamic', 'suggest',
+              'template_config', 'train_config'),
+    'runner': ('DropNetObjective', 'LaneResult', 'LaneRunner', 'dropnet_value', 'retrain'),
+    'study': ('Heartbeat', 'PinnedSampler', 'WorkerReport', 'fail_dead_local_trials', 'machine_id', 'make_pruner',
+              'make_storage', 'open_study', 'run_worker', 'sqlite_url', 'state_counts', 'worker_name'),
+}
+_PUBLIC = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = [*_PUBLIC, 'require_optuna']
+
+
+def __getattr__(name: str) -> Any:
+  """The public names resolve on first use (PEP 562), so that the package imports without Optuna."""
+  if name not in _PUBLIC:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  try:
+    module = importlib.import_module(f'{__name__}.{_PUBLIC[name]}')
+  except ImportError as e:
+    if optuna is None:
+      raise ImportError(OPTUNA_MISSING) from e
+    raise
+  value = getattr(module, name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_PUBLIC))
