@@ -36,3 +36,20 @@ def one_torch_thread():
   torch.set_num_threads(1)
   yield
   torch.set_num_threads(before)
+
+
+SLOW_LIST = Path(__file__).with_name('slow_tests.txt')
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: in the full suite only; `pytest -m "not slow"` is the fast tier '
+                          '(tests/slow_tests.txt lists them, tests/slow_tests.py regenerates the list)')
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks the tests listed in slow_tests.txt (measured, not guessed) as slow; a line naming a file
+  marks its whole module (for modules whose shared fixtures are the slow part)."""
+  slow = {line.split('#')[0].strip() for line in SLOW_LIST.read_text().splitlines()} - {''}
+  for item in items:
+    if item.nodeid in slow or item.nodeid.split('::')[0] in slow:
+      item.add_marker(pytest.mark.slow)

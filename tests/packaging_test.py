@@ -138,3 +138,15 @@ def test_the_tuning_package_imports_without_optuna_and_names_the_extra():
   assert proc.returncode == 0, proc.stderr[-2000:]
   line = "dropnet_jax.tuning needs Optuna: pip install -e '.[tune]'"
   assert proc.stdout.splitlines() == ['SearchSpace', f'ValueError: {line}', f'ImportError: {line}']
+
+
+def test_every_module_of_the_package_imports():
+  """Every module under dropnet_jax/ imports on its own (so the fast tier touches each one, and a
+  module that only a subprocess used to import cannot hide an import error)."""
+  import importlib
+  import pkgutil
+  import dropnet_jax
+  names = [m.name for m in pkgutil.walk_packages(dropnet_jax.__path__, 'dropnet_jax.')]
+  assert len(names) > 50
+  for name in names:
+    importlib.import_module(name)
