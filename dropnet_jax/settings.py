@@ -174,6 +174,20 @@ def from_dict(default: Any, data: dict[str, Any], where: str = 'config') -> Any:
   return dataclasses.replace(default, **changes)
 
 
+def read_run_config(path: str) -> dict[str, Any]:
+  """A run's config.json as written by `runs.run_dir.RunDir` ({'kind', 'config', 'stamp', ...});
+  ValueError (one line naming the file) when it is not valid JSON or not such a file."""
+  import json
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); move it away to start afresh') from None
+  if not isinstance(data, dict) or 'config' not in data or 'stamp' not in data:
+    raise ValueError(f'{path} is not a run\'s config.json of this version of dropnet_jax')
+  return data
+
+
 def stamp(config: Any) -> dict[str, Any]:
   """The settings a run's results depend on, flat by dotted path: what its checkpoints and
   config.json are compared on before a resume (fields marked `result=False` are left out)."""

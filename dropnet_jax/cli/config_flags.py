@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 from typing import Any
 
@@ -70,13 +69,7 @@ def load(path: str, default: Any, kind: str) -> Any:
   if not os.path.isfile(path):
     raise ValueError(f'--config={path}: no such file')
   if path.endswith('.json'):
-    try:
-      with open(path) as f:
-        data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f'--config={path}: not readable JSON ({e})') from None
-    if not isinstance(data, dict) or 'config' not in data:
-      raise ValueError(f'--config={path}: not a run\'s config.json (no "config" entry)')
+    data = settings.read_run_config(path)
     if data.get('kind', kind) != kind:
       raise ValueError(f'--config={path}: a {data.get("kind")} run\'s configuration; this entry point runs {kind}')
     return settings.from_dict(default, data['config'], f'--config={path}: config')

@@ -158,13 +158,7 @@ class RunDir:
     path = self.file(CONFIG_FILE)
     if not os.path.exists(path):
       return None
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f'{path} is not valid JSON ({e}); move it away to start afresh') from None
-    if not isinstance(saved, dict) or 'stamp' not in saved:
-      raise ValueError(f'{path} is not a config.json of this version of dropnet_jax; use another --out')
+    saved = settings.read_run_config(path)
     return saved
 
   def _differences(self, saved: dict[str, Any] | None) -> list[str]:
