@@ -30,8 +30,9 @@ from dropnet_jax.config import MODEL_NAMES, DataConfig
 from dropnet_jax.input_pipeline import load_dataset
 from dropnet_jax.models import large as large_models
 from dropnet_jax.settings import setting
+from dropnet_jax import theta as theta_lib
 from dropnet_jax.training.optim import OptimizerConfig
-from dropnet_jax.training.trainer import DeviceData, TrainConfig, Trainer, split_theta
+from dropnet_jax.training.trainer import DeviceData, TrainConfig, Trainer
 
 SMOKE_DATASETS = ('mnist', 'cifar10')
 
@@ -96,7 +97,7 @@ def smoke(name: str, data: DeviceData, num_classes: int, config: SmokeTrainConfi
   masks = tuple(jnp.ones(w).at[:int(config.drop * w)].set(0) for w in model.widths)
   trainer = Trainer(model, TrainConfig(optim=OptimizerConfig(lr=config.lr), batch_size=config.batch_size))
   before = trainer.evaluate(theta0, masks, data.val_images, data.val_labels)
-  opt_state = trainer.tx.init(split_theta(theta0)[0])
+  opt_state = trainer.tx.init(theta_lib.params(theta0))
   start = time.perf_counter()
   theta, _, train_loss, train_acc, _ = jax.block_until_ready(trainer.train_epoch(
       theta0, opt_state, masks, data.train_images, data.train_labels, jax.random.key(1)))

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from dropnet_jax import theta as theta_lib
 from dropnet_jax import models
 
 from dropnet_jax.compaction import accounting
@@ -66,13 +67,13 @@ def n_entries(tree):
 def test_counts_equal_array_sizes(name):
   model, theta, _ = setup(name)
   shape = CASES[name][1]
-  params, stats = compact.split_theta(theta)
+  params, stats = theta_lib.split(theta)
   dense = accounting.count(model, shape)
   assert dense.params == n_entries(params) and dense.batch_stats == n_entries(stats)
   for case in ('keep60', 'keep25', 'empty_layer' if name != 'resnet18' else 'zero_width_layers'):
     masks = case_masks(name, case)
     small, small_theta = compact.compact(model, theta, masks, image_shape=shape)
-    small_params, small_stats = compact.split_theta(small_theta)
+    small_params, small_stats = theta_lib.split(small_theta)
     eff = accounting.masked_counts(model, shape, masks)
     assert eff == accounting.count(small, shape)
     assert eff.params == n_entries(small_params) and eff.batch_stats == n_entries(small_stats)
@@ -99,7 +100,7 @@ def positive_theta(theta, seed=0):
 def test_effective_params_are_those_with_gradient(name, case):
   model, theta, _ = setup(name)
   shape = CASES[name][1]
-  params, stats = compact.split_theta(positive_theta(theta))
+  params, stats = theta_lib.split(positive_theta(theta))
   images = jnp.asarray(np.random.default_rng(2).integers(1, 256, (8, *shape)), jnp.uint8)  # positive pixels
   masks = tuple(jnp.asarray(m) for m in case_masks(name, case))
   extra = {'batch_stats': stats} if stats is not None else {}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dropnet_jax import theta as theta_lib
 from dropnet_jax import models
 
 from dropnet_jax.compaction import compact
@@ -119,7 +120,7 @@ def forward(model):
 
 def run(model, theta, images, masks=None):
   masks = models.full_masks(model) if masks is None else tuple(jnp.asarray(m) for m in masks)
-  logits, stats = forward(model)(compact.variables(theta), images, masks)
+  logits, stats = forward(model)(theta_lib.variables(theta), images, masks)
   return np.asarray(logits, np.float64), stats
 
 
@@ -134,7 +135,7 @@ def test_compact_logits_equal_masked_logits(name, case):
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
   assert (case in CONSTANT_CASES) == isinstance(small, ConstantModel)
   if isinstance(small, ConstantModel):
-    assert jax.tree.leaves(compact.split_theta(small_theta)[0])[0].shape == (NUM_CLASSES,)
+    assert jax.tree.leaves(theta_lib.split(small_theta)[0])[0].shape == (NUM_CLASSES,)
     return
   # Every unit the compact network keeps has the statistics of the same unit in the masked network.
   live = compact.plan(model, masks).live
@@ -157,7 +158,7 @@ def test_full_masks_change_nothing():
     model, theta, images = setup(name)
     small, small_theta = compact.compact(model, theta, models.full_masks(model))
     assert small.widths == model.widths
-    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), compact.variables(theta), compact.variables(small_theta))
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), theta_lib.variables(theta), theta_lib.variables(small_theta))
     assert all(jax.tree.leaves(same))
     if name == 'resnet18':  # identity index maps: the library's ResNet18 runs the compact params as they are
       assert all(idx == tuple(range(len(idx))) for idx in small.shortcut_index)
@@ -194,8 +195,8 @@ def test_save_load_roundtrip(tmp_path, name, case):
   assert loaded == small
   assert spec['meta'] == {'cycle': 3, 'metric': 'min'} and spec['image_shape'] == list(shape)
   assert spec['widths'] == list(small.widths) and spec['num_classes'] == NUM_CLASSES
-  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), compact.variables(small_theta),
-                      compact.variables(loaded_theta))
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), theta_lib.variables(small_theta),
+                      theta_lib.variables(loaded_theta))
   assert all(jax.tree.leaves(same))
   np.testing.assert_array_equal(np.asarray(compact.predict(loaded, loaded_theta, images)),
                                 np.asarray(compact.predict(small, small_theta, images)))

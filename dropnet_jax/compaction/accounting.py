@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dropnet_jax import theta as theta_lib
 from dropnet_jax import models
 
 from dropnet_jax.compaction import compact
@@ -187,7 +188,7 @@ def xla_flops(model: nn.Module, theta: Any, masks: Masks | None, image_shape: Se
   """XLA's flop count of the compiled eval-mode forward pass (logits only) for `batch_size` examples."""
   masks = models.full_masks(model) if masks is None else tuple(jnp.asarray(m, jnp.float32) for m in masks)
   images = jnp.zeros((batch_size, *image_shape), jnp.uint8)
-  cost = compact._forward(model).lower(compact.variables(theta), images, masks).compile().cost_analysis()
+  cost = compact._forward(model).lower(theta_lib.variables(theta), images, masks).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returns one dict per device program
     cost = cost[0]
   return float(cost['flops'])

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dropnet_jax import theta as theta_lib
 from dropnet_jax import models
 from dropnet_jax.compaction import accounting, compact
 from dropnet_jax.models.compact import model_name
@@ -165,7 +166,7 @@ def time_variants(variants: dict[str, tuple], image_shape, batch_sizes, repeats:
     logits = {}
     for name, (m, th, mk, counts) in variants.items():
       fn = jax.jit(lambda v, x, masks_, m=m: m.apply(v, x, masks_, train=False)[0])
-      args = (compact.variables(th), images, mk)
+      args = (theta_lib.variables(th), images, mk)
       logits[name] = np.asarray(fn(*args))
       entry = result['variants'].setdefault(name, {'params': counts.params, 'macs': counts.macs, 'latency_s': {}})
       entry['latency_s'][str(batch)] = best_latency(fn, args, repeats)

@@ -144,8 +144,6 @@ def compact_model(model: nn.Module, masks: Masks, the_plan: Plan | None = None) 
 
 
 # θ is a params tree or a variables dict (`dropnet_jax.theta`); these names are kept for existing callers.
-split_theta = theta_lib.split  # (params, batch_stats or None)
-variables = theta_lib.variables  # the dict for model.apply
 
 
 def _cut(a, keep_in, keep_out):

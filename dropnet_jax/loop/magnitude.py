@@ -37,13 +37,13 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from dropnet_jax import theta as theta_lib
 from dropnet_jax.pruning import criteria
 from dropnet_jax.config import TrainConfig
 from dropnet_jax.loop.dropnet import SeedKeys, random_init_key
 from dropnet_jax.loop.driver import Driver, Outcome, RunIO, Trial, log_info
 from dropnet_jax.models.layers import full_masks, zero_sums
 from dropnet_jax.models import init_params
-from dropnet_jax.training.trainer import split_theta
 from dropnet_jax.pruning.weight_masks import init_weight_mask, mask_fingerprint, sparsity_report
 from dropnet_jax.settings import setting
 
@@ -133,7 +133,7 @@ class MagnitudeMethod:
     self.model, self.image_shape, self.config, self.log = model, tuple(image_shape), config, log
     self.trials = trials
     theta = self.theta0(0)
-    self._params_template = split_theta(theta)[0]
+    self._params_template = theta_lib.params(theta)
     self._full = init_weight_mask(self._params_template, biases=config.biases, output_layer=config.output_layer)
     self.criterion = criteria.get(config.criterion, 'weight')
     self.context = criteria.Context(model.apply, data.train_images, data.train_labels)

@@ -112,7 +112,6 @@ class FitState(NamedTuple):
 
 
 # θ is a params tree, or a variables dict with batch statistics: see `dropnet_jax.theta`.
-split_theta = theta_lib.split  # (params, batch_stats or None); kept for existing callers
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

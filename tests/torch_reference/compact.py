@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dropnet_jax import theta as theta_lib
 from dropnet_jax.compaction import compact
 from dropnet_jax.models.compact import ConstantModel, model_from_spec, spec_of
 from tests.torch_reference import models as tmodels
@@ -47,7 +48,7 @@ class ConstantTwin(nn.Module):
 
 def to_torch(model: Any, theta: Any, image_shape: Sequence[int]) -> nn.Module:
   """The torch twin of a (compact) Flax Model A/B/C or ConstantModel, holding the same weights."""
-  params, _ = compact.split_theta(theta)
+  params, _ = theta_lib.split(theta)
   if isinstance(model, ConstantModel):
     twin = ConstantTwin(model.num_classes)
     with torch.no_grad():
@@ -91,7 +92,7 @@ def load_torch(directory: str) -> nn.Module:
 def _zeros_theta(spec: Mapping[str, Any]) -> dict[str, Any]:
   """A params tree of zeros with the exported shapes (only to build the twin before loading its state)."""
   flat = {k: np.zeros(v, np.float32) for k, v in spec['shapes'].items()}
-  return compact.split_theta(compact.unflatten(flat))[0]
+  return theta_lib.split(compact.unflatten(flat))[0]
 
 
 def export(directory: str, model: Any, theta: Any, image_shape: Sequence[int],
