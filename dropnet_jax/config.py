@@ -116,6 +116,18 @@ class ModelConfig:
                                            flag='widths')
   width_multiplier: float = setting(1.0, "Without widths: the model's default widths scaled by this (e.g. 0.25 for "
                                     'a CPU-sized ResNet18/VGG19).', flag='width_multiplier')
+  head: tuple[int, ...] | None = setting(None, "Hidden FC widths of the classifier head, e.g. 1024 or 512,256 "
+                                         "(models with a head; default: the model's).", flag='head')
+  dropout: float = setting(0.0, 'Dropout rate in [0, 1), training only: after each hidden FC layer and on the '
+                           'features the classifier reads.', flag='dropout')
+  init: str = setting('auto', "θ0's initialiser: glorot (Keras', the DropNet paper's), torch (PyTorch's layer "
+                      "defaults) or auto (the model's own).", flag='init', choices=('auto', 'glorot', 'torch'))
+
+  def validate(self) -> None:
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f'model.dropout must be in [0, 1), got {self.dropout}')
+    if self.head is not None and any(w <= 0 for w in self.head):
+      raise ValueError(f'model.head widths must be positive, got {self.head}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +138,9 @@ class DataConfig:
   data_dir: str | None = setting(None, 'Local data files (for mnist: a directory of the four IDX files).',
                                  flag='data_dir', result=False)
   split_seed: int = setting(0, 'Seed of the stratified validation split.', flag='split_seed')
+  normalize: bool = setting(False, "Per-channel normalisation: the model subtracts the training split's mean and "
+                            'divides by its std per channel (stored with the run in params/spec.json).',
+                            flag='normalize')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +182,7 @@ class ExperimentConfig:
   def validate(self) -> None:
     if self.seeds < 1:
       raise ValueError(f'seeds must be >= 1, got {self.seeds}')
+    self.model.validate()
     self.dropnet.validate()
     self.output.validate()
 

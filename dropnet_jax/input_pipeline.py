@@ -365,3 +365,28 @@ def dataset_fingerprint(ds: Dataset) -> str:
     h.update(f'{field}:{a.dtype.str}:{",".join(map(str, a.shape))}\0'.encode())
     h.update(a.reshape(-1).view(np.uint8))  # flat bytes without a copy (also for empty arrays)
   return h.hexdigest()
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel (mean, std) of uint8 images scaled to [0, 1], over every pixel of every image (the
+  population std, as the usual CIFAR recipes compute it). Accumulated in float64 in chunks, so a
+  50,000-image split needs no float copy of itself."""
+  if images.ndim != 4 or not len(images):
+    raise DataError(f'channel statistics need (N, H, W, C) images with N > 0, got shape {images.shape}')
+  c = images.shape[-1]
+  total, squares, count = np.zeros(c), np.zeros(c), 0
+  for start in range(0, len(images), 4096):
+    x = images[start:start + 4096].reshape(-1, c).astype(np.float64) / 255.0
+    total += x.sum(axis=0)
+    squares += (x * x).sum(axis=0)
+    count += x.shape[0]
+  mean = total / count
+  std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+  if np.any(std == 0):
+    raise DataError(f'a channel of the training images is constant (std {std.tolist()}): cannot normalise it')
+  return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def input_norm_for(normalize: bool, dataset: Dataset):
+  """The model's `input_norm`: the training split's channel statistics with `normalize`, else None."""
+  return channel_stats(dataset.train_images) if normalize else None

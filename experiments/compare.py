@@ -297,13 +297,13 @@ def prepare(config: CompareConfig, out: str):
       tdropnet.check_metric(m)
     except ValueError as e:
       raise ValueError(f'metrics: {e}') from None
-  build_model(config, 10)  # the model's widths, before any data are read
+  build_model(config)  # the model's widths, before any data are read
   run_dir = RunDir(out, 'compare', config)
   run_dir.check()
   ds = load_dataset(config.data.dataset, config.data.data_dir, split_seed=config.data.split_seed)
   run_dir.data_fingerprint = dataset_fingerprint(ds)
   run_dir.check()
-  flax_model = build_model(config, ds.num_classes)
+  flax_model = build_model(config, ds)
   torch_model = tmodels.create_model(config.model.name, flax_model.widths, ds.num_classes, ds.image_shape)
   return flax_model, torch_model, ds, run_dir
 

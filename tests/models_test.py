@@ -12,7 +12,7 @@ from dropnet_jax import models
 CASES = {
     'fc': (models.MLP(widths=(5, 4), num_classes=3), (6, 6, 1)),
     'conv': (models.ConvNet(widths=(4, 3), num_classes=3), (8, 8, 1)),
-    'modelc': (models.ModelC(widths=(3, 3, 4, 4), hidden=6, num_classes=3), (8, 8, 3)),
+    'modelc': (models.ModelC(widths=(3, 3, 4, 4), head=(6,), num_classes=3), (8, 8, 3)),
 }
 
 

@@ -49,7 +49,7 @@ def test_setup_title_uses_the_readable_names():
   from dropnet_jax.config import ExperimentConfig
   from dropnet_jax.runs import experiment
   config = ExperimentConfig()
-  model = experiment.build_model(config, 10)
+  model = experiment.build_model(config)
   setup = experiment.Setup(config, model, None, None)
   assert setup.title() == titles.run_title(config.model.name, model.widths, config.data.dataset)
   assert setup.title().startswith('Model A (FC')

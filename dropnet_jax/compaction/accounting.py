@@ -119,7 +119,8 @@ def _layers(model: nn.Module, image_shape: Sequence[int]) -> list[LayerCount]:
       if isinstance(model, models.ConvNet) or i % 2 == 1:
         hw = (hw[0] // 2, hw[1] // 2)  # 2x2 'VALID' max-pool
     if isinstance(model, models.ModelC):
-      return out + [_dense('Dense_0', hw[0] * hw[1] * c, model.hidden), _dense('Dense_1', model.hidden, model.num_classes)]
+      sizes = [hw[0] * hw[1] * c, *(int(v) for v in model.head), model.num_classes]
+      return out + [_dense(f'Dense_{i}', a, b) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
     return out + [_dense('Dense_0', hw[0] * hw[1] * c, model.num_classes)]
   if isinstance(model, large_models.VGG19):
     for i, width in enumerate(widths):

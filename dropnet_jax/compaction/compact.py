@@ -137,10 +137,10 @@ def compact_model(model: nn.Module, masks: Masks, the_plan: Plan | None = None) 
     return ConstantModel(num_classes=model.num_classes)
   widths = tuple(int(i.size) for i in p.live)
   if isinstance(model, large_models.ResNet18):
-    return CompactResNet18(widths=widths, shortcut_index=p.shortcut_index, num_classes=model.num_classes)
-  if isinstance(model, models.ModelC):
-    return models.ModelC(widths=widths, hidden=model.hidden, num_classes=model.num_classes)
-  return type(model)(widths=widths, num_classes=model.num_classes)
+    return CompactResNet18(widths=widths, shortcut_index=p.shortcut_index, num_classes=model.num_classes,
+                           input_norm=model.input_norm)
+  # The same family with the kept widths; every other field (head, dropout, input_norm, ...) kept.
+  return model.clone(parent=None, widths=widths)
 
 
 # θ is a params tree or a variables dict (`dropnet_jax.theta`); these names are kept for existing callers.
@@ -188,8 +188,9 @@ def _compact_params(model, params, stats, live):
       prev = keep
     dense = params['Dense_0']
     new['Dense_0'] = {'kernel': _flatten_rows(dense['kernel'], model.widths[-1], prev), 'bias': dense['bias']}
-    if 'Dense_1' in params:
-      new['Dense_1'] = params['Dense_1']
+    for name in params:  # Model C's head after the first FC layer and its classifier: unmasked, kept whole
+      if name.startswith('Dense_') and name != 'Dense_0':
+        new[name] = params[name]
     return new, None
   if isinstance(model, large_models.VGG19):
     new, new_stats, prev = {}, {}, None

@@ -27,7 +27,7 @@ import numpy as np
 
 from dropnet_jax.compaction import accounting, compact
 from dropnet_jax.input_pipeline import Dataset, load_dataset
-from dropnet_jax.models import create_model
+from dropnet_jax.models.compact import model_from_spec
 from dropnet_jax.pruning.masks import masks_from_strings
 from dropnet_jax.runs import reporting, saved_params
 from dropnet_jax.runs.run_dir import RunDir
@@ -105,7 +105,7 @@ def size(record: dict[str, Any], spec: dict[str, Any]) -> tuple[int, int]:
   """(params, MACs) of the record's compact network (records from before they carried them: counted)."""
   if 'params' in record and 'macs' in record:
     return int(record['params']), int(record['macs'])
-  model = create_model(spec['model'], spec['widths'], spec['num_classes'])
+  model = model_from_spec(spec)
   counts = accounting.summary(model, spec['image_shape'], masks_from_strings(record['mask']))
   return counts['params'], counts['macs']
 

@@ -29,7 +29,7 @@ import numpy as np
 from dropnet_jax import settings
 from dropnet_jax.compaction import accounting
 from dropnet_jax.config import ExperimentConfig
-from dropnet_jax.models import create_model
+from dropnet_jax.models.compact import model_from_spec
 from dropnet_jax.pruning.masks import masks_from_strings
 from dropnet_jax.runs import reporting, saved_params
 from dropnet_jax.settings import setting
@@ -208,7 +208,7 @@ def load_members(run: DropNetRun, records: Sequence[dict[str, Any]]):
   shrink layers), so members stack along a new leading axis; masks are inputs.
   """
   spec = run.spec
-  model = create_model(spec['model'], spec['widths'], spec['num_classes'])
+  model = model_from_spec(spec)
   thetas, masks, macs = [], [], []
   for r in records:
     seed, metric, cycle = member_key(r)

@@ -7,7 +7,8 @@ uses; `init_params` gives θ0 for a model and image shape.
 """
 
 from dropnet_jax.models.layers import full_masks, masked_relu, to_float
-from dropnet_jax.models.small import MODELS, ConvNet, MLP, ModelC, create_model, init_params, parse_widths
+from dropnet_jax.models.small import (INITIALIZERS, MODELS, ConvNet, MLP, ModelC, create_model, init_params,
+                                      model_from_config, parse_widths)
 
-__all__ = ['MODELS', 'ConvNet', 'MLP', 'ModelC', 'create_model', 'full_masks', 'init_params', 'masked_relu',
-           'parse_widths', 'to_float']
+__all__ = ['INITIALIZERS', 'MODELS', 'ConvNet', 'MLP', 'ModelC', 'create_model', 'full_masks', 'init_params',
+           'masked_relu', 'model_from_config', 'parse_widths', 'to_float']

@@ -41,7 +41,7 @@ import numpy as np
 from dropnet_jax import models
 
 from dropnet_jax.models import large as large_models
-from dropnet_jax.models.layers import KERNEL_INIT, Masks, masked_linear, masked_relu, to_float
+from dropnet_jax.models.layers import KERNEL_INIT, InputNorm, Masks, masked_linear, masked_relu, to_float
 
 
 def zero_safe_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
@@ -101,15 +101,16 @@ class CompactResNet18(nn.Module):
   widths: tuple[int, ...]
   shortcut_index: tuple[tuple[int, ...], ...]
   num_classes: int = 10
+  input_norm: InputNorm = None
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
-    del train  # no batch norm or dropout in this model
+    del train  # an eval-mode network: no batch norm, and no dropout
     w = tuple(int(v) for v in self.widths)
     if len(w) != 20 or len(masks) != 20 or len(self.shortcut_index) != 8:
       raise ValueError(f'CompactResNet18 needs 20 widths, 20 masks and 8 index maps, got '
                        f'{len(w)}, {len(masks)}, {len(self.shortcut_index)}')
-    x, s = masked_relu(_conv(w[0], 3, 1, 'stem')(to_float(images)), masks[0])
+    x, s = masked_relu(_conv(w[0], 3, 1, 'stem')(to_float(images, self.input_norm)), masks[0])
     stats, i = [s], 1
     for b, (stride, proj) in enumerate(zip(large_models.RESNET18_STRIDES, large_models.RESNET18_PROJECTION)):
       n = 3 if proj else 2
@@ -146,24 +147,40 @@ def model_name(model: nn.Module) -> str:
   raise TypeError(f'not a dropnet_jax model: {type(model).__name__}')
 
 
+# Model fields a spec carries besides name, widths and classes (when the model has them).
+OPTION_FIELDS = ('head', 'dropout', 'initializer', 'input_norm')
+
+
+def _jsonable(value):
+  if isinstance(value, (tuple, list)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
 def spec_of(model: nn.Module) -> dict[str, Any]:
   """A JSON-able description from which `model_from_spec` rebuilds the same module."""
   spec = {'model': model_name(model), 'widths': [int(w) for w in model.widths], 'num_classes': int(model.num_classes)}
-  if isinstance(model, models.ModelC):
-    spec['hidden'] = int(model.hidden)
+  for field in OPTION_FIELDS:
+    if hasattr(model, field):
+      spec[field] = _jsonable(getattr(model, field))
   if isinstance(model, CompactResNet18):
     spec['shortcut_index'] = [[int(i) for i in idx] for idx in model.shortcut_index]
   return spec
 
 
 def model_from_spec(spec: dict[str, Any]) -> nn.Module:
-  """The module `spec` describes (the library's constructors for the library's families)."""
+  """The module `spec` describes (the library's constructors for the library's families). Specs
+  written before the option fields existed rebuild with the defaults (Model C's 'hidden' as its head)."""
   name, widths, num_classes = spec['model'], tuple(int(w) for w in spec['widths']), int(spec['num_classes'])
+  norm = spec.get('input_norm')
+  norm = None if norm is None else tuple(tuple(float(v) for v in part) for part in norm)
   if name == 'constant':
     return ConstantModel(num_classes=num_classes)
   if name == 'resnet18_compact':
     index = tuple(tuple(int(i) for i in idx) for idx in spec['shortcut_index'])
-    return CompactResNet18(widths=widths, shortcut_index=index, num_classes=num_classes)
-  if name == 'modelc' and int(spec.get('hidden', 256)) != models.ModelC.hidden:
-    return models.ModelC(widths=widths, hidden=int(spec['hidden']), num_classes=num_classes)
-  return models.create_model(name, widths, num_classes)
+    return CompactResNet18(widths=widths, shortcut_index=index, num_classes=num_classes, input_norm=norm)
+  head = spec.get('head')
+  if head is None and 'hidden' in spec:
+    head = [spec['hidden']]
+  return models.create_model(name, widths, num_classes, head=head, dropout=float(spec.get('dropout', 0.0)),
+                             initializer=spec.get('initializer', 'auto'), input_norm=norm)

@@ -55,7 +55,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from dropnet_jax.models.layers import KERNEL_INIT, Masks, UnitStats, masked_linear, masked_relu, to_float
+from dropnet_jax.models.layers import (KERNEL_INIT, InputNorm, Masks, UnitStats, dropout, masked_linear, masked_relu,
+                                       to_float)
 
 RESNET18_STAGES = (64, 128, 256, 512)
 RESNET18_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)  # per block
@@ -130,15 +131,17 @@ class ResNet18(nn.Module):
   """CIFAR-style ResNet18 without batch norm; see the module docstring for the mask placement."""
   widths: Sequence[int] = resnet18_widths()
   num_classes: int = 10
+  dropout: float = 0.0  # on the pooled features the classifier reads, training only
+  input_norm: InputNorm = None
+  initializer: str = 'glorot'  # glorot or torch: what `init_params` draws θ0 from
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
-    del train  # no batch norm or dropout in this model
     check_resnet18_widths(self.widths)
     if len(masks) != len(self.widths):
       raise ValueError(f'{len(masks)} masks for {len(self.widths)} masked layers')
     w = tuple(int(v) for v in self.widths)
-    x = to_float(images)
+    x = to_float(images, self.input_norm)
     x, s = masked_relu(_conv3(w[0], 1, 'stem')(x), masks[0])
     stats, i = [s], 1
     for b, (stride, proj) in enumerate(zip(RESNET18_STRIDES, RESNET18_PROJECTION)):
@@ -146,7 +149,7 @@ class ResNet18(nn.Module):
       x, s = BasicBlock(w[i], w[i + n - 1], stride, proj, name=f'block{b}')(x, masks[i:i + n])
       stats += s
       i += n
-    x = x.mean(axis=(1, 2))
+    x = dropout(x.mean(axis=(1, 2)), self.dropout, train)
     logits = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name='classifier')(x)
     return logits, tuple(stats)
 
@@ -155,6 +158,9 @@ class VGG19(nn.Module):
   """VGG19 with batch norm: conv -> BN -> ReLU -> mask, pools after convs 2, 4, 8, 12, 16, GAP, Dense."""
   widths: Sequence[int] = VGG19_WIDTHS
   num_classes: int = 10
+  dropout: float = 0.0  # on the pooled features the classifier reads, training only
+  input_norm: InputNorm = None
+  initializer: str = 'glorot'  # glorot or torch: what `init_params` draws θ0 from
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
@@ -162,7 +168,7 @@ class VGG19(nn.Module):
       raise ValueError(f'VGG19 needs 16 positive conv widths, got {tuple(self.widths)}')
     if len(masks) != 16:
       raise ValueError(f'{len(masks)} masks for 16 masked layers')
-    x = to_float(images)
+    x = to_float(images, self.input_norm)
     stats = []
     for i, (width, mask) in enumerate(zip(self.widths, masks)):
       x = _conv3(int(width), 1, f'conv{i}', use_bias=False)(x)
@@ -171,7 +177,7 @@ class VGG19(nn.Module):
       stats.append(s)
       if i in VGG19_POOL_AFTER:
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
-    x = x.mean(axis=(1, 2))
+    x = dropout(x.mean(axis=(1, 2)), self.dropout, train)
     logits = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name='classifier')(x)
     return logits, tuple(stats)
 

@@ -69,11 +69,38 @@ def masked_linear(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, UnitStats]:
   return a, unit_stats(a)
 
 
-def to_float(images: jax.Array) -> jax.Array:
-  """uint8 pixels -> float32 in [0, 1]; float input is taken as already scaled."""
+# Per-channel input normalisation: ((mean per channel), (std per channel)) of [0, 1]-scaled pixels,
+# or None. A model field, so a saved or compacted network carries it and normalises wherever it runs.
+InputNorm = tuple[tuple[float, ...], tuple[float, ...]] | None
+
+
+def to_float(images: jax.Array, input_norm: InputNorm = None) -> jax.Array:
+  """uint8 pixels -> float32 in [0, 1] (float input is taken as already scaled), then, with
+  `input_norm = (mean, std)`, (x - mean) / std per channel (torchvision's `Normalize` after `ToTensor`)."""
   if jnp.issubdtype(images.dtype, jnp.integer):
-    return images.astype(jnp.float32) / 255.0
-  return images.astype(jnp.float32)
+    x = images.astype(jnp.float32) / 255.0
+  else:
+    x = images.astype(jnp.float32)
+  if input_norm is not None:
+    mean, std = (jnp.asarray(v, jnp.float32) for v in input_norm)
+    if mean.shape != (x.shape[-1],) or std.shape != (x.shape[-1],):
+      raise ValueError(f'input_norm has {mean.shape[0]} means and {std.shape[0]} stds for {x.shape[-1]} channels')
+    x = (x - mean) / std
+  return x
+
+
+def dropout(x: jax.Array, rate: float, train: bool, name: str | None = None) -> jax.Array:
+  """Inverted dropout in training only (call inside a compact module). The trainer gives the
+  'dropout' PRNG stream a key per (seed, cycle, epoch, step), so a resumed run drops the same units;
+  rate 0 adds nothing to the program."""
+  if not rate:
+    return x
+  return nn.Dropout(rate, deterministic=not train, name=name)(x)
+
+
+def check_dropout(rate: float) -> None:
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
 
 
 def full_masks(model: nn.Module) -> Masks:

@@ -18,28 +18,34 @@ stay uint8 on the device (4x less memory than float32).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dropnet_jax.models import large as large_models
-from dropnet_jax.models.layers import KERNEL_INIT, Masks, UnitStats, full_masks, masked_relu, to_float  # noqa: F401
+from dropnet_jax.models.layers import (KERNEL_INIT, InputNorm, Masks, UnitStats, check_dropout, dropout,  # noqa: F401
+                                       full_masks, masked_relu, to_float)
 
 
 class MLP(nn.Module):
   """Model A: FC hidden layers (default FC40-FC40), ReLU, mask after each."""
   widths: Sequence[int] = (40, 40)
   num_classes: int = 10
+  dropout: float = 0.0  # after each hidden layer (its mask applied), training only
+  input_norm: InputNorm = None
+  initializer: str = 'glorot'  # glorot or torch: what `init_params` draws θ0 from
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
-    del train  # no batch norm or dropout in this model
-    x = to_float(images).reshape((images.shape[0], -1))
+    x = to_float(images, self.input_norm).reshape((images.shape[0], -1))
     stats = []
     for width, mask in zip(self.widths, masks, strict=True):
       x, s = masked_relu(nn.Dense(width, kernel_init=KERNEL_INIT)(x), mask)
+      x = dropout(x, self.dropout, train)
       stats.append(s)
     logits = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT)(x)
     return logits, tuple(stats)
@@ -53,18 +59,20 @@ class ConvNet(nn.Module):
   """
   widths: Sequence[int] = (64, 64)
   num_classes: int = 10
+  dropout: float = 0.0  # on the flattened features the classifier reads, training only
+  input_norm: InputNorm = None
+  initializer: str = 'glorot'  # glorot or torch: what `init_params` draws θ0 from
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
-    del train  # no batch norm or dropout in this model
-    x = to_float(images)
+    x = to_float(images, self.input_norm)
     stats = []
     for width, mask in zip(self.widths, masks, strict=True):
       x = nn.Conv(width, (3, 3), padding='SAME', kernel_init=KERNEL_INIT)(x)
       x, s = masked_relu(x, mask)
       stats.append(s)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))
+    x = dropout(x.reshape((x.shape[0], -1)), self.dropout, train)
     logits = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT)(x)
     return logits, tuple(stats)
 
@@ -73,19 +81,23 @@ class ModelC(nn.Module):
   """Model C (the paper's CIFAR-10 model): Conv64-Conv64-Pool-Conv128-Conv128-Pool-FC256.
 
   `widths` gives the four conv widths; the mask follows each conv's ReLU
-  (before the pool). The FC256 layer is not masked: the paper prunes the
-  convolutional filters of this model.
+  (before the pool). `head` are the hidden FC layers before the classifier
+  ((256,) is the paper's; the ensemble deck's deeper heads are e.g. (512, 256)).
+  The head is not masked: the paper prunes the convolutional filters of this
+  model. Dropout (training only) follows each head layer's ReLU.
   """
   widths: Sequence[int] = (64, 64, 128, 128)
-  hidden: int = 256
+  head: Sequence[int] = (256,)
   num_classes: int = 10
+  dropout: float = 0.0
+  input_norm: InputNorm = None
+  initializer: str = 'glorot'  # glorot or torch: what `init_params` draws θ0 from
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
-    del train  # no batch norm or dropout in this model
     if len(self.widths) % 2:
       raise ValueError(f'ModelC needs an even number of conv widths (pairs before each pool), got {self.widths}')
-    x = to_float(images)
+    x = to_float(images, self.input_norm)
     stats = []
     for i, (width, mask) in enumerate(zip(self.widths, masks, strict=True)):
       x = nn.Conv(width, (3, 3), padding='SAME', kernel_init=KERNEL_INIT)(x)
@@ -94,7 +106,8 @@ class ModelC(nn.Module):
       if i % 2 == 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(self.hidden, kernel_init=KERNEL_INIT)(x))
+    for width in self.head:
+      x = dropout(nn.relu(nn.Dense(int(width), kernel_init=KERNEL_INIT)(x)), self.dropout, train)
     logits = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT)(x)
     return logits, tuple(stats)
 
@@ -104,9 +117,29 @@ DEFAULT_WIDTHS = {'fc': (40, 40), 'conv': (64, 64), 'modelc': (64, 64, 128, 128)
                   'resnet18': large_models.resnet18_widths(), 'vgg19': large_models.VGG19_WIDTHS}
 
 
-def create_model(name: str, widths: Sequence[int] | None, num_classes: int, width_multiplier: float = 1.0) -> nn.Module:
+INITIALIZERS = ('glorot', 'torch')
+
+
+def default_initializer(name: str) -> str:
+  """glorot (Keras' defaults, the DropNet paper's code) for the paper's models; torch (PyTorch's layer
+  defaults) for the PyTorch reports' models."""
+  return 'torch' if name in TORCH_INIT_MODELS else 'glorot'
+
+
+TORCH_INIT_MODELS: set[str] = set()  # model names whose default initializer is torch's
+
+
+def create_model(name: str, widths: Sequence[int] | None, num_classes: int, width_multiplier: float = 1.0, *,
+                 head: Sequence[int] | None = None, dropout: float = 0.0, initializer: str = 'auto',
+                 input_norm: InputNorm = None) -> nn.Module:
   """Builds a model by its `--model` name; `widths` (one per masked layer) default to the model's,
-  scaled by `width_multiplier` (each at least 1; ResNet18 keeps its residual constraints)."""
+  scaled by `width_multiplier` (each at least 1; ResNet18 keeps its residual constraints).
+
+  `head`: hidden FC widths of the classifier head (models with a `head` field; None: the model's
+  default). `dropout`: rate in [0, 1), training only. `initializer`: glorot, torch or auto (the
+  model's default, `default_initializer`). `input_norm`: per-channel (mean, std) the model applies to
+  its [0, 1]-scaled input.
+  """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
   if not widths:
@@ -119,7 +152,28 @@ def create_model(name: str, widths: Sequence[int] | None, num_classes: int, widt
     large_models.check_resnet18_widths(widths)
   elif name == 'vgg19' and len(widths) != 16:
     raise ValueError(f'VGG19 needs 16 conv widths, got {widths}')
-  return MODELS[name](widths=widths, num_classes=num_classes)
+  check_dropout(dropout)
+  if initializer == 'auto':
+    initializer = default_initializer(name)
+  if initializer not in INITIALIZERS:
+    raise ValueError(f'unknown initializer {initializer!r}; choose one of auto, {", ".join(INITIALIZERS)}')
+  cls = MODELS[name]
+  options: dict[str, Any] = {'dropout': float(dropout), 'initializer': initializer}
+  if input_norm is not None:
+    options['input_norm'] = tuple(tuple(float(v) for v in part) for part in input_norm)
+  if head is not None:
+    if 'head' not in cls.__dataclass_fields__:
+      raise ValueError(f'model {name} has no classifier head to configure (head={tuple(head)})')
+    if any(int(w) != w or w <= 0 for w in head):
+      raise ValueError(f'head widths must be positive integers, got {tuple(head)}')
+    options['head'] = tuple(int(w) for w in head)
+  return cls(widths=widths, num_classes=num_classes, **options)
+
+
+def model_from_config(config: Any, num_classes: int, input_norm: InputNorm = None) -> nn.Module:
+  """`create_model` from a `config.ModelConfig` (name, widths, width_multiplier, head, dropout, init)."""
+  return create_model(config.name, config.widths, num_classes, config.width_multiplier, head=config.head,
+                      dropout=config.dropout, initializer=config.init, input_norm=input_norm)
 
 
 def default_widths(name: str, width_multiplier: float = 1.0) -> tuple[int, ...]:
@@ -154,6 +208,32 @@ def init_params(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) ->
   """
   dummy = jnp.zeros((1, *image_shape), jnp.uint8)
   variables = model.init(key, dummy, full_masks(model))
+  if getattr(model, 'initializer', 'glorot') == 'torch':
+    variables = {**variables, 'params': torch_initializer(jax.random.fold_in(key, 1), variables['params'])}
   if 'batch_stats' in variables:
     return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   return variables['params']
+
+
+def torch_initializer(key: jax.Array, params: Any) -> Any:
+  """PyTorch's default initialisation of `params`: every Conv/Linear kernel (`kaiming_uniform_(a=√5)`)
+  and its bias are uniform on ±1/√fan_in, fan_in = the kernel's input size (kh·kw·c_in or d_in);
+  batch-norm scale 1 and bias 0 (Flax's defaults, as torch's) are left as they are."""
+  def layer(key, module):
+    if not isinstance(module, dict):
+      return module
+    if 'kernel' not in module:
+      keys = jax.random.split(key, max(len(module), 1))
+      return {name: layer(k, sub) for k, (name, sub) in zip(keys, sorted(module.items()))}
+    kernel = module['kernel']
+    fan_in = math.prod(kernel.shape[:-1])
+    if fan_in == 0:
+      return module
+    bound = 1.0 / math.sqrt(fan_in)
+    k_kernel, k_bias = jax.random.split(key)
+    out = dict(module)
+    out['kernel'] = jax.random.uniform(k_kernel, kernel.shape, kernel.dtype, -bound, bound)
+    if 'bias' in module:
+      out['bias'] = jax.random.uniform(k_bias, module['bias'].shape, module['bias'].dtype, -bound, bound)
+    return out
+  return layer(key, flax.core.unfreeze(params))

@@ -18,9 +18,10 @@ import numpy as np
 from absl import logging
 
 from dropnet_jax.config import ExperimentConfig
-from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, load_dataset
+from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, input_norm_for, load_dataset
 from dropnet_jax.loop.dropnet import run_experiment
-from dropnet_jax.models import create_model, init_params
+from dropnet_jax.models import init_params, model_from_config
+from dropnet_jax.models.compact import spec_of
 from dropnet_jax.runs import curves, progress, reporting
 from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.training import distributed as dist
@@ -77,8 +78,12 @@ class Setup:
     return dataclasses.replace(self, config=config or self.config, run_dir=run_dir)
 
 
-def build_model(config: ExperimentConfig, num_classes: int):
-  return create_model(config.model.name, config.model.widths, num_classes, config.model.width_multiplier)
+def build_model(config: ExperimentConfig, dataset=None):
+  """The run's model: for `dataset`'s classes and, with data.normalize, its training split's channel
+  statistics; without a dataset, for 10 classes (to check the model settings before any data is read)."""
+  if dataset is None:
+    return model_from_config(config.model, 10)
+  return model_from_config(config.model, dataset.num_classes, input_norm_for(config.data.normalize, dataset))
 
 
 def prepare(config: ExperimentConfig, out: str, kind: str = 'dropnet', *, distributed: bool = False,
@@ -90,14 +95,14 @@ def prepare(config: ExperimentConfig, out: str, kind: str = 'dropnet', *, distri
     # Lanes split over the devices are sharded across processes, which the driver's host reads
     # (epoch counts, measurements) do not gather yet.
     raise ValueError('--batch_trials is not supported with --distributed yet; run the trials sequentially')
-  build_model(config, 10)  # validates the model name and widths before any data is read
+  build_model(config)  # validates the model name and widths before any data is read
   run_dir = RunDir(out, kind, config, inputs=inputs, writes=dist.is_main(), distributed=distributed)
   run_dir.check()
   data = config.data
   dataset = load_dataset(data.dataset, data.data_dir, split_seed=data.split_seed)
   run_dir.data_fingerprint = dataset_fingerprint(dataset)  # what the data are, wherever they were read from
   run_dir.check()
-  setup = Setup(config, build_model(config, dataset.num_classes), dataset, run_dir, distributed)
+  setup = Setup(config, build_model(config, dataset), dataset, run_dir, distributed)
   setup.trainer()  # the device split and the optimiser's schedule are checked here
   logging.info('%s: train %d, val %d, test %d, image %s', data.dataset, len(dataset.train_labels),
                len(dataset.val_labels), len(dataset.test_labels), dataset.image_shape)
@@ -137,8 +142,7 @@ def run(setup: Setup, title: str = '') -> list[dict[str, Any]]:
   run_dir.check()
   trainer = setup.trainer()
   mode = save_params_mode(setup)
-  spec = {'model': config.model.name, 'widths': list(setup.model.widths), 'num_classes': setup.dataset.num_classes,
-          'image_shape': list(setup.dataset.image_shape)}
+  spec = {**spec_of(setup.model), 'image_shape': list(setup.dataset.image_shape)}
   start = time.perf_counter()
   data = trainer.replicate(setup.data) if config.batch_trials else setup.data
   trials = len(setup.seeds) * len(config.dropnet.metrics)

@@ -16,9 +16,10 @@ import os
 from typing import Any
 
 from dropnet_jax.config import DataConfig, ModelConfig, OutputConfig
-from dropnet_jax.input_pipeline import dataset_fingerprint, load_dataset
+from dropnet_jax.input_pipeline import dataset_fingerprint, input_norm_for, load_dataset
 from dropnet_jax.loop import magnitude
-from dropnet_jax.models import create_model
+from dropnet_jax.models import model_from_config
+from dropnet_jax.models.compact import spec_of
 from dropnet_jax.runs import curves, reporting
 from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.settings import setting
@@ -58,14 +59,14 @@ class Setup:
 def prepare(config: MagnitudeRunConfig, out: str) -> Setup:
   """Every check before any work, then the data; ValueError names the problem."""
   config.validate()
-  create_model(config.model.name, config.model.widths, 10, config.model.width_multiplier)  # before the data
+  model_from_config(config.model, 10)  # before the data
   run_dir = RunDir(out, 'magnitude', config, inputs=[config.dropnet_run] if config.dropnet_run else [])
   run_dir.check()
   d = config.data
   dataset = load_dataset(d.dataset, d.data_dir, split_seed=d.split_seed)
   run_dir.data_fingerprint = dataset_fingerprint(dataset)
   run_dir.check()
-  model = create_model(config.model.name, config.model.widths, dataset.num_classes, config.model.width_multiplier)
+  model = model_from_config(config.model, dataset.num_classes, input_norm_for(config.data.normalize, dataset))
   train = config.magnitude.train
   trainer = Trainer(model, train, weight_masks=True,
                     steps_per_epoch=steps_per_epoch(len(dataset.train_labels), train.batch_size))
@@ -75,8 +76,7 @@ def prepare(config: MagnitudeRunConfig, out: str) -> Setup:
 def run(setup: Setup) -> tuple[list[dict[str, Any]], str]:
   """Runs (or resumes) every method into the run directory; returns (records, the table)."""
   config, run_dir, d = setup.config, setup.run_dir, setup.dataset
-  spec = {'model': config.model.name, 'widths': list(setup.model.widths), 'num_classes': d.num_classes,
-          'image_shape': list(d.image_shape)}
+  spec = {**spec_of(setup.model), 'image_shape': list(d.image_shape)}
   mode = 'none' if config.output.save_params == 'none' else ('all' if config.output.save_params == 'all' else 'last')
   title = reporting.run_title(config.model.name, setup.model.widths, config.data.dataset)
   with run_dir.open(config.output.max_checkpoints), \

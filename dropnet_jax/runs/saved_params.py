@@ -21,7 +21,7 @@ from typing import Any
 
 from dropnet_jax.runs import reporting
 from dropnet_jax.pruning.masks import masks_from_strings
-from dropnet_jax.models import create_model
+from dropnet_jax.models.compact import model_from_spec
 
 SAVE_MODES = ('all', 'last', 'none')
 
@@ -73,7 +73,7 @@ def load_network(run_dir: str, seed: int, metric: str, cycle: int):
   """(model, θ, masks, record) of one record of a run: everything to evaluate it again."""
   with open(os.path.join(run_dir, 'params', 'spec.json')) as f:
     spec = json.load(f)
-  model = create_model(spec['model'], spec['widths'], spec['num_classes'])
+  model = model_from_spec(spec)
   records = [r for r in reporting.read_jsonl(os.path.join(run_dir, 'results.jsonl'))
              if (r['seed'], r['metric'], r['cycle']) == (seed, metric, cycle)]
   if not records:

@@ -28,8 +28,8 @@ import numpy as np
 from absl import logging
 
 from dropnet_jax.config import DataConfig, ModelConfig, TrainConfig
-from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, load_dataset
-from dropnet_jax.models import create_model
+from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, input_norm_for, load_dataset
+from dropnet_jax.models import model_from_config
 from dropnet_jax.runs import reporting
 from dropnet_jax.runs.run_dir import CONFIG_FILE, RunDir
 from dropnet_jax.settings import setting, to_dict
@@ -106,7 +106,7 @@ def prepare(config: SchedulesConfig, out: str) -> Setup:
   problem before anything is trained or written."""
   config.validate()
   m = config.model
-  create_model(m.name, m.widths, 10, m.width_multiplier)  # the model and widths, before any data is read
+  model_from_config(m, 10)  # the model and widths, before any data is read
   run_dir = RunDir(out, 'schedules', config)
   run_dir.check()
   if os.path.exists(run_dir.file(RESULTS)) and not os.path.exists(run_dir.file(CONFIG_FILE)):
@@ -120,7 +120,7 @@ def prepare(config: SchedulesConfig, out: str) -> Setup:
   for name in config.schedules:  # every schedule's lengths in steps, before the first is trained
     train = config.schedule_config(name)
     optim.schedule_steps(train.optim, steps, train.max_epochs)
-  return Setup(config, create_model(m.name, m.widths, dataset.num_classes, m.width_multiplier), dataset, run_dir)
+  return Setup(config, model_from_config(m, dataset.num_classes, input_norm_for(config.data.normalize, dataset)), dataset, run_dir)
 
 
 def run(setup: Setup, log: Callable[[str], None] = logging.info) -> dict[str, dict[str, Any]]:

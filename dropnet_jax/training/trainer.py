@@ -60,6 +60,7 @@ from dropnet_jax.pruning.weight_masks import apply_weight_mask, masked_updates
 
 DATA_AXIS = 'data'
 AUGMENT_SALT = 0xA06  # the augmentation key of an epoch: fold_in(epoch key, salt); the shuffle uses the epoch key
+DROPOUT_SALT = 0xD40  # dropout's key of step i: fold_in(fold_in(epoch key, salt), i)
 
 
 class DeviceData(NamedTuple):
@@ -209,12 +210,20 @@ class Trainer:
     """The node masks the model gets: `masks` themselves, or all units for weight masks."""
     return full_masks(self.model) if self.weight_masks else tuple(masks)
 
-  def _apply(self, params, batch_stats, masks, images, train: bool):
-    """(logits, stats, new batch_stats)."""
+  @property
+  def uses_dropout(self) -> bool:
+    return bool(getattr(self.model, 'dropout', 0.0))
+
+  def _apply(self, params, batch_stats, masks, images, train: bool, dropout_key=None):
+    """(logits, stats, new batch_stats). `dropout_key`: the step's key of the 'dropout' stream
+    (training with dropout only)."""
     if self.weight_masks:  # inside the differentiated function: pruned weights get zero gradient
       params, masks = apply_weight_mask(params, masks), full_masks(self.model)
-    if batch_stats is None:
-      apply = lambda p, x, m: self.model.apply(theta_lib.variables_from(p), x, m)
+    train_dropout = train and self.uses_dropout
+    if train_dropout and dropout_key is None:
+      raise ValueError('a training step with dropout needs its dropout key')
+    if batch_stats is None and not train_dropout:
+      apply = lambda p, x, m: self.model.apply(theta_lib.variables_from(p), x, m, train=train)
       if train and self.fast_grads:
         apply = with_fast_grads(apply)
       logits, stats = apply(params, images, masks)
@@ -222,12 +231,17 @@ class Trainer:
     if not train:
       logits, stats = self.model.apply(theta_lib.variables_from(params, batch_stats), images, masks, train=False)
       return logits, stats, batch_stats
-    apply = lambda p, b, x, m: self.model.apply(theta_lib.variables_from(p, b), x, m, train=True,
-                                                mutable=[theta_lib.BATCH_STATS])
+    mutable = [theta_lib.BATCH_STATS] if batch_stats is not None else False
+
+    def apply(p, b, x, m, k):
+      rngs = {'dropout': k} if train_dropout else None
+      out = self.model.apply(theta_lib.variables_from(p, b), x, m, train=True, mutable=mutable, rngs=rngs)
+      return out if mutable else (out, {})
     if self.fast_grads:
       apply = with_fast_grads(apply)
-    (logits, stats), updates = apply(params, batch_stats, images, masks)
-    return logits, stats, updates[theta_lib.BATCH_STATS]
+    key = dropout_key if train_dropout else jnp.zeros((), jnp.uint32)
+    (logits, stats), updates = apply(params, batch_stats, images, masks, key)
+    return logits, stats, updates.get(theta_lib.BATCH_STATS)
 
   # -- one pass -------------------------------------------------------------
 
@@ -263,12 +277,14 @@ class Trainer:
     if per_epoch is None:
       per_epoch = images.size * images.dtype.itemsize <= 64 << 20
     augment = self._augmenter(jax.random.fold_in(key, AUGMENT_SALT))
+    dropout_key = jax.random.fold_in(key, DROPOUT_SALT)
 
-    def step(carry, x, y, w, count):
+    def step(carry, x, y, w, count, i):
       params, batch_stats, opt_state, acc = carry
 
       def loss_fn(p):
-        logits, stats, new_bs = self._apply(p, batch_stats, masks, x, train=True)
+        logits, stats, new_bs = self._apply(p, batch_stats, masks, x, train=True,
+                                            dropout_key=jax.random.fold_in(dropout_key, i))
         ce = cross_entropy(logits, y)
         return (w * ce).sum() / count, (logits, ce, stats, new_bs)
 
@@ -295,7 +311,7 @@ class Trainer:
         b_idx, w, count = batch
         x, y = take_rows(images, b_idx), take_rows(labels, b_idx)
       x, y, w = self._batch_constraint((augment(x, i), y, w), split_batch)
-      params, new_bs, opt_state, acc, terms = step(carry, x, y, w, count)
+      params, new_bs, opt_state, acc, terms = step(carry, x, y, w, count, i)
       return (params, new_bs, opt_state, acc.add(*terms)), None
 
     init = (params, batch_stats, opt_state, RowSums.zeros(bs, self.unit_masks(masks)))
@@ -307,7 +323,7 @@ class Trainer:
       x = augment(take_rows(images, t_idx), idx.shape[0])
       x, y, w = self._batch_constraint((x, take_rows(labels, t_idx), jnp.ones((tail,), jnp.float32)), split_batch)
       params, batch_stats, opt_state, _, terms = step((params, batch_stats, opt_state, None), x, y, w,
-                                                      jnp.asarray(tail, jnp.float32))
+                                                      jnp.asarray(tail, jnp.float32), idx.shape[0])
       l, c, a, z = RowSums.zeros(tail, self.unit_masks(masks)).add(*terms).totals()
       loss_sum, correct_sum = loss_sum + l, correct_sum + c
       abs_sum = tuple(map(jnp.add, abs_sum, a))

@@ -30,8 +30,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from absl import logging
 
-from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, load_dataset
-from dropnet_jax.models import create_model
+from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, input_norm_for, load_dataset
+from dropnet_jax.models import model_from_config
 from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.runs.schedules import subset_train
 from dropnet_jax.training.trainer import DeviceData, Trainer, steps_per_epoch
@@ -68,7 +68,7 @@ def prepare(config: TuneConfig, out: str, storage: str | None = None) -> Setup:
   problem before anything is written."""
   config.validate()
   m = config.model
-  create_model(m.name, m.widths, 10, m.width_multiplier)  # the model and widths, before any data is read
+  model_from_config(m, 10)  # the model and widths, before any data is read
   run_dir = RunDir(out, 'tune', config)
   run_dir.check()
   url = storage or studies.sqlite_url(out)
@@ -81,7 +81,7 @@ def prepare(config: TuneConfig, out: str, storage: str | None = None) -> Setup:
   dataset = subset_train(load_dataset(d.dataset, d.data_dir, split_seed=d.split_seed), config.train_subset)
   run_dir.data_fingerprint = dataset_fingerprint(dataset)  # what the trials train on, wherever it was read from
   run_dir.check()
-  model = create_model(m.name, m.widths, dataset.num_classes, m.width_multiplier)
+  model = model_from_config(m, dataset.num_classes, input_norm_for(config.data.normalize, dataset))
   # The base training settings (a trial replaces the searched ones) and their schedule, checked now.
   Trainer(model, config.train, steps_per_epoch=steps_per_epoch(len(dataset.train_labels), config.train.batch_size))
   logging.info('%s: train %d, val %d, test %d', d.dataset, len(dataset.train_labels), len(dataset.val_labels),

@@ -57,7 +57,7 @@ def to_torch(model: Any, theta: Any, image_shape: Sequence[int]) -> nn.Module:
   spec = spec_of(model)
   if spec['model'] not in tmodels.MODELS:
     raise ValueError(f'no torch twin for {spec["model"]!r}; the reference has {sorted(tmodels.MODELS)}')
-  kwargs = {'hidden': spec['hidden']} if spec['model'] == 'modelc' else {}
+  kwargs = {'hidden': spec['head'][0]} if spec['model'] == 'modelc' else {}
   twin = tmodels.MODELS[spec['model']](widths=tuple(spec['widths']), num_classes=spec['num_classes'],
                                        image_shape=tuple(image_shape), **kwargs)
   return load_flax_params(twin, params)
