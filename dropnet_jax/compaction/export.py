@@ -99,6 +99,7 @@ class Request:
   selection: Selection
   dataset: Dataset
   run_dir: RunDir
+  network: tuple  # (model, θ, masks, record) of the selected record, read before anything is written
 
 
 def size(record: dict[str, Any], spec: dict[str, Any]) -> tuple[int, int]:
@@ -227,7 +228,9 @@ def prepare(config: CompactConfig, out: str) -> Request:
   image_shape = tuple(int(v) for v in selection.spec['image_shape'])
   if dataset.image_shape != image_shape:
     raise ExportError(f'{data["dataset"]} images are {dataset.image_shape} but the run trained on {image_shape}')
-  return Request(config, selection, dataset, run_dir)
+  r = selection.record
+  network = saved_params.load_network(config.run, r['seed'], r['metric'], r['cycle'])  # readable? before writing
+  return Request(config, selection, dataset, run_dir, network)
 
 
 def predictions(model, theta, images: np.ndarray, masks=None) -> np.ndarray:
@@ -281,7 +284,7 @@ def _write(request: Request, directory: str) -> dict[str, Any]:
   r, spec, data, dataset = request.selection.record, request.selection.spec, request.selection.data, request.dataset
   run, with_torch = request.config.run, request.config.torch
   image_shape = tuple(int(v) for v in spec['image_shape'])
-  model, theta, masks, _ = saved_params.load_network(run, r['seed'], r['metric'], r['cycle'])
+  model, theta, masks, _ = request.network
   small, small_theta = compact.compact(model, theta, masks, image_shape=image_shape)
   dense_counts, small_counts = accounting.count(model, image_shape), accounting.count(small, image_shape)
   meta = {'run': os.path.abspath(run), 'seed': r['seed'], 'metric': r['metric'], 'cycle': r['cycle'],

@@ -37,7 +37,7 @@ from dropnet_jax.runs.schedules import subset_train
 from dropnet_jax.training.trainer import DeviceData, Trainer, steps_per_epoch
 from dropnet_jax.tuning import runner as runners, study as studies
 from dropnet_jax.tuning.config import TuneConfig
-from dropnet_jax.tuning.space import complete, train_config
+from dropnet_jax.tuning.space import complete, train_config, trial_model
 
 FIGURES = ('optimization_history', 'param_importances', 'parallel_coordinate', 'intermediate_values')
 # Settings a spawned worker gets its own value of (removed from the command it is started with).
@@ -73,10 +73,9 @@ def prepare(config: TuneConfig, out: str, storage: str | None = None) -> Setup:
   run_dir.check()
   url = storage or studies.sqlite_url(out)
   try:
-    import sqlalchemy.engine
-    sqlalchemy.engine.make_url(url)
-  except Exception as e:  # sqlalchemy.exc.ArgumentError
-    raise ValueError(f'--storage={redact(url)}: not a database URL ({e})') from None
+    url = studies.check_storage(url)
+  except ValueError as e:
+    raise ValueError(f'--storage={redact(url)}: {e}') from None
   d = config.data
   dataset = subset_train(load_dataset(d.dataset, d.data_dir, split_seed=d.split_seed), config.train_subset)
   run_dir.data_fingerprint = dataset_fingerprint(dataset)  # what the trials train on, wherever it was read from
@@ -278,6 +277,7 @@ def retrain(setup: Setup, settings: dict[str, Any], seeds: Sequence[int]) -> dic
                                                     'test_accuracy')} if f else {'reached': False})}
             for s, f in zip(seeds, final)]
   else:
-    runs = runners.retrain(setup.model, dataset.image_shape, data, train_config(settings, c.train), seeds)
+    runs = runners.retrain(trial_model(setup.model, settings), dataset.image_shape, data,
+                           train_config(settings, c.train), seeds)
   tests = [r['test_accuracy'] for r in runs if 'test_accuracy' in r]
   return {'runs': runs, 'mean_test_accuracy': float(np.mean(tests)) if tests else None}

@@ -19,12 +19,57 @@ from optuna.trial import TrialState
 
 from dropnet_jax.config import TrainConfig
 from dropnet_jax.tuning.runner import DropNetObjective, LaneRunner
-from dropnet_jax.tuning.space import DYNAMIC, SearchSpace, lane_hyperparams, suggest, template_config
+from dropnet_jax.tuning.space import DYNAMIC, SearchSpace, group_key, lane_hyperparams, suggest
 
 # -- storage and studies --------------------------------------------------------------------------
 
 def sqlite_url(directory: str) -> str:
   return f'sqlite:///{os.path.abspath(os.path.join(directory, "study.db"))}'
+
+
+def _importable(module: str) -> bool:
+  import importlib.util
+  return importlib.util.find_spec(module) is not None
+
+
+def check_storage(url: str, connect_timeout: int = 10) -> str:
+  """The storage URL to use, checked before anything is written: a database URL of a known dialect
+  whose driver is installed and, for a server, one that answers within `connect_timeout` seconds.
+  Raises ValueError with the reason on one line. A bare postgresql:// URL gets the psycopg2 driver
+  when psycopg (3, SQLAlchemy's default) is missing and psycopg2 is installed."""
+  import sqlalchemy
+  import sqlalchemy.exc
+  import sqlalchemy.pool
+  try:
+    parsed = sqlalchemy.engine.make_url(url)
+  except Exception as e:  # sqlalchemy.exc.ArgumentError
+    raise ValueError(f'not a database URL ({e})') from None
+  if parsed.drivername == 'postgresql' and not _importable('psycopg') and _importable('psycopg2'):
+    parsed = parsed.set(drivername='postgresql+psycopg2')
+    url = parsed.render_as_string(hide_password=False)
+  try:
+    dialect = parsed.get_dialect()
+  except sqlalchemy.exc.NoSuchModuleError:
+    raise ValueError(f'unknown database dialect {parsed.drivername!r} (e.g. sqlite:///path/study.db or '
+                     'postgresql://user:password@host/database)') from None
+  try:
+    dialect.import_dbapi()
+  except ImportError as e:
+    raise ValueError(f'the {parsed.drivername} driver is not installed ({e}); for PostgreSQL: '
+                     "pip install -e '.[postgres]'") from None
+  if parsed.get_backend_name() == 'sqlite':
+    return url
+  connect_args = {'connect_timeout': int(connect_timeout)} if parsed.get_backend_name() == 'postgresql' else {}
+  engine = sqlalchemy.create_engine(parsed, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+  try:
+    with engine.connect():
+      pass
+  except sqlalchemy.exc.SQLAlchemyError as e:
+    reason = str(getattr(e, 'orig', None) or e).strip().splitlines()
+    raise ValueError(f'cannot connect to the database ({reason[0] if reason else type(e).__name__})') from None
+  finally:
+    engine.dispose()
+  return url
 
 
 def make_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int | None = None,
@@ -253,12 +298,12 @@ def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, r
         groups: dict[Any, list] = collections.OrderedDict()
         for t, settings in asked:
           try:
-            groups.setdefault(template_config(settings, space, base), []).append((t, settings))
+            groups.setdefault(group_key(settings, space, base), []).append((t, settings))
           except ValueError as e:  # a setting the config refuses (e.g. a schedule too short)
             _tell(study, t, beat, state=TrialState.FAIL, attrs={'error': str(e)})
             log(f'trial {t.number} failed: {e}')
-        for template, members in groups.items():
-          ran += _run_group(study, runner, template, members, space, batch, beat, log)
+        for (template, dropout), members in groups.items():
+          ran += _run_group(study, runner, template, dropout, members, space, batch, beat, log)
   return WorkerReport(ran, time.perf_counter() - start)
 
 
@@ -334,7 +379,7 @@ def _tell(study, trial, beat: Heartbeat, value: float | None = None, state=None,
     beat.discard(trial._trial_id)
 
 
-def _run_group(study, runner: LaneRunner, template, members, space, batch, beat, log) -> list[int]:
+def _run_group(study, runner: LaneRunner, template, dropout, members, space, batch, beat, log) -> list[int]:
   trials = [t for t, _ in members]
   lost: set[int] = set()
 
@@ -350,7 +395,7 @@ def _run_group(study, runner: LaneRunner, template, members, space, batch, beat,
 
   start = time.perf_counter()
   results = runner.run(template, [lane_hyperparams(s, space) for _, s in members],
-                       lane_count=batch if batch > 1 else None, on_epoch=on_epoch)
+                       lane_count=batch if batch > 1 else None, on_epoch=on_epoch, dropout=dropout)
   seconds = time.perf_counter() - start
   ran = []
   for i, ((t, settings), r) in enumerate(zip(members, results)):

@@ -1,0 +1,64 @@
+"""The tuner's storage URL is checked before anything is written: one line naming the problem.
+
+Cases of the probe list (issue 23): an unknown dialect, a string that is not a URL, a driver that is
+not installed, a server that refuses the connection, a database the server does not have.
+"""
+
+import importlib.util
+import socket
+
+import pytest
+
+pytest.importorskip('optuna')
+
+from dropnet_jax import tuning  # noqa: E402
+from dropnet_jax.tuning import experiment as tune_experiment  # noqa: E402
+from dropnet_jax.tuning import study as studies  # noqa: E402
+from dropnet_jax.tuning.config import TuneConfig  # noqa: E402
+from tuning_test import postgres  # noqa: E402,F401  (the throwaway PostgreSQL server fixture)
+
+
+def _closed_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.mark.parametrize('url,match', [
+    ('foo://bar', "unknown database dialect 'foo'"),
+    ('notaurl', 'not a database URL'),
+])
+def test_bad_urls_are_refused_in_one_line(url, match):
+  with pytest.raises(ValueError, match=match) as info:
+    studies.check_storage(url)
+  assert '\n' not in str(info.value)
+
+
+def test_missing_driver_is_named():
+  if importlib.util.find_spec('MySQLdb') is not None:
+    pytest.skip('the MySQL driver is installed here')
+  with pytest.raises(ValueError, match='driver is not installed'):
+    studies.check_storage('mysql://user@127.0.0.1/db')
+
+
+def test_refused_server_fails_fast():
+  pytest.importorskip('psycopg2')
+  with pytest.raises(ValueError, match='cannot connect.*refused') as info:
+    studies.check_storage(f'postgresql+psycopg2://u@127.0.0.1:{_closed_port()}/db', connect_timeout=5)
+  assert '\n' not in str(info.value)
+
+
+def test_sqlite_and_a_live_server_pass_and_a_missing_database_does_not(tmp_path, postgres):  # noqa: F811
+  url = f'sqlite:///{tmp_path}/study.db'
+  assert studies.check_storage(url) == url
+  assert studies.check_storage(postgres) == postgres
+  with pytest.raises(ValueError, match='cannot connect.*nosuchdb'):
+    studies.check_storage(postgres.rsplit('/', 1)[0] + '/nosuchdb')
+
+
+def test_prepare_leaves_no_output_directory_behind(tmp_path):
+  out = tmp_path / 'study'
+  with pytest.raises(ValueError, match='--storage=foo://bar: unknown database dialect'):
+    tune_experiment.prepare(TuneConfig(), str(out), 'foo://bar')
+  assert not out.exists()
+  assert tuning.sqlite_url(str(out)).startswith('sqlite:///')
