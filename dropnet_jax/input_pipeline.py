@@ -103,7 +103,12 @@ def load_dataset(name: str, data_dir: str | None = None, validation_fraction: fl
   # File readers already checked with the file's name; this also covers tfds.
   _check_labels(y_train, num_classes, f'{name} train labels')
   _check_labels(y_test, num_classes, f'{name} test labels')
+  for split, labels in (('training', y_train), ('test', y_test)):
+    if not len(labels):  # caught here, before a run writes anything, not as a division by zero later
+      raise DataError(f'{name}: the {split} split is empty' + (f' (read from {data_dir})' if data_dir else ''))
   train_idx, val_idx = stratified_split(y_train, validation_fraction, split_seed)
+  if not len(train_idx) or not len(val_idx):
+    raise DataError(f'{name}: {len(y_train)} training examples are too few for a training and a validation split')
   u8, i32 = (lambda a: np.ascontiguousarray(a, np.uint8)), (lambda a: np.asarray(a, np.int32))
   return Dataset(name, u8(x_train[train_idx]), i32(y_train[train_idx]), u8(x_train[val_idx]),
                  i32(y_train[val_idx]), u8(x_test), i32(y_test), num_classes)

@@ -425,3 +425,19 @@ def test_stratified_split_seeding():
   np.testing.assert_array_equal(np.bincount(labels[a[1]]), [8] * 5)
   with pytest.raises(DataError, match='fraction'):
     stratified_split(labels, 1.0, 0)
+
+
+@pytest.mark.parametrize('n_train,n_test,match', [(40, 0, 'the test split is empty'),
+                                                  (0, 20, 'the training split is empty')])
+def test_empty_splits_are_refused_before_any_run_writes(tmp_path, n_train, n_test, match):
+  (tmp_path / 'data').mkdir()
+  make_mnist(tmp_path / 'data', n_train=n_train, n_test=n_test, gz=False)
+  with pytest.raises(DataError, match=match):
+    load_dataset('mnist', str(tmp_path / 'data'))
+  # Through an entry point's preparation: refused, and nothing written into --out.
+  from dropnet_jax.config import DataConfig, ExperimentConfig
+  from dropnet_jax.runs import experiment
+  config = ExperimentConfig(data=DataConfig(dataset='mnist', data_dir=str(tmp_path / 'data')))
+  with pytest.raises(DataError, match=match):
+    experiment.prepare(config, str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
