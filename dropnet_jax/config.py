@@ -24,7 +24,9 @@ SCORE_SOURCES = ('data', 'epoch')
 SCORE_PARAMS = ('best', 'last')
 
 
-AUGMENTATIONS = ('none', 'flip', 'crop', 'crop,flip')
+# autoaugment: torchvision's AutoAugment CIFAR-10 policy (training.autoaugment); after crop and flip, as in
+# torchvision's CIFAR recipe RandomCrop(32, padding=4) -> RandomHorizontalFlip -> AutoAugment.
+AUGMENTATIONS = ('none', 'flip', 'crop', 'crop,flip', 'autoaugment', 'crop,flip,autoaugment')
 MODEL_NAMES = tuple(sorted(MODELS))
 
 
@@ -38,7 +40,8 @@ class TrainConfig:
   shuffle: bool = setting(True, 'Reshuffle the training set every epoch (the official notebook did not).',
                           flag='shuffle')
   augment: str = setting('none', 'On-device training augmentation: random crop with zero padding 4 and/or '
-                         "horizontal flip (off by default, as in the paper's MNIST/CIFAR runs).", flag='augment',
+                         'horizontal flip, then optionally AutoAugment (the CIFAR-10 policy, as torchvision) '
+                         "(off by default, as in the paper's MNIST/CIFAR runs).", flag='augment',
                          choices=AUGMENTATIONS)
   optim: OptimizerConfig = OptimizerConfig()  # optimiser, learning rate and its schedule (training.optim)
 
@@ -111,13 +114,17 @@ class DropNetConfig:
 class ModelConfig:
   """Which network, and how wide."""
   name: str = setting('fc', 'Model: fc (Model A), conv (Model B), modelc (Model C), resnet18 (no batch norm, the '
-                      "paper's), vgg19.", flag='model', choices=MODEL_NAMES)
+                      "paper's), resnet18_bn (CIFAR ResNet18 with batch norm), vgg16, vgg19 (batch norm, "
+                      'optional FC head: --head).', flag='model', choices=MODEL_NAMES)
   widths: tuple[int, ...] | None = setting(None, "Units/filters per masked layer, e.g. 40,40 (default: the model's).",
                                            flag='widths')
   width_multiplier: float = setting(1.0, "Without widths: the model's default widths scaled by this (e.g. 0.25 for "
                                     'a CPU-sized ResNet18/VGG19).', flag='width_multiplier')
-  head: tuple[int, ...] | None = setting(None, "Hidden FC widths of the classifier head, e.g. 1024 or 512,256 "
-                                         "(models with a head; default: the model's).", flag='head')
+  head: tuple[int, ...] | None = setting(None, 'Hidden FC widths of the classifier head, e.g. 1024 or 512,256, '
+                                         'taken as given (not scaled by width_multiplier). modelc: unmasked, '
+                                         'default 256. vgg16/vgg19: masked nodes pruned with the filters, default '
+                                         'none (global average pool -> classifier); the documents\' VGG19 recipes '
+                                         'are 1024 on tiny_imagenet and 256 on mnist.', flag='head')
   dropout: float = setting(0.0, 'Dropout rate in [0, 1), training only: after each hidden FC layer and on the '
                            'features the classifier reads.', flag='dropout')
   init: str = setting('auto', "θ0's initialiser: glorot (Keras', the DropNet paper's), torch (PyTorch's layer "
@@ -177,11 +184,22 @@ class ExperimentConfig:
   batch_trials: bool = setting(False, 'Train all seeds x metrics of a cycle together as lanes of one compiled '
                                'program (the same records). With several devices (or --host_devices on CPU) the '
                                'trials are split over them.', flag='batch_trials')
+  lane_schedule: str = setting('barrier', 'With --batch_trials: barrier (every lane starts cycle c together and waits '
+                               "for the slowest lane's early stop) or continuous (a lane whose cycle ends starts its "
+                               "trial's next cycle, or the next waiting trial, at once; the same records).",
+                               flag='lane_schedule', choices=('barrier', 'continuous'))
+  lanes: int | None = setting(None, 'With --batch_trials: lanes trained together (default: one per trial); the '
+                              'barrier runs the trials in groups of this many, continuous feeds them to the lanes.',
+                              flag='lanes')
   output: OutputConfig = OutputConfig()
 
   def validate(self) -> None:
     if self.seeds < 1:
       raise ValueError(f'seeds must be >= 1, got {self.seeds}')
+    if self.lanes is not None and self.lanes < 1:
+      raise ValueError(f'lanes must be >= 1, got {self.lanes}')
+    if (self.lane_schedule != 'barrier' or self.lanes is not None) and not self.batch_trials:
+      raise ValueError('--lane_schedule and --lanes apply to batched trials: add --batch_trials')
     self.model.validate()
     self.dropnet.validate()
     self.output.validate()

@@ -2,6 +2,8 @@
 counterpart on a step grid, and every optimiser trains the Model A twin along torch.optim's
 trajectory for 60 steps (same θ0, masks and batches). Plus: the default is optax.sgd bit for bit,
 per-lane hyperparameters under vmap equal separate runs, and validate() names the bad field.
+ASGD's state and the per-epoch schedules are tested in optim_asgd_epoch_test.py with the torch side
+defined here (torch_scheduler, torch_lrs with per_epoch, torch_optimizer, torch_train).
 
 The torch side is built here from the torch API and the config's documented meaning (epochs x
 steps per epoch, rounded half up), not from dropnet_jax.training.optim's step arithmetic.
@@ -23,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from dropnet_jax import models  # noqa: E402
 from dropnet_jax.training.optim import OptimizerConfig, make_optimizer, make_schedule, with_hyperparams  # noqa: E402
+from dropnet_jax.training.torch_optimizers import asgd_averaged_params  # noqa: E402
 from tests.torch_reference import models as tmodels  # noqa: E402
 from tests.torch_reference.weights import load_flax_params, to_flax_params  # noqa: E402
 
@@ -57,6 +60,9 @@ def torch_scheduler(cfg: OptimizerConfig, opt, spe: int, max_epochs: int):
   if cfg.schedule == 'cyclic':
     return sched.CyclicLR(opt, base_lr=m * lr, max_lr=lr, step_size_up=steps(cfg.cyclic_half_epochs, spe),
                           mode='triangular', cycle_momentum=False)
+  if cfg.schedule == 'torch_linear':  # total_iters counts scheduler steps, whatever their unit
+    return sched.LinearLR(opt, start_factor=cfg.torch_linear_start_factor, end_factor=cfg.torch_linear_end_factor,
+                          total_iters=cfg.torch_linear_total_iters)
   if cfg.schedule == 'warmup_cosine':
     w = steps(cfg.warmup_epochs, spe)
     cosine = sched.CosineAnnealingLR(opt, T_max=horizon - w, eta_min=m * lr)
@@ -68,17 +74,19 @@ def torch_scheduler(cfg: OptimizerConfig, opt, spe: int, max_epochs: int):
   raise AssertionError(cfg.schedule)
 
 
-def torch_lrs(cfg: OptimizerConfig, spe: int, max_epochs: int, n: int) -> np.ndarray:
-  """The lr torch uses at steps 0..n-1 (optimizer.step, then scheduler.step, as torch prescribes)."""
+def torch_lrs(cfg: OptimizerConfig, spe: int, max_epochs: int, n: int, per_epoch: bool = False) -> np.ndarray:
+  """The lr torch uses at steps 0..n-1 (optimizer.step, then scheduler.step, as torch prescribes):
+  scheduler.step() after every step, or with `per_epoch` after every spe-th (its lengths in epochs)."""
   p = torch.nn.Parameter(torch.zeros(1))
   opt = torch.optim.SGD([p], lr=cfg.lr)
-  sch = torch_scheduler(cfg, opt, spe, max_epochs)
+  sch = torch_scheduler(cfg, opt, 1 if per_epoch else spe, max_epochs)
   out = []
-  for _ in range(n):
+  for i in range(n):
     out.append(opt.param_groups[0]['lr'])
     p.grad = torch.zeros(1)
     opt.step()
-    sch.step()
+    if not per_epoch or (i + 1) % spe == 0:
+      sch.step()
   return np.array(out, np.float64)
 
 
@@ -94,6 +102,9 @@ SCHEDULE_CASES = [
     OptimizerConfig(schedule='cyclic', cyclic_half_epochs=0.5, lr=0.01),
     OptimizerConfig(schedule='warmup_cosine', warmup_epochs=2, warmup_start_factor=0.1, min_lr_factor=0.05),
     OptimizerConfig(schedule='warmup_cosine', warmup_epochs=1.5, schedule_epochs=8),
+    OptimizerConfig(schedule='torch_linear'),  # torch's LinearLR() defaults: 1/3 -> 1 over 5 steps
+    OptimizerConfig(schedule='torch_linear', lr=0.2, torch_linear_start_factor=0.5, torch_linear_end_factor=0.1,
+                    torch_linear_total_iters=40),
 ]
 
 
@@ -173,20 +184,24 @@ def torch_optimizer(cfg: OptimizerConfig, params):
     return o.Adagrad(params, lr=cfg.lr, weight_decay=wd)
   if cfg.optimizer == 'adadelta':
     return o.Adadelta(params, lr=cfg.lr, weight_decay=wd)
+  if cfg.optimizer == 'asgd':
+    return o.ASGD(params, lr=cfg.lr, lambd=cfg.asgd_lambd, alpha=cfg.asgd_alpha, t0=cfg.asgd_t0, weight_decay=wd)
   raise AssertionError(cfg.optimizer)
 
 
 def torch_train(cfg, params, masks, xs, ys, spe, max_epochs):
   net = load_flax_params(tmodels.create_model('fc', WIDTHS, 10, IMAGE_SHAPE), params)
   opt = torch_optimizer(cfg, net.parameters())
-  sch = torch_scheduler(cfg, opt, spe, max_epochs)
+  per_epoch = cfg.schedule_unit == 'epoch'  # scheduler.step() after each epoch, its lengths in epochs
+  sch = torch_scheduler(cfg, opt, 1 if per_epoch else spe, max_epochs)
   tmasks = tuple(torch.from_numpy(m) for m in masks)
-  for x, y in zip(xs, ys):
+  for i, (x, y) in enumerate(zip(xs, ys)):
     opt.zero_grad()
     logits, _ = net(torch.from_numpy(x), tmasks, with_stats=False)
     F.cross_entropy(logits, torch.from_numpy(y).long()).backward()
     opt.step()
-    sch.step()
+    if not per_epoch or (i + 1) % spe == 0:
+      sch.step()
   return to_flax_params(net)
 
 
@@ -218,8 +233,14 @@ OPTIMIZER_CASES = [
 
 
 @pytest.mark.parametrize('cfg', OPTIMIZER_CASES,
-                         ids=lambda c: f'{c.optimizer}-wd{c.weight_decay}-{c.schedule}{"-nesterov" * c.nesterov}')
+                         ids=lambda c: f'{c.optimizer}-wd{c.weight_decay}-{c.schedule}{"-nesterov" * c.nesterov}'
+                                       f'{"-per_epoch" * (c.schedule_unit == "epoch")}')
 def test_optimizer_matches_torch(setup, cfg):
+  check_trains_like_torch(setup, cfg)
+
+
+def check_trains_like_torch(setup, cfg: OptimizerConfig) -> None:
+  """STEPS updates of cfg's optimiser on the Model A twin give torch's θ to 1e-5 relative."""
   model, params, masks, xs, ys = setup
   spe, max_epochs = 6, 10  # 60 steps: the schedules' horizons are the whole run
   run, args = jax_train(model, params, masks, xs, ys, make_optimizer(cfg, spe, max_epochs))
@@ -325,6 +346,15 @@ def test_per_lane_hyperparameters_equal_separate_runs(setup):
     ('step_epochs', dict(step_epochs=0)),
     ('gamma', dict(gamma=-0.5)),
     ('cyclic_half_epochs', dict(cyclic_half_epochs=float('inf'))),
+    ('schedule_unit', dict(schedule_unit='batch')),
+    ('asgd_lambd', dict(optimizer='asgd', asgd_lambd=-1e-4)),
+    ('asgd_alpha', dict(optimizer='asgd', asgd_alpha=float('nan'))),
+    ('asgd_t0', dict(optimizer='asgd', asgd_t0=-1.0)),
+    ('torch_linear_start_factor', dict(schedule='torch_linear', torch_linear_start_factor=0.0)),
+    ('torch_linear_start_factor', dict(schedule='torch_linear', torch_linear_start_factor=1.5)),
+    ('torch_linear_end_factor', dict(schedule='torch_linear', torch_linear_end_factor=-0.1)),
+    ('torch_linear_total_iters', dict(schedule='torch_linear', torch_linear_total_iters=0)),
+    ('torch_linear_total_iters', dict(schedule='torch_linear', torch_linear_total_iters=2.5)),
 ])
 def test_validate_names_the_field(field, kwargs):
   with pytest.raises(ValueError, match=f'^{field}:'):

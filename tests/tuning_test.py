@@ -118,6 +118,61 @@ def test_templates_group_static_settings_only():
   assert tuning.lane_hyperparams(b, space) == {'learning_rate': 0.01, 'momentum': 0.6, 'weight_decay': 1e-3}
 
 
+def test_space_searches_dropout_asgd_and_a_batch_size_range():
+  """A sampled trial carries its dropout rate (into the model: `trial_model`), ASGD and a batch size
+  from an integer range with a step (into the TrainConfig); dropout groups trials like a static setting."""
+  space = tuning.SearchSpace(optimizers=('sgd', 'asgd'), batch_size_range=(64, 256), batch_size_step=32,
+                             dropout=(0.0, 0.5), schedules=('constant', 'torch_linear'))
+  base = TrainConfig(max_epochs=4)
+  model = create_model('fc', (12, 12), 10)
+  study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1), direction='maximize')
+  sizes, optimizers = set(), set()
+  for _ in range(30):
+    t = study.ask()
+    s = tuning.suggest(t, space, base)
+    config = tuning.train_config(s, base)
+    assert config.batch_size == s['batch_size'] == t.params['batch_size']
+    assert 64 <= s['batch_size'] <= 256 and (s['batch_size'] - 64) % 32 == 0
+    assert 0.0 <= t.params['dropout'] == s['dropout'] <= 0.5
+    assert tuning.trial_model(model, s).dropout == s['dropout'] and model.dropout == 0.0
+    assert config.optim.optimizer == s['optimizer'] and config.optim.momentum is None and 'momentum' not in t.params
+    assert config.optim.schedule == s['schedule']
+    sizes.add(s['batch_size'])
+    optimizers.add(s['optimizer'])
+    study.tell(t, 0.0)
+  assert optimizers == {'sgd', 'asgd'} and len(sizes) > 3
+  assert study.trials[0].distributions['batch_size'] == optuna.distributions.IntDistribution(64, 256, step=32)
+  t = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+  tuning.suggest(t, dataclasses.replace(space, batch_size_range=(16, 512), batch_size_step=1, batch_size_log=True),
+                 base)
+  assert t.distributions['batch_size'] == optuna.distributions.IntDistribution(16, 512, log=True)
+  # One-value ranges fix the value; without a dropout range the model keeps its own rate.
+  fixed = tuning.complete({}, dataclasses.replace(space, batch_size_range=(96, 96), dropout=(0.3, 0.3)), base)
+  assert fixed['batch_size'] == 96 and fixed['dropout'] == 0.3
+  unset = tuning.complete({}, dataclasses.replace(space, dropout=None), base)
+  assert 'dropout' not in unset and tuning.trial_model(model, unset) is model
+  a = tuning.complete({'optimizer': 'asgd', 'lr': 0.1, 'batch_size': 64, 'dropout': 0.2}, space, base)
+  key = lambda s: tuning.group_key(s, space, base)
+  assert key(a) != key({**a, 'dropout': 0.3}) and key(a) == key({**a, 'lr': 0.01})  # lr is a lane's own
+  assert tuning.SearchSpace.from_dict({'batch_size_range': [64, 256], 'dropout': [0.1, 0.5]}).dropout == (0.1, 0.5)
+
+
+@pytest.mark.parametrize('fields,match', [
+    ({'batch_size_range': (0, 64)}, 'batch_size_range'),
+    ({'batch_size_range': (128, 64)}, 'batch_size_range'),
+    ({'batch_size_range': (64.5, 128)}, 'batch_size_range'),
+    ({'batch_size_range': (64, 250), 'batch_size_step': 32}, 'batch_size_range'),
+    ({'batch_size_step': 0}, 'batch_size_step'),
+    ({'batch_size_range': (16, 256), 'batch_size_step': 16, 'batch_size_log': True}, 'batch_size_log'),
+    ({'dropout': (0.2, 1.0)}, 'dropout'),
+    ({'dropout': (-0.1, 0.5)}, 'dropout'),
+    ({'dropout': (0.5, 0.2)}, 'dropout'),
+])
+def test_space_refuses_bad_dropout_and_batch_size_ranges(fields, match):
+  with pytest.raises(ValueError, match=f'^{match}:'):
+    tuning.SearchSpace(**fields).validate()
+
+
 # -- the study's settings and directory -------------------------------------------------------------
 
 def test_config_validation_space_file_and_objective(tmp_path):
@@ -313,6 +368,29 @@ def test_stale_trial_is_failed_and_retried(tmp_path, runner):
   assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
   assert tuning.complete(retried[0].params, space, base) == params  # same parameters
   assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(report.trials) == 2
+
+
+def test_study_searching_dropout_asgd_and_batch_size_range(tmp_path, runner):
+  """A tiny study over dropout, ASGD and a batch-size range runs: one batch of two trials, which share
+  the leader's static settings (batch size, dropout) as lanes of one program whose model has that
+  dropout rate, and differ in their learning rates."""
+  space = tuning.SearchSpace(optimizers=('asgd',), lr=(0.05, 0.5), batch_size_range=(48, 64), batch_size_step=16,
+                             dropout=(0.1, 0.6), schedules=('constant',))
+  base = TrainConfig(max_epochs=2, patience=2)
+  study = tuning.open_study(_storage(tmp_path), 's', {'n': 1}, pruner=optuna.pruners.NopPruner())
+  report = tuning.run_worker(study, space, base, 2, runner=runner, batch=2, log=lambda s: None)
+  trials = study.get_trials()
+  assert sorted(report.trials) == [0, 1] and all(t.state == TrialState.COMPLETE for t in trials)
+  for t in trials:
+    assert set(t.params) == {'lr', 'batch_size', 'dropout'} and t.params['batch_size'] in (48, 64)
+    assert 0.1 <= t.params['dropout'] <= 0.6 and t.user_attrs['epochs'] == 2 and t.user_attrs['lanes'] == 2
+    assert t.value > 0.1
+  assert trials[0].params['lr'] != trials[1].params['lr']
+  assert [{k: t.params[k] for k in ('batch_size', 'dropout')} for t in trials].count(
+      {k: trials[0].params[k] for k in ('batch_size', 'dropout')}) == 2
+  (trainer, _), = [runner._cache[k] for k in runner._cache if k[1] == 2 and k[0].optim.optimizer == 'asgd']
+  assert trainer.model.dropout == trials[0].params['dropout'] and trainer.uses_dropout
+  assert trainer.config.batch_size == trials[0].params['batch_size']
 
 
 def test_dropnet_objective(digits):

@@ -2,8 +2,8 @@
 
 DropNet trains with plain SGD (the paper's setting, and `OptimizerConfig()`'s default, whose updates
 are `optax.sgd(lr)`'s bit for bit, so existing results do not move). For the other studies the
-config also offers SGD with (Nesterov) momentum, Adam, AdamW, RMSprop, Adagrad and Adadelta and six
-schedules, each defined as its torch.optim / torch.optim.lr_scheduler counterpart so that a run here
+config also offers SGD with (Nesterov) momentum, Adam, AdamW, RMSprop, Adagrad, Adadelta and ASGD and
+seven schedules, each defined as its torch.optim / torch.optim.lr_scheduler counterpart so that a run here
 and one with the PyTorch twin follow the same trajectory (tested in tests/optim_test.py):
 
   optimizer   torch counterpart (all other arguments at torch's defaults)
@@ -14,11 +14,12 @@ and one with the PyTorch twin follow the same trajectory (tested in tests/optim_
   'rmsprop'   RMSprop(lr, momentum, weight_decay)                 alpha 0.99, eps 1e-8 outside the sqrt, momentum 0
   'adagrad'   Adagrad(lr, weight_decay)                           eps 1e-10 outside the sqrt, accumulator from 0
   'adadelta'  Adadelta(lr, weight_decay)                          rho 0.9, eps 1e-6 (torch's default lr is 1.0)
+  'asgd'      ASGD(lr, lambd, alpha, t0, weight_decay)            lambd 1e-4, alpha 0.75, t0 1e6 (torch's default
+                                                                  lr is 0.01); θ is evaluated and saved, not ax
 
 optax's own pieces are used where their arithmetic is torch's (trace, scale_by_rms with eps outside
-the sqrt, scale_by_adadelta, add_decayed_weights). Two are rewritten here: Adagrad (optax.scale_by_rss
-puts eps inside the sqrt and starts its accumulator at 0.1) and Adam's bias corrections (optax
-computes 1 - 0.999^t in float32 with ~1e-5 relative error at the first steps; torch in float64).
+the sqrt, scale_by_adadelta, add_decayed_weights). Adagrad, Adam's bias corrections and ASGD are
+written in `torch_optimizers`, which says why and gives ASGD's update.
 
 Weight decay is coupled (wd * θ added to the gradient before anything else, as torch's
 `weight_decay` argument does) for every optimiser but 'adamw', where it is decoupled (θ shrinks by
@@ -40,12 +41,21 @@ count lives in the optimiser state, so it restarts whenever the state is re-init
                                                                           cycle_momentum=False)
   'warmup_cosine'  linear from s·lr to lr over W steps, then cosine to   SequentialLR([LinearLR(s, 1, W),
                    m·lr at step T (T counts the warmup too)               CosineAnnealingLR(T-W, m·lr)], [W])
+  'torch_linear'   lr·(s0 + (s1-s0)·min(t, N)/N)                          LinearLR(s0, s1, N): torch's defaults
+                                                                          s0 = 1/3, s1 = 1, N = 5
 
 with T = schedule_epochs (default max_epochs), m = min_lr_factor, S = step_epochs, γ = gamma,
-H = cyclic_half_epochs, W = warmup_epochs, s = warmup_start_factor, all in steps. Past T the cosine
-schedules stay at m·lr (torch's CosineAnnealingLR would rise again; with the default T = max_epochs
-training never gets there). The factors are computed in float32 in forms that keep their relative
-error ~1e-7 even where they approach 0 (sin² instead of 1 + cos, integer step differences).
+H = cyclic_half_epochs, W = warmup_epochs, s = warmup_start_factor, all in steps; s0, s1, N are the
+torch_linear_* fields, N counted in schedule units (not epochs), as torch's total_iters counts
+scheduler.step() calls. Past T the cosine schedules stay at m·lr (torch's CosineAnnealingLR would rise
+again; with the default T = max_epochs training never gets there). The factors are computed in
+float32 in forms that keep their relative error ~1e-7 even where they approach 0 (sin² instead of
+1 + cos, integer step differences).
+
+Per-epoch schedules. With schedule_unit='epoch' the same formulas run on the epoch index
+e = t // steps_per_epoch instead of t, their lengths in whole epochs (a fractional length the schedule
+reads is a ValueError): the lr is constant within epoch e and equals what torch gives in epoch e when
+scheduler.step() is called once after each epoch (the CIFAR recipes' convention).
 
 Static vs dynamic. The optimiser kind, the schedule's kind and lengths and factors, nesterov, the
 torch constants above, and *which* terms exist (weight decay only when `weight_decay > 0`, RMSprop's
@@ -71,14 +81,15 @@ import jax.numpy as jnp
 import optax
 
 from dropnet_jax.settings import setting
+from dropnet_jax.training.torch_optimizers import (ASGD_ALPHA, ASGD_LAMBD, ASGD_T0, scale_by_torch_adagrad,
+                                                   scale_by_torch_adam, torch_asgd)
 
-OPTIMIZERS = ('sgd', 'momentum', 'adam', 'adamw', 'rmsprop', 'adagrad', 'adadelta')
-SCHEDULES = ('constant', 'cosine', 'linear', 'step', 'cyclic', 'warmup_cosine')
+OPTIMIZERS = ('sgd', 'momentum', 'adam', 'adamw', 'rmsprop', 'adagrad', 'adadelta', 'asgd')
+SCHEDULES = ('constant', 'cosine', 'linear', 'step', 'cyclic', 'warmup_cosine', 'torch_linear')
+SCHEDULE_UNITS = ('step', 'epoch')
 
-# torch.optim's defaults for the constants that are not config fields.
-ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+# torch.optim's defaults for the constants that are not config fields (Adam's, Adagrad's: torch_optimizers).
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
-ADAGRAD_EPS = 1e-10
 ADADELTA_RHO, ADADELTA_EPS = 0.9, 1e-6
 DEFAULT_MOMENTUM = {'momentum': 0.9, 'rmsprop': 0.0}  # the optimisers that take a momentum
 
@@ -86,16 +97,24 @@ DEFAULT_MOMENTUM = {'momentum': 0.9, 'rmsprop': 0.0}  # the optimisers that take
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """Optimiser and learning-rate schedule of a training run (see the module docstring)."""
-  optimizer: str = setting('sgd', "sgd (the paper's), momentum, adam, adamw, rmsprop, adagrad or adadelta, "
+  optimizer: str = setting('sgd', "sgd (the paper's), momentum, adam, adamw, rmsprop, adagrad, adadelta or asgd, "
                            "with torch.optim's formulas and defaults.", flag='optimizer', choices=OPTIMIZERS)
-  lr: float = setting(0.1, "Peak / initial learning rate (torch's default for adadelta is 1.0).", flag='lr')
+  lr: float = setting(0.1, "Peak / initial learning rate, shared by every optimiser (torch's defaults differ: "
+                      "adadelta 1.0, asgd 0.01).", flag='lr')
   momentum: float | None = setting(None, 'momentum: heavy-ball coefficient (default 0.9); rmsprop: momentum '
                                    '(default 0); not accepted by the other optimisers.', flag='momentum')
   nesterov: bool = setting(False, 'Nesterov momentum (optimizer=momentum).', flag='nesterov')
   weight_decay: float = setting(0.0, "L2 coupled into the gradient, as torch's weight_decay; decoupled for adamw.",
                                 flag='weight_decay')
-  schedule: str = setting('constant', 'Learning-rate schedule, counted in optimiser steps.', flag='lr_schedule',
-                          choices=SCHEDULES)
+  asgd_lambd: float = setting(ASGD_LAMBD, "asgd: decay term λ (torch's lambd): θ shrinks by λ·η per update, and "
+                              'η = lr / (1 + λ·lr·t)^α.', flag='asgd_lambd')
+  asgd_alpha: float = setting(ASGD_ALPHA, 'asgd: power α of the step-size decay (torch\'s alpha).', flag='asgd_alpha')
+  asgd_t0: float = setting(ASGD_T0, 'asgd: update from which the average ax starts (torch\'s t0); ax is kept in '
+                           'the optimiser state, θ is what is evaluated and saved.', flag='asgd_t0')
+  schedule: str = setting('constant', 'Learning-rate schedule.', flag='lr_schedule', choices=SCHEDULES)
+  schedule_unit: str = setting('step', "step: the schedule moves every optimiser step; epoch: once per epoch, as "
+                               "torch's scheduler.step() called once per epoch (lengths then whole epochs).",
+                               flag='lr_schedule_unit', choices=SCHEDULE_UNITS)
   schedule_epochs: float | None = setting(None, 'Length T of cosine/linear/warmup_cosine in epochs (default: '
                                           'max_epochs).', flag='schedule_epochs')
   min_lr_factor: float = setting(0.0, 'Lowest lr as a fraction of lr (cosine/linear end, cyclic low point).',
@@ -107,6 +126,13 @@ class OptimizerConfig:
   gamma: float = setting(0.1, 'step: factor of each drop.', flag='lr_gamma')
   cyclic_half_epochs: float = setting(2.0, 'cyclic (triangular): epochs H from the low point to the peak.',
                                       flag='cyclic_half_epochs')
+  torch_linear_start_factor: float = setting(1.0 / 3, "torch_linear: lr factor at the start (LinearLR's "
+                                             'start_factor), in (0, 1].', flag='torch_linear_start_factor')
+  torch_linear_end_factor: float = setting(1.0, "torch_linear: lr factor from total_iters on (LinearLR's end_factor), "
+                                           'in [0, 1].', flag='torch_linear_end_factor')
+  torch_linear_total_iters: int = setting(5, "torch_linear: schedule steps to reach end_factor (LinearLR's "
+                                          'total_iters), counted in --lr_schedule_unit: optimiser steps or epochs.',
+                                          flag='torch_linear_total_iters')
 
   @property
   def resolved_momentum(self) -> float:
@@ -121,6 +147,8 @@ class OptimizerConfig:
       raise ValueError(f'optimizer: unknown {self.optimizer!r}; choose one of {", ".join(OPTIMIZERS)}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'schedule: unknown {self.schedule!r}; choose one of {", ".join(SCHEDULES)}')
+    if self.schedule_unit not in SCHEDULE_UNITS:
+      raise ValueError(f'schedule_unit: unknown {self.schedule_unit!r}; choose one of {", ".join(SCHEDULE_UNITS)}')
     _check('lr', self.lr, low=0.0, low_open=True)
     _check('weight_decay', self.weight_decay, low=0.0)
     if self.momentum is not None:
@@ -140,6 +168,14 @@ class OptimizerConfig:
     _check('step_epochs', self.step_epochs, low=0.0, low_open=True)
     _check('gamma', self.gamma, low=0.0, low_open=True)
     _check('cyclic_half_epochs', self.cyclic_half_epochs, low=0.0, low_open=True)
+    _check('asgd_lambd', self.asgd_lambd, low=0.0)
+    _check('asgd_alpha', self.asgd_alpha, low=0.0)
+    _check('asgd_t0', self.asgd_t0, low=0.0)
+    _check('torch_linear_start_factor', self.torch_linear_start_factor, low=0.0, high=1.0, low_open=True)
+    _check('torch_linear_end_factor', self.torch_linear_end_factor, low=0.0, high=1.0)
+    total_iters = self.torch_linear_total_iters
+    if isinstance(total_iters, bool) or not isinstance(total_iters, int) or total_iters < 1:
+      raise ValueError(f'torch_linear_total_iters: expected an integer >= 1, got {total_iters!r}')
     if (self.schedule == 'warmup_cosine' and self.schedule_epochs is not None
         and self.warmup_epochs >= self.schedule_epochs):
       raise ValueError(f'warmup_epochs: {self.warmup_epochs} must be below schedule_epochs {self.schedule_epochs}')
@@ -168,11 +204,17 @@ def _check(name: str, value, *, low=None, high=None, low_open=False, high_open=F
 # -- schedules ------------------------------------------------------------------------------------
 
 class ScheduleSteps(NamedTuple):
-  """The schedule's lengths in optimiser steps."""
+  """The schedule's lengths in its units: optimiser steps (schedule_unit 'step') or epochs ('epoch')."""
   horizon: int  # T
   warmup: int  # W
   step_size: int  # S
   half_cycle: int  # H
+
+
+# The epoch lengths each schedule reads (with schedule_unit 'epoch' they must be whole numbers).
+_LENGTHS_READ = {'cosine': ('schedule_epochs',), 'linear': ('schedule_epochs',), 'step': ('step_epochs',),
+                 'cyclic': ('cyclic_half_epochs',), 'warmup_cosine': ('schedule_epochs', 'warmup_epochs')}
+_MIN_LENGTH = {'schedule_epochs': 1, 'warmup_epochs': 0, 'step_epochs': 1, 'cyclic_half_epochs': 1}
 
 
 def _steps(name: str, epochs: float, steps_per_epoch: int, minimum: int) -> int:
@@ -184,18 +226,31 @@ def _steps(name: str, epochs: float, steps_per_epoch: int, minimum: int) -> int:
 
 
 def schedule_steps(cfg: OptimizerConfig, steps_per_epoch: int, max_epochs: int) -> ScheduleSteps:
-  """The epoch-based lengths of `cfg` in steps (round half up); ValueError naming a field that is too short."""
+  """The epoch-based lengths of `cfg` in the schedule's units: steps (round half up) for schedule_unit
+  'step', epochs for 'epoch' (where the lengths the schedule reads must be whole numbers). ValueError
+  naming a field that is too short or, per epoch, fractional."""
   cfg.validate()
   if steps_per_epoch < 1 or max_epochs < 1:
     raise ValueError(f'steps_per_epoch and max_epochs must be positive, got {steps_per_epoch}, {max_epochs}')
-  horizon_epochs = max_epochs if cfg.schedule_epochs is None else cfg.schedule_epochs
-  horizon = _steps('schedule_epochs', horizon_epochs, steps_per_epoch, 1)
-  warmup = _steps('warmup_epochs', cfg.warmup_epochs, steps_per_epoch, 0)
+  epochs = {'schedule_epochs': max_epochs if cfg.schedule_epochs is None else cfg.schedule_epochs,
+            'warmup_epochs': cfg.warmup_epochs, 'step_epochs': cfg.step_epochs,
+            'cyclic_half_epochs': cfg.cyclic_half_epochs}
+  if cfg.schedule_unit == 'step':
+    n = {k: _steps(k, v, steps_per_epoch, _MIN_LENGTH[k]) for k, v in epochs.items()}
+  else:
+    read = _LENGTHS_READ.get(cfg.schedule, ())
+    for k in read:
+      if epochs[k] != int(epochs[k]):
+        raise ValueError(f'{k}: {epochs[k]} is not a whole number of epochs, which schedule_unit=epoch needs '
+                         '(the schedule moves once per epoch)')
+    # Lengths the schedule does not read only need to be valid numbers.
+    n = {k: _steps(k, v, 1, _MIN_LENGTH[k]) if k in read else max(_MIN_LENGTH[k], int(math.floor(v + 0.5)))
+         for k, v in epochs.items()}
+  horizon, warmup = n['schedule_epochs'], n['warmup_epochs']
   if cfg.schedule == 'warmup_cosine' and warmup >= horizon:
-    raise ValueError(f'warmup_epochs: {warmup} warmup steps leave no cosine within the {horizon}-step horizon')
-  return ScheduleSteps(horizon=horizon, warmup=warmup,
-                       step_size=_steps('step_epochs', cfg.step_epochs, steps_per_epoch, 1),
-                       half_cycle=_steps('cyclic_half_epochs', cfg.cyclic_half_epochs, steps_per_epoch, 1))
+    raise ValueError(f'warmup_epochs: {warmup} warmup {cfg.schedule_unit}s leave no cosine within the '
+                     f'{horizon}-{cfg.schedule_unit} horizon')
+  return ScheduleSteps(horizon=horizon, warmup=warmup, step_size=n['step_epochs'], half_cycle=n['cyclic_half_epochs'])
 
 
 def _cosine(t: jax.Array, length: int, m: float) -> jax.Array:
@@ -207,11 +262,21 @@ def _cosine(t: jax.Array, length: int, m: float) -> jax.Array:
 
 def make_lr_factor(cfg: OptimizerConfig, steps_per_epoch: int,
                    max_epochs: int) -> Callable[[jax.Array], jax.Array] | None:
-  """The schedule as a factor of lr, a jittable function of the step count; None for 'constant'."""
+  """The schedule as a factor of lr, a jittable function of the optimiser step count; None for
+  'constant'. Per epoch (schedule_unit 'epoch') the factor at step t is the schedule's at epoch
+  t // steps_per_epoch, its lengths counted in epochs."""
   n = schedule_steps(cfg, steps_per_epoch, max_epochs)
-  m = float(cfg.min_lr_factor)
   if cfg.schedule == 'constant':
     return None
+  factor = _factor_of_position(cfg, n)
+  if cfg.schedule_unit == 'epoch':
+    return lambda count: factor(jnp.asarray(count) // steps_per_epoch)
+  return factor
+
+
+def _factor_of_position(cfg: OptimizerConfig, n: ScheduleSteps) -> Callable[[jax.Array], jax.Array]:
+  """The factor as a function of the schedule's position t (steps or epochs, as n's lengths)."""
+  m = float(cfg.min_lr_factor)
   if cfg.schedule == 'cosine':
     return lambda count: _cosine(jnp.asarray(count), n.horizon, m)
   if cfg.schedule == 'linear':
@@ -219,6 +284,13 @@ def make_lr_factor(cfg: OptimizerConfig, steps_per_epoch: int,
       t = jnp.clip(jnp.asarray(count), 0, n.horizon)
       return ((n.horizon - t).astype(jnp.float32) + m * t.astype(jnp.float32)) / n.horizon
     return linear
+  if cfg.schedule == 'torch_linear':  # LinearLR's closed form: s0 + (s1 - s0)·min(t, T)/T
+    total, s0, s1 = cfg.torch_linear_total_iters, float(cfg.torch_linear_start_factor), float(
+        cfg.torch_linear_end_factor)
+    def torch_linear(count):
+      t = jnp.clip(jnp.asarray(count), 0, total)
+      return (s0 * (total - t).astype(jnp.float32) + s1 * t.astype(jnp.float32)) / total
+    return torch_linear
   if cfg.schedule == 'step':
     gamma = float(cfg.gamma)
     return lambda count: jnp.power(jnp.float32(gamma), (jnp.asarray(count) // n.step_size).astype(jnp.float32))
@@ -250,64 +322,14 @@ def make_schedule(cfg: OptimizerConfig, steps_per_epoch: int, max_epochs: int) -
 
 # -- optimisers -----------------------------------------------------------------------------------
 
-class ScaleByTorchAdamState(NamedTuple):
-  count: jax.Array  # int32 steps taken
-  mu: optax.Updates
-  nu: optax.Updates
-
-
-def _one_minus_power(b: float, t: jax.Array) -> jax.Array:
-  """1 - b^t in float32 without cancellation (-expm1(t·log b)): optax's `1 - b**t` is off by ~1e-5
-  relative at t = 1 for b = 0.999 (0.999 is not a float32), which torch, computing it in float64, is not."""
-  return -jnp.expm1(t.astype(jnp.float32) * jnp.float32(math.log(b)))
-
-
-def scale_by_torch_adam(b1: float = ADAM_B1, b2: float = ADAM_B2,
-                        eps: float = ADAM_EPS) -> optax.GradientTransformation:
-  """torch.optim.Adam's direction: (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps), with the bias
-  corrections accurate to float32 rounding (see _one_minus_power); otherwise optax.scale_by_adam."""
-
-  def init_fn(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return ScaleByTorchAdamState(jnp.zeros([], jnp.int32), zeros, zeros)
-
-  def update_fn(updates, state, params=None):
-    del params
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * (g * g), state.nu, updates)
-    count = optax.safe_int32_increment(state.count)
-    bc1, sqrt_bc2 = _one_minus_power(b1, count), jnp.sqrt(_one_minus_power(b2, count))
-    updates = jax.tree.map(lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v) / sqrt_bc2.astype(v.dtype) + eps),
-                           mu, nu)
-    return updates, ScaleByTorchAdamState(count, mu, nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-class ScaleByTorchAdagradState(NamedTuple):
-  sum_of_squares: optax.Updates
-
-
-def scale_by_torch_adagrad(eps: float = ADAGRAD_EPS,
-                           initial_accumulator_value: float = 0.0) -> optax.GradientTransformation:
-  """torch.optim.Adagrad's scaling: g / (sqrt(Σg²) + eps). (optax.scale_by_rss puts eps inside the sqrt.)"""
-
-  def init_fn(params):
-    return ScaleByTorchAdagradState(jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator_value), params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    sums = jax.tree.map(lambda a, g: a + g * g, state.sum_of_squares, updates)
-    updates = jax.tree.map(lambda g, a: g / (jnp.sqrt(a) + eps), updates, sums)
-    return updates, ScaleByTorchAdagradState(sums)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _chain(kind: str, nesterov: bool, learning_rate, momentum, weight_decay,
+def _chain(kind: str, nesterov: bool, asgd: tuple[float, float, float], learning_rate, momentum, weight_decay,
            lr_factor) -> optax.GradientTransformation:
-  """The torch-form chain; None for a term that is absent (see the module docstring)."""
+  """The torch-form chain; None for a term that is absent (see the module docstring). `asgd`: its
+  (lambd, alpha, t0)."""
   coupled = [optax.add_decayed_weights(weight_decay)] if weight_decay is not None and kind != 'adamw' else []
+  step = learning_rate if lr_factor is None else learning_rate * lr_factor
+  if kind == 'asgd':  # its step size η is a function of lr and the step count: it scales by -η itself
+    return optax.chain(*coupled, torch_asgd(step, *asgd))
   if kind == 'sgd':
     core = []
   elif kind == 'momentum':
@@ -326,7 +348,6 @@ def _chain(kind: str, nesterov: bool, learning_rate, momentum, weight_decay,
     core = [optax.scale_by_adadelta(rho=ADADELTA_RHO, eps=ADADELTA_EPS)]
   else:
     raise AssertionError(kind)
-  step = learning_rate if lr_factor is None else learning_rate * lr_factor
   return optax.chain(*coupled, *core, optax.scale(-step))
 
 
@@ -334,12 +355,13 @@ def make_optimizer(cfg: OptimizerConfig, steps_per_epoch: int, max_epochs: int) 
   """The optimiser of `cfg` with its schedule, hyperparameters injected into the state (see the docstring)."""
   factor = make_lr_factor(cfg, steps_per_epoch, max_epochs)  # validates
   kind, nesterov = cfg.optimizer, cfg.nesterov
+  asgd = (float(cfg.asgd_lambd), float(cfg.asgd_alpha), float(cfg.asgd_t0))
   momentum = cfg.resolved_momentum
   has_momentum = kind == 'momentum' or (kind == 'rmsprop' and momentum > 0)
 
   # inject_hyperparams binds these names: numbers become state arrays, callables schedules, None stays None.
   def factory(learning_rate, momentum=None, weight_decay=None, lr_factor=None):
-    return _chain(kind, nesterov, learning_rate, momentum, weight_decay, lr_factor)
+    return _chain(kind, nesterov, asgd, learning_rate, momentum, weight_decay, lr_factor)
 
   hyper: dict[str, Any] = {'learning_rate': float(cfg.lr)}
   if has_momentum:

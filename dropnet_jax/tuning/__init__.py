@@ -4,9 +4,10 @@ Modules: `space` (search space, configs), `runner` (lanes, retrain, DropNet obje
 (storage, heartbeats, the worker loop).
 
 What a study searches (`SearchSpace`, from flags or a small JSON file): the optimiser, learning rate
-(log scale), momentum (for the optimisers that take one), weight decay (log), batch size, schedule
-kind and its parameters, augmentation, and for the DropNet objective the fraction p and the
-criterion. A field with one choice (or an empty range) is not searched: its value is fixed.
+(log scale), momentum (for the optimisers that take one), weight decay (log), batch size (a list of
+choices, or an integer range with an optional step or log scale), schedule kind and its parameters,
+augmentation, the model's dropout rate (a range), and for the DropNet objective the fraction p and
+the criterion. A field with one choice (or an empty range) is not searched: its value is fixed.
 
 Objectives (never the test split):
   'train'    the best validation accuracy over the epochs of one training run (the project's
@@ -20,12 +21,13 @@ Every trial starts from the same θ0 and shuffle order (`--trial_seed`, DropNet'
 trials differ only by their hyperparameters (common random numbers).
 
 Batched trials. What fixes a compiled training program (`optim` module docstring): the optimiser
-kind, batch size, schedule kind and its parameters, augmentation, and which optimiser terms exist.
+kind, batch size, schedule kind and its parameters, augmentation, the dropout rate (a model field:
+`trial_model`), and which optimiser terms exist.
 What does not: the values of the learning rate, momentum and weight decay, which live in the
 optimiser state (`optim.with_hyperparams`). `run_worker` asks a *leader* trial, lets the sampler
 choose all its parameters, then asks the rest of the batch with the leader's static parameters
 pinned (`PinnedSampler`), so the sampler chooses only their dynamic ones. Trials
-with the same static parameters (`template_config`) train as lanes of one compiled program
+with the same static parameters (`group_key`: `template_config` and dropout) train as lanes of one compiled program
 (`lanes.Lanes`, lane count fixed per batch so nothing recompiles between batches of the same
 static shape); each lane reports every epoch and is pruned on its own (its `done` flag is set, a
 frozen lane is not computed on CPU), and each result is told separately. With `batch=1` every trial
@@ -73,8 +75,8 @@ def require_optuna() -> None:
 
 
 _MODULES = {
-    'space': ('DYNAMIC', 'SearchSpace', 'complete', 'lane_hyperparams', 'searched_dynamic', 'suggest',
-              'template_config', 'train_config'),
+    'space': ('DYNAMIC', 'SearchSpace', 'complete', 'group_key', 'lane_hyperparams', 'searched_dynamic', 'suggest',
+              'template_config', 'train_config', 'trial_model'),
     'runner': ('DropNetObjective', 'LaneResult', 'LaneRunner', 'dropnet_value', 'retrain'),
     'study': ('Heartbeat', 'PinnedSampler', 'WorkerReport', 'fail_dead_local_trials', 'machine_id', 'make_pruner',
               'make_storage', 'open_study', 'run_worker', 'sqlite_url', 'state_counts', 'worker_name'),

@@ -22,7 +22,7 @@ from dropnet_jax.models.layers import full_masks
 from dropnet_jax.models import init_params
 from dropnet_jax.training.optim import with_hyperparams
 from dropnet_jax.training.trainer import DATA_AXIS, DeviceData, FitState, Trainer, fit, steps_per_epoch
-from dropnet_jax.tuning.space import train_config
+from dropnet_jax.tuning.space import train_config, trial_model
 
 # -- training lanes -------------------------------------------------------------------------------
 
@@ -57,10 +57,11 @@ class LaneRunner:
     self._cache_size = cache_size
     self._replicated = None
 
-  def _programs(self, template: TrainConfig, lane_count: int | None):
-    key = (template, lane_count)
+  def _programs(self, template: TrainConfig, lane_count: int | None, dropout: float | None = None):
+    key = (template, lane_count, dropout)
     if key not in self._cache:
-      trainer = Trainer(self.model, template, steps_per_epoch=self.steps(template.batch_size))
+      model = self.model if dropout is None else self.model.clone(dropout=dropout)  # θ0 is the same: no params
+      trainer = Trainer(model, template, steps_per_epoch=self.steps(template.batch_size))
       self._cache[key] = (trainer, OneLane(trainer) if lane_count is None else Lanes(trainer, self.lanes_per_chunk))
       while len(self._cache) > self._cache_size:
         self._cache.popitem(last=False)
@@ -68,12 +69,14 @@ class LaneRunner:
     return self._cache[key]
 
   def run(self, template: TrainConfig, hypers: list[dict[str, float]], lane_count: int | None = None,
-          on_epoch: Callable[[int, int, float], bool] | None = None) -> list[LaneResult]:
+          on_epoch: Callable[[int, int, float], bool] | None = None,
+          dropout: float | None = None) -> list[LaneResult]:
     """Trains one lane per `hypers` entry (optax names -> values) from θ0 until each early-stops,
     diverges, reaches max_epochs or is stopped: `on_epoch(lane, epoch, val_accuracy)` returning True
-    stops (prunes) that lane. `lane_count=None`: one trial, one-trial programs."""
+    stops (prunes) that lane. `lane_count=None`: one trial, one-trial programs. `dropout`: the
+    trials' dropout rate (None: the model's own)."""
     n = len(hypers)
-    trainer, runner = self._programs(template, lane_count)
+    trainer, runner = self._programs(template, lane_count, dropout)
     if not runner.batched and n != 1:
       raise ValueError(f'one-trial programs train one trial, got {n}')
     count = runner.pad(max(lane_count, n)) if runner.batched else 1
@@ -169,15 +172,16 @@ class DropNetObjective:
                seed: int = 0, log: Callable[[str], None] = lambda s: None):
     self.model, self.image_shape, self.data, self.base = model, image_shape, data, base
     self.units_remaining, self.seed, self.log = units_remaining, seed, log
-    self._trainers: collections.OrderedDict = collections.OrderedDict()  # exact TrainConfig -> Trainer
+    self._trainers: collections.OrderedDict = collections.OrderedDict()  # (TrainConfig, dropout) -> Trainer
 
-  def _trainer(self, config: TrainConfig) -> Trainer:
-    if config not in self._trainers:
-      self._trainers[config] = Trainer(self.model, config, steps_per_epoch=steps_per_epoch(
+  def _trainer(self, config: TrainConfig, model) -> Trainer:
+    key = (config, model.dropout)
+    if key not in self._trainers:
+      self._trainers[key] = Trainer(model, config, steps_per_epoch=steps_per_epoch(
           int(self.data.train_labels.shape[0]), config.batch_size))
       while len(self._trainers) > 4:
         self._trainers.popitem(last=False)
-    return self._trainers[config]
+    return self._trainers[key]
 
   def config(self, settings: dict[str, Any]) -> DropNetConfig:
     config = dataclasses.replace(self.base, metrics=(settings['metric'],), fraction=float(settings['fraction']),
@@ -188,9 +192,9 @@ class DropNetObjective:
   def run(self, settings: dict[str, Any], seeds: Sequence[int] | None = None,
           on_cycle: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     each = (lambda records: on_cycle(records[-1])) if on_cycle else None
-    config = self.config(settings)
-    return run_experiment(self.model, self.image_shape, self.data, list(seeds or [self.seed]), config,
-                          self._trainer(config.train), RunIO(on_record=each, log=self.log))
+    config, model = self.config(settings), trial_model(self.model, settings)
+    return run_experiment(model, self.image_shape, self.data, list(seeds or [self.seed]), config,
+                          self._trainer(config.train, model), RunIO(on_record=each, log=self.log))
 
   def __call__(self, trial, settings: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     def on_cycle(record):

@@ -29,7 +29,7 @@ _SCHEDULES_WITH_FLOOR = ('cosine', 'linear', 'cyclic', 'warmup_cosine')
 # -- the search space -----------------------------------------------------------------------------
 
 _RANGES = ('lr', 'momentum', 'weight_decay', 'min_lr_factor', 'step_epochs', 'gamma', 'cyclic_half_epochs',
-           'warmup_epochs', 'fractions')
+           'warmup_epochs', 'fractions', 'batch_size_range', 'dropout')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +37,24 @@ class SearchSpace:
   """What a study searches: settings (`dropnet_jax.settings`), so each is a `--tune_<name>` flag, a
   `--config.space.<name>` and a field of a `--space=<file.json>`. Ranges are [low, high]; an empty or
   None range, or one choice, is not searched (its value is fixed)."""
-  optimizers: tuple[str, ...] = setting(('sgd', 'momentum', 'adam'), 'Optimisers searched.', flag='tune_optimizers')
+  optimizers: tuple[str, ...] = setting(('sgd', 'momentum', 'adam'), 'Optimisers searched (sgd, momentum, adam, '
+                                        'adamw, rmsprop, adagrad, adadelta, asgd).', flag='tune_optimizers')
   lr: tuple[float, ...] | None = setting((1e-5, 1e-1), 'Learning-rate range (log).', flag='tune_lr')
   momentum: tuple[float, ...] | None = setting((0.5, 0.99), 'Momentum range (momentum, rmsprop); empty: not '
                                                'searched.', flag='tune_momentum')
   weight_decay: tuple[float, ...] | None = setting(None, 'Weight-decay range (log), e.g. 1e-6,1e-2; empty: '
                                                    '--weight_decay.', flag='tune_weight_decay')
   batch_sizes: tuple[int, ...] = setting((64, 128, 256), 'Batch sizes searched.', flag='tune_batch_sizes')
+  batch_size_range: tuple[int, ...] | None = setting(None, 'Batch-size range [low, high] (integers, e.g. 64,256), '
+                                                     'replacing --tune_batch_sizes; each size compiles its own '
+                                                     'programs.', flag='tune_batch_size_range')
+  batch_size_step: int = setting(1, 'Batch-size range: sampled sizes are low + k·step (high - low a multiple).',
+                                 flag='tune_batch_size_step')
+  batch_size_log: bool = setting(False, 'Batch-size range: sample on a log scale (step 1).', flag='tune_batch_size_log')
+  dropout: tuple[float, ...] | None = setting(None, 'Dropout-rate range [low, high] in [0, 1) (the model\'s '
+                                              '--dropout); empty: the model config\'s rate.', flag='tune_dropout')
   schedules: tuple[str, ...] = setting(('constant', 'cosine', 'step'), 'Schedules searched (constant, cosine, '
-                                       'linear, step, cyclic, warmup_cosine).', flag='tune_schedules')
+                                       'linear, step, cyclic, warmup_cosine, torch_linear).', flag='tune_schedules')
   min_lr_factor: tuple[float, ...] | None = setting((0.0, 0.1), 'cosine/linear/cyclic/warmup_cosine floor range.',
                                                     flag='tune_min_lr_factor')
   step_epochs: tuple[int, ...] | None = setting((2, 10), 'step: epochs between drops (integers).',
@@ -55,8 +64,9 @@ class SearchSpace:
                                                        flag='tune_cyclic_half_epochs')
   warmup_epochs: tuple[int, ...] | None = setting((1, 3), 'warmup_cosine: warmup range in epochs (integers; capped '
                                                   'below max_epochs).', flag='tune_warmup_epochs')
-  augments: tuple[str, ...] = setting(('none',), 'Augmentations searched (none, flip, crop, crop,flip as '
-                                      'crop+flip).', flag='tune_augments')
+  augments: tuple[str, ...] = setting(('none',), 'Augmentations searched (none, flip, crop, autoaugment; '
+                                      'crop,flip as crop+flip, crop,flip,autoaugment as crop+flip+autoaugment).',
+                                      flag='tune_augments')
   fractions: tuple[float, ...] | None = setting((0.1, 0.5), 'dropnet objective: range of p.', flag='tune_fractions')
   metrics: tuple[str, ...] | None = setting(('min', 'min_layer'), 'dropnet objective: criteria searched.',
                                             flag='tune_metrics')
@@ -110,10 +120,11 @@ class SearchSpace:
         raise ValueError(f'{name}: duplicates in {list(choices)}')
     if not self.batch_sizes or any(int(b) != b or b < 1 for b in self.batch_sizes):
       raise ValueError(f'batch_sizes: positive integers, got {list(self.batch_sizes)}')
+    self._validate_batch_size_range()
     for name, low, high, log in (('lr', 0, None, True), ('momentum', 0, 1, False), ('weight_decay', 0, None, True),
                                  ('min_lr_factor', 0, 1, False), ('gamma', 0, None, True), ('fractions', 0, 1, False),
                                  ('step_epochs', 1, None, False), ('cyclic_half_epochs', 1, None, False),
-                                 ('warmup_epochs', 1, None, False)):
+                                 ('warmup_epochs', 1, None, False), ('dropout', 0, 1, False)):
       r = getattr(self, name)
       if r is None:
         continue
@@ -122,8 +133,10 @@ class SearchSpace:
       if r[0] < low or (log and r[0] <= 0) or (high is not None and r[1] > high):
         raise ValueError(f'{name}: {list(r)} must lie in [{low}, {high if high is not None else "inf"}]'
                          + (' with low > 0 (log scale)' if log else ''))
-    if self.momentum is not None and self.momentum[1] >= 1:
-      raise ValueError(f'momentum: high must be < 1, got {self.momentum[1]}')
+    for name in ('momentum', 'dropout'):
+      r = getattr(self, name)
+      if r is not None and r[1] >= 1:
+        raise ValueError(f'{name}: high must be < 1, got {r[1]}')
     if self.fractions is not None and self.fractions[0] <= 0:
       raise ValueError(f'fractions: low must be > 0, got {self.fractions[0]}')
     if self.metrics is not None:
@@ -132,6 +145,23 @@ class SearchSpace:
       for m in self.metrics:
         criteria.get(m)
     return self
+
+  def _validate_batch_size_range(self) -> None:
+    step, log, r = self.batch_size_step, self.batch_size_log, self.batch_size_range
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+      raise ValueError(f'batch_size_step: a positive integer, got {step!r}')
+    if not isinstance(log, bool):
+      raise ValueError(f'batch_size_log: expected a bool, got {log!r}')
+    if r is None:
+      return
+    if len(r) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v for v in r) \
+        or not 1 <= r[0] <= r[1]:
+      raise ValueError(f'batch_size_range: expected integers [low, high] with 1 <= low <= high, got {list(r)}')
+    if (int(r[1]) - int(r[0])) % step:
+      raise ValueError(f'batch_size_range: high - low = {int(r[1]) - int(r[0])} is not a multiple of '
+                       f'batch_size_step {step}')
+    if log and step != 1:
+      raise ValueError(f'batch_size_log: a log-scale range takes batch_size_step 1, got {step}')
 
 
 def suggest(trial, space: SearchSpace, base: TrainConfig, dropnet: DropNetConfig | None = None) -> dict[str, Any]:
@@ -153,7 +183,12 @@ def suggest(trial, space: SearchSpace, base: TrainConfig, dropnet: DropNetConfig
   if optimizer in DEFAULT_MOMENTUM:
     real('momentum', space.momentum)
   real('weight_decay', space.weight_decay, log=True)
-  pick('batch_size', space.batch_sizes)
+  if space.batch_size_range is not None:
+    if int(space.batch_size_range[0]) < int(space.batch_size_range[1]):
+      trial.suggest_int('batch_size', int(space.batch_size_range[0]), int(space.batch_size_range[1]),
+                        step=int(space.batch_size_step), log=bool(space.batch_size_log))
+  else:
+    pick('batch_size', space.batch_sizes)
   pick('schedule', space.schedules)
   schedule = trial.params.get('schedule', space.schedules[0])
   if schedule in _SCHEDULES_WITH_FLOOR:
@@ -169,6 +204,7 @@ def suggest(trial, space: SearchSpace, base: TrainConfig, dropnet: DropNetConfig
     if int(space.warmup_epochs[0]) < high:
       trial.suggest_int('warmup_epochs', int(space.warmup_epochs[0]), high)
   pick('augment', space.augments)
+  real('dropout', space.dropout)
   if dropnet is not None:
     real('fraction', space.fractions)
     if space.metrics is not None:
@@ -184,7 +220,7 @@ def complete(params: dict[str, Any], space: SearchSpace, base: TrainConfig,
   fixed = lambda r, default: r[0] if r is not None else default
   s = {'optimizer': params.get('optimizer', space.optimizers[0]),
        'lr': params.get('lr', fixed(space.lr, o.lr)),
-       'batch_size': int(params.get('batch_size', space.batch_sizes[0])),
+       'batch_size': int(params.get('batch_size', fixed(space.batch_size_range, space.batch_sizes[0]))),
        'schedule': params.get('schedule', space.schedules[0]),
        'augment': params.get('augment', space.augments[0])}
   if s['optimizer'] in DEFAULT_MOMENTUM:
@@ -201,6 +237,8 @@ def complete(params: dict[str, Any], space: SearchSpace, base: TrainConfig,
   if s['schedule'] == 'warmup_cosine':
     s['warmup_epochs'] = params.get('warmup_epochs', min(fixed(space.warmup_epochs, o.warmup_epochs),
                                                          base.max_epochs - 1))
+  if space.dropout is not None:  # else the model config's rate (ModelConfig.dropout), not a trial setting
+    s['dropout'] = float(params.get('dropout', space.dropout[0]))
   if dropnet is not None:
     s['fraction'] = params.get('fraction', fixed(space.fractions, dropnet.fraction))
     s['metric'] = params.get('metric', space.metrics[0] if space.metrics else dropnet.metrics[0])
@@ -220,6 +258,17 @@ def train_config(settings: dict[str, Any], base: TrainConfig) -> TrainConfig:
   config = dataclasses.replace(base, batch_size=int(settings['batch_size']), augment=settings['augment'], optim=optim)
   config.validate()
   return config
+
+
+def trial_model(model, settings: dict[str, Any]):
+  """The model a trial trains: `model` with the trial's dropout rate where the space gives one. The
+  rate is a field of the model (static, like the batch size), so trials group by it too (`group_key`)."""
+  return model if settings.get('dropout') is None else model.clone(dropout=float(settings['dropout']))
+
+
+def group_key(settings: dict[str, Any], space: SearchSpace, base: TrainConfig) -> tuple[TrainConfig, float | None]:
+  """What trials must share to train as lanes of one program: the template config and the dropout rate."""
+  return template_config(settings, space, base), settings.get('dropout')
 
 
 def searched_dynamic(space: SearchSpace, settings: dict[str, Any]) -> tuple[str, ...]:
