@@ -59,6 +59,8 @@ def define(default: Any, kind: str, *, out_help: str = 'Output directory (the ru
     flags.DEFINE_string('coordinator_address', None, '--distributed: host:port of process 0\'s coordinator.')
     flags.DEFINE_integer('num_processes', None, '--distributed: number of processes.')
     flags.DEFINE_integer('process_id', None, '--distributed: this process\'s index, 0..num_processes-1.')
+    flags.DEFINE_float('join_timeout', 120.0, '--distributed: seconds the processes wait for each other at the '
+                       'start before giving up with one line (nothing listening, a process that never comes).')
     app.call_after_init(_initialize_distributed)
   return holder
 
@@ -181,7 +183,10 @@ def _initialize_distributed() -> None:
       fail('--coordinator_address, --num_processes and --process_id need --distributed')
     return
   try:
-    dist.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.join_timeout <= 0:
+      fail(f'--join_timeout must be > 0, got {FLAGS.join_timeout}')
+    dist.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                    join_timeout=FLAGS.join_timeout)
   except (ValueError, RuntimeError) as e:
     fail(f'--distributed: {e}')
   logging.info('distributed: %s', dist.cluster_summary())
