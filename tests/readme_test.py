@@ -56,3 +56,14 @@ def test_the_library_block_runs_as_written(tmp_path):
     proc = subprocess.run([sys.executable, '-c', body], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'})
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_two_process_example_exits_non_zero_when_a_process_fails(tmp_path):
+  """The README's --distributed example, with a flag that makes every process fail at once: the block's
+  exit status must say so (a bare `wait` reports 0)."""
+  block = next(body for lang, body in BLOCKS if lang == 'bash' and '--process_id=$i' in body)
+  broken = block.replace('--out=runs/dist', f'--out={tmp_path}/dist --no_such_flag')
+  assert broken != block
+  proc = subprocess.run(['bash', '-c', broken], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0, proc.stderr[-2000:]
+  assert proc.stderr.count('no_such_flag') >= 2  # both processes ran and failed
