@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -533,28 +534,35 @@ def test_killed_worker_resumes(tmp_path):
   # A long grace period: the rerun must see that the process is gone rather than wait for the heartbeat.
   cmd = _tune_cmd(out, '--n_trials=2', '--batch=1', '--max_epochs=100', '--patience=100', '--pruner=none',
                   '--retrain_seeds=0', '--grace_period=120')
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  log = tmp_path / 'first_run.log'  # kept: if the first run ends early, its output says why
+  with open(log, 'w') as log_file:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
   url = tuning.sqlite_url(str(out))
+  db = str(out / 'study.db')
+  query = ('SELECT t.number FROM trials t WHERE t.state = "RUNNING" AND EXISTS '
+           '(SELECT 1 FROM trial_intermediate_values v WHERE v.trial_id = t.trial_id)')
   try:
     deadline = time.time() + 120
     running = []
+    # Polled with plain SQLite reads (a few ms; optuna.load_study is far slower under load, and a trial
+    # of 100 digits epochs lasts only seconds).
     while time.time() < deadline and not running and proc.poll() is None:
-      time.sleep(0.1)
+      time.sleep(0.02)
       try:
-        study = optuna.load_study(study_name='tune', storage=url)
-        running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and t.intermediate_values]
-      except Exception:  # the study is not created yet
+        with sqlite3.connect(f'file:{db}?mode=ro', uri=True, timeout=1) as con:
+          running = [row[0] for row in con.execute(query)]
+      except sqlite3.Error:  # the study is not created yet, or a writer holds the lock
         pass
-    assert running, 'no running trial seen'
+    assert running, f'no running trial seen (first run exit code {proc.poll()}):\n{log.read_text()[-3000:]}'
   finally:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
   rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   # Failed at once (its process is gone), not after the heartbeat's grace period.
-  assert f'trial {running[0].number} belonged to a worker process that no longer exists' in rerun.stdout
+  assert f'trial {running[0]} belonged to a worker process that no longer exists' in rerun.stdout
   trials = optuna.load_study(study_name='tune', storage=url).get_trials()
-  killed = [t for t in trials if t.number == running[0].number][0]
+  killed = [t for t in trials if t.number == running[0]][0]
   assert killed.state == TrialState.FAIL
   assert [t.state for t in trials if t.system_attrs.get('failed_trial') == killed.number] == [TrialState.COMPLETE]
   assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
