@@ -62,3 +62,39 @@ def test_prepare_leaves_no_output_directory_behind(tmp_path):
     tune_experiment.prepare(TuneConfig(), str(out), 'foo://bar')
   assert not out.exists()
   assert tuning.sqlite_url(str(out)).startswith('sqlite:///')
+
+
+def test_database_gone_mid_study_ends_in_one_line(tmp_path):
+  """The PostgreSQL server stops while trials run: the tuner ends with one line naming the storage
+  (before: three tracebacks, 184 lines), non-zero."""
+  import subprocess
+  import time
+
+  import sqlalchemy
+
+  from tuning_test import REPO, _tune_cmd, postgres_server
+  with postgres_server() as (url, stop):
+    cmd = _tune_cmd(tmp_path / 'pg', '--n_trials=200', '--max_epochs=100', '--patience=100', '--pruner=none',
+                    '--retrain_seeds=0', f'--storage={url}')
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    engine = sqlalchemy.create_engine(url)
+    deadline = time.time() + 120
+    try:
+      while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+          with engine.connect() as con:
+            if con.execute(sqlalchemy.text('SELECT count(*) FROM trial_values')).scalar():
+              break  # a trial has finished: the study is under way
+        except sqlalchemy.exc.SQLAlchemyError:
+          pass
+      engine.dispose()
+      stop()
+      _, stderr = proc.communicate(timeout=180)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith('[W ')]
+  assert proc.returncode != 0
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  assert lines[-1].startswith('error: the study\'s storage postgresql') and 'rerun the same command' in lines[-1]

@@ -5,6 +5,7 @@ processes on SQLite and on a real PostgreSQL server."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -475,9 +476,10 @@ def _postgres_bin():
   return None
 
 
-@pytest.fixture
-def postgres():
-  """A throwaway PostgreSQL cluster on 127.0.0.1 and a free port (trust auth, no fsync), removed after."""
+@contextlib.contextmanager
+def postgres_server():
+  """A throwaway PostgreSQL cluster on 127.0.0.1 and a free port (trust auth, no fsync), removed after:
+  yields (url, stop) where stop() shuts the server down at once (a database going away)."""
   pytest.importorskip('psycopg2')
   bindir = _postgres_bin()
   if bindir is None:
@@ -501,12 +503,21 @@ def postgres():
   opts = f'-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off'
   subprocess.run(as_user + [f'{bindir}/pg_ctl', '-D', data, '-l', os.path.join(root, 'log'), '-w', '-t', '30',
                             '-o', opts, 'start'], check=True, capture_output=True, timeout=60)
-  try:
-    yield f'postgresql+psycopg2://tuner@127.0.0.1:{port}/postgres'
-  finally:
+
+  def stop():
     subprocess.run(as_user + [f'{bindir}/pg_ctl', '-D', data, '-m', 'immediate', '-w', 'stop'], capture_output=True,
                    timeout=60)
+  try:
+    yield f'postgresql+psycopg2://tuner@127.0.0.1:{port}/postgres', stop
+  finally:
+    stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres():
+  with postgres_server() as (url, _):
+    yield url
 
 
 def test_two_processes_on_postgresql(tmp_path, postgres):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -88,8 +89,37 @@ def prepare(config: TuneConfig, out: str, storage: str | None = None) -> Setup:
   return Setup(config, model, dataset, run_dir, url)
 
 
+class StorageFailure(ValueError):
+  """The study's database failed mid-study (disk full, server gone): one line, the study resumable."""
+
+
+def _reason(e: BaseException) -> str:
+  inner = getattr(e, 'orig', None) or e.__cause__ or e
+  inner = getattr(inner, 'orig', None) or inner
+  lines = [line for line in str(inner).splitlines() if line.strip()]
+  return lines[0][:200] if lines else type(inner).__name__
+
+
 def run(setup: Setup, worker_command: Sequence[str] = (), log: Callable[[str], None] = print
         ) -> dict[str, Any] | None:
+  """`_run` with a failing database or disk reported in one line (StorageFailure): the study is
+  consistent in its database, and the same command continues it once the cause is fixed."""
+  import optuna
+  import sqlalchemy.exc
+  try:
+    return _run(setup, worker_command, log)
+  except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+    raise StorageFailure(f'the study\'s storage {redact(setup.storage_url)} failed ({_reason(e)}); rerun the '
+                         'same command to continue once it is fixed') from None
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    raise StorageFailure(f'no space left on the device writing {e.filename or setup.run_dir.path}; free some '
+                         'and rerun the same command to continue') from None
+
+
+def _run(setup: Setup, worker_command: Sequence[str] = (), log: Callable[[str], None] = print
+         ) -> dict[str, Any] | None:
   """Runs trials into the study (see the module docstring); returns best.json's summary, or None in a
   `worker_only` process. `worker_command` starts this entry point (e.g. [python, -m, experiments.tune,
   *its arguments]); with `workers > 1` the extra workers run it with `--worker_only`. A study that
