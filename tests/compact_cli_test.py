@@ -153,7 +153,7 @@ def _copy_run(run_dir, tmp_path):
     ('nothing_under_budget', 'nothing under the budget'),
     ('two_selectors', 'exactly one of'),
     ('cycle_without_metric', '--cycle needs --metric'),
-    ('torch_for_vgg', 'no PyTorch twin'),
+    ('torch_for_resnet18', 'no PyTorch twin'),
 ])
 def test_bad_requests_are_refused_with_the_reason(run_dir, tmp_path, case, message):
   run, seed, metric, cycle, params, macs, torch = str(run_dir), 0, 'min', 2, None, None, False
@@ -177,10 +177,10 @@ def test_bad_requests_are_refused_with_the_reason(run_dir, tmp_path, case, messa
     params = 1e9
   elif case == 'cycle_without_metric':
     metric = None
-  elif case == 'torch_for_vgg':
+  elif case == 'torch_for_resnet18':  # the reference has no twin of the no-BN ResNet18
     run, torch = str(_copy_run(run_dir, tmp_path)), True
     spec_path = Path(run) / 'params' / 'spec.json'
-    spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), 'model': 'vgg19'}))
+    spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), 'model': 'resnet18'}))
   with pytest.raises(ValueError, match=message):  # ExportError, or the config's validate()
     cli.select(CompactConfig(run=run, seed=seed, metric=metric, cycle=cycle, best_under_params=params,
                              best_under_macs=macs, torch=torch))

@@ -48,7 +48,9 @@ from dropnet_jax import models
 from dropnet_jax.compaction import compact
 
 from dropnet_jax.models import large as large_models
-from dropnet_jax.models.compact import CompactResNet18, ConstantModel
+from dropnet_jax.models import vgg as vgg_models
+from dropnet_jax.models import resnet_bn
+from dropnet_jax.models.compact import CompactResNet18, CompactResNet18BN, ConstantModel
 from dropnet_jax.models.layers import Masks
 
 
@@ -102,6 +104,9 @@ def _bn(name, hw, c):
   return LayerCount(name, 'batchnorm', c, c, 1, 1, 0, tuple(hw), tuple(hw), 2 * c, 0, 0)
 
 
+RESNETS = (large_models.ResNet18, CompactResNet18, resnet_bn.ResNet18BN, CompactResNet18BN)
+
+
 def _layers(model: nn.Module, image_shape: Sequence[int]) -> list[LayerCount]:
   h, w, c = (int(v) for v in image_shape)
   hw, out = (h, w), []
@@ -122,32 +127,41 @@ def _layers(model: nn.Module, image_shape: Sequence[int]) -> list[LayerCount]:
       sizes = [hw[0] * hw[1] * c, *(int(v) for v in model.head), model.num_classes]
       return out + [_dense(f'Dense_{i}', a, b) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
     return out + [_dense('Dense_0', hw[0] * hw[1] * c, model.num_classes)]
-  if isinstance(model, large_models.VGG19):
-    for i, width in enumerate(widths):
+  if isinstance(model, vgg_models.VGG):
+    n = model.num_convs()
+    for i, width in enumerate(widths[:n]):
       layer, hw = _conv(f'conv{i}', hw, c, width, 3, 1, 1, bias=False)
       out += [layer, _bn(f'bn{i}', hw, width)]
       c = width
-      if i in large_models.VGG19_POOL_AFTER:
+      if i in model.POOL_AFTER:
         hw = (-(-hw[0] // 2), -(-hw[1] // 2))  # 'SAME' max-pool
+    for j, width in enumerate(widths[n:]):  # after global average pooling: c features
+      out.append(_dense(f'fc{j}', c, width))
+      c = width
     return out + [_dense('classifier', c, model.num_classes)]
-  if isinstance(model, (large_models.ResNet18, CompactResNet18)):
-    layer, hw = _conv('stem', hw, c, widths[0], 3, 1, 1)
-    out.append(layer)
+  if isinstance(model, RESNETS):
+    bn = isinstance(model, (resnet_bn.ResNet18BN, CompactResNet18BN))  # no conv biases; a BN after each conv
+
+    def conv(name, bn_name, hw, cin, cout, k, stride, pad):
+      layer, out_hw = _conv(name, hw, cin, cout, k, stride, pad, bias=not bn)
+      return ([layer, _bn(bn_name, out_hw, cout)] if bn else [layer]), out_hw
+
+    layers, hw = conv('stem', 'stem_bn', hw, c, widths[0], 3, 1, 1)
+    out += layers
     c, i = widths[0], 1
     for b, (stride, proj) in enumerate(zip(large_models.RESNET18_STRIDES, large_models.RESNET18_PROJECTION)):
       c1, wo = widths[i], widths[i + (2 if proj else 1)]
-      l1, hw_out = _conv(f'block{b}/conv1', hw, c, c1, 3, stride, 1)
-      l2, _ = _conv(f'block{b}/conv2', hw_out, c1, wo, 3, 1, 1)
-      out += [l1, l2]
+      l1, hw_out = conv(f'block{b}/conv1', f'block{b}/bn1', hw, c, c1, 3, stride, 1)
+      l2, _ = conv(f'block{b}/conv2', f'block{b}/bn2', hw_out, c1, wo, 3, 1, 1)
+      out += l1 + l2
       if proj:
-        out.append(_conv(f'block{b}/shortcut', hw, c, widths[i + 1], 1, stride, 0)[0])
+        out += conv(f'block{b}/shortcut', f'block{b}/shortcut_bn', hw, c, widths[i + 1], 1, stride, 0)[0]
       hw, c, i = hw_out, wo, i + (3 if proj else 2)
     return out + [_dense('classifier', c, model.num_classes)]
   raise TypeError(f'no counts for {type(model).__name__}')
 
 
-COUNTED = (ConstantModel, models.MLP, models.ConvNet, models.ModelC, large_models.VGG19, large_models.ResNet18,
-           CompactResNet18)
+COUNTED = (ConstantModel, models.MLP, models.ConvNet, models.ModelC, vgg_models.VGG, *RESNETS)
 
 
 def supports(model: nn.Module) -> bool:

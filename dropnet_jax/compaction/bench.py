@@ -46,8 +46,8 @@ RESULT_FILE = 'bench.json'
 @dataclasses.dataclass(frozen=True)
 class CompactBenchConfig:
   """What to time: a random mask of a fresh network, or an `experiments.compact` export."""
-  model: str = setting('fc', 'Model: fc (A), conv (B), modelc (C), resnet18, vgg19.', flag='model',
-                       choices=tuple(sorted(models.MODELS)))
+  model: str = setting('fc', 'Model: fc (A), conv (B), modelc (C), resnet18, vgg16, vgg19 (a head: widths end with '
+                       'it).', flag='model', choices=tuple(sorted(models.MODELS)))
   widths: tuple[int, ...] | None = setting(None, "Units/filters per masked layer (default: the model's).",
                                            flag='widths')
   image_shape: tuple[int, ...] | None = setting(None, 'H,W,C (default 28,28,1 for fc/conv, else 32,32,3).',

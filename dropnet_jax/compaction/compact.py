@@ -15,8 +15,8 @@ models).
 Which units survive (`plan`):
 * kept: mask 1;
 * live: kept and read by something that reaches the logits. In a chain
-  (Models A/B/C, VGG19) every kept unit is live unless the network is
-  constant (below). In ResNet18 the residual stream's channels are shared by
+  (Models A/B/C, VGG16/19) every kept unit is live unless the network is
+  constant (below). In ResNet18 (with or without batch norm) the residual stream's channels are shared by
   the stem / block outputs / projection shortcuts that add into it, each with
   its own mask; a stream tensor keeps its kept channels that a later conv or
   residual add reads, and blocks gather their shortcut channels by index
@@ -57,7 +57,9 @@ from dropnet_jax import models
 from dropnet_jax import theta as theta_lib
 
 from dropnet_jax.models import large as large_models
-from dropnet_jax.models.compact import CompactResNet18, ConstantModel, model_from_spec, spec_of
+from dropnet_jax.models import vgg as vgg_models
+from dropnet_jax.models import resnet_bn
+from dropnet_jax.models.compact import CompactResNet18, CompactResNet18BN, ConstantModel, model_from_spec, spec_of
 from dropnet_jax.models.layers import Masks
 
 SPEC_FILE = 'spec.json'
@@ -121,9 +123,9 @@ def plan(model: nn.Module, masks: Masks) -> Plan:
   kept = [np.asarray(m).reshape(-1) > 0.5 for m in masks]
   if len(kept) != len(model.widths) or any(k.size != w for k, w in zip(kept, model.widths)):
     raise ValueError(f'mask sizes {[k.size for k in kept]} do not match widths {tuple(model.widths)}')
-  if isinstance(model, large_models.ResNet18):
+  if isinstance(model, (large_models.ResNet18, resnet_bn.ResNet18BN)):  # the same residual groups
     return _resnet_plan(kept)
-  if not isinstance(model, (models.MLP, models.ConvNet, models.ModelC, large_models.VGG19)):
+  if not isinstance(model, (models.MLP, models.ConvNet, models.ModelC, vgg_models.VGG)):
     raise TypeError(f'cannot compact {type(model).__name__}')
   if any(not k.any() for k in kept):  # a chain with an empty layer computes from zeros after it
     return Plan(True, tuple(np.zeros(0, np.int64) for _ in kept), None)
@@ -136,9 +138,12 @@ def compact_model(model: nn.Module, masks: Masks, the_plan: Plan | None = None) 
   if p.constant:
     return ConstantModel(num_classes=model.num_classes)
   widths = tuple(int(i.size) for i in p.live)
-  if isinstance(model, large_models.ResNet18):
-    return CompactResNet18(widths=widths, shortcut_index=p.shortcut_index, num_classes=model.num_classes,
-                           input_norm=model.input_norm)
+  if isinstance(model, (large_models.ResNet18, resnet_bn.ResNet18BN)):
+    cls = CompactResNet18 if isinstance(model, large_models.ResNet18) else CompactResNet18BN
+    return cls(widths=widths, shortcut_index=p.shortcut_index, num_classes=model.num_classes,
+               input_norm=model.input_norm)
+  if isinstance(model, vgg_models.VGG):  # the head's FC nodes are masked: its kept widths are the new head
+    return model.clone(parent=None, widths=widths, head=widths[model.num_convs():])
   # The same family with the kept widths; every other field (head, dropout, input_norm, ...) kept.
   return model.clone(parent=None, widths=widths)
 
@@ -192,12 +197,15 @@ def _compact_params(model, params, stats, live):
       if name.startswith('Dense_') and name != 'Dense_0':
         new[name] = params[name]
     return new, None
-  if isinstance(model, large_models.VGG19):
-    new, new_stats, prev = {}, {}, None
-    for i, keep in enumerate(live):
+  if isinstance(model, vgg_models.VGG):  # convs (+ BN), GAP (channel c feeds row c), head FCs, classifier
+    new, new_stats, prev, n = {}, {}, None, model.num_convs()
+    for i, keep in enumerate(live[:n]):
       new[f'conv{i}'] = _layer(params[f'conv{i}'], prev, keep)
       new[f'bn{i}'] = {k: v[keep] for k, v in params[f'bn{i}'].items()}
       new_stats[f'bn{i}'] = {k: np.asarray(v)[keep] for k, v in stats[f'bn{i}'].items()}
+      prev = keep
+    for j, keep in enumerate(live[n:]):
+      new[f'fc{j}'] = _layer(params[f'fc{j}'], prev, keep)
       prev = keep
     new['classifier'] = _layer(params['classifier'], prev, None)
     return new, new_stats
@@ -211,7 +219,31 @@ def _compact_params(model, params, stats, live):
         new[f'block{b}']['shortcut'] = _layer(src['shortcut'], live[prev], live[sc])
     new['classifier'] = _layer(params['classifier'], live[_blocks()[-1][0][2]], None)
     return new, None
+  if isinstance(model, resnet_bn.ResNet18BN):
+    return _resnet_bn_params(params, stats, live)
   raise TypeError(f'cannot compact {type(model).__name__}')
+
+
+def _resnet_bn_params(params, stats, live):
+  """ResNet18BN sliced as ResNet18 (`_blocks`' live channels), each conv's BN params and stats with it."""
+  new, new_stats = {}, {}
+
+  def conv_bn(dst, dst_stats, src, src_stats, conv, bn, keep_in, keep_out):
+    dst[conv] = _layer(src[conv], keep_in, keep_out)
+    dst[bn] = {k: np.take(np.asarray(v), keep_out) for k, v in src[bn].items()}
+    dst_stats[bn] = {k: np.take(np.asarray(v), keep_out) for k, v in src_stats[bn].items()}
+
+  conv_bn(new, new_stats, params, stats, 'stem', 'stem_bn', None, live[0])
+  for b, ((c1, sc, out), prev) in enumerate(_blocks()):
+    block, block_stats = {}, {}
+    src, src_stats = params[f'block{b}'], stats[f'block{b}']
+    conv_bn(block, block_stats, src, src_stats, 'conv1', 'bn1', live[prev], live[c1])
+    conv_bn(block, block_stats, src, src_stats, 'conv2', 'bn2', live[c1], live[out])
+    if sc is not None:
+      conv_bn(block, block_stats, src, src_stats, 'shortcut', 'shortcut_bn', live[prev], live[sc])
+    new[f'block{b}'], new_stats[f'block{b}'] = block, block_stats
+  new['classifier'] = _layer(params['classifier'], live[_blocks()[-1][0][2]], None)
+  return new, new_stats
 
 
 def compact(model: nn.Module, theta: Any, masks: Masks,

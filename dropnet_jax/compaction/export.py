@@ -34,7 +34,7 @@ from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.settings import setting
 
 KIND = 'compact'
-TORCH_MODELS = ('fc', 'conv', 'modelc')  # tests.torch_reference.models
+TORCH_MODELS = ('fc', 'conv', 'modelc', 'vgg16', 'vgg19')  # tests.torch_reference.models
 TORCH_MISSING = '--torch needs PyTorch (pip install torch) and a source checkout (tests/torch_reference)'
 EVAL_BATCH = 1000
 FRESH_OUT = 'and a new --out (resuming a finished run does not train, or save, its cycles again)'
@@ -58,7 +58,7 @@ class CompactConfig:
   best_under_macs: float | None = setting(None, 'Pick the record with the best validation accuracy whose compact '
                                           'network needs at most this many multiply-accumulates per example.',
                                           flag='best_under_macs')
-  torch: bool = setting(False, 'Also write the PyTorch twin (Models A/B/C only) and check its logits.', flag='torch')
+  torch: bool = setting(False, 'Also write the PyTorch twin (Models A/B/C, VGG16/19) and check its logits.', flag='torch')
   data_dir: str | None = setting(None, "Data directory for the check (default: the run's config.json data_dir).",
                                  flag='data_dir', result=False)
 

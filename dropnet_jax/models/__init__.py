@@ -1,6 +1,7 @@
-"""The masked networks: the DropNet paper's Models A, B, C (`small`), ResNet18 and VGG19 (`large`),
-their building blocks (`layers`: masks, unit statistics, initialisers) and the genuinely smaller
-networks compaction builds (`compact`).
+"""The masked networks: the DropNet paper's Models A, B, C (`small`), ResNet18 (`large`), VGG16/VGG19 (`vgg`),
+the CIFAR ResNet18 with batch norm of the PyTorch reports (`resnet_bn`), their building blocks
+(`layers`: masks, unit statistics, initialisers) and the genuinely smaller networks compaction builds
+(`compact`).
 
 `create_model(name, widths, num_classes, width_multiplier)` is the one constructor every entry point
 uses; `init_params` gives θ0 for a model and image shape.

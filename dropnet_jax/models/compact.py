@@ -1,7 +1,7 @@
 """Model classes that only compacted networks need, and the JSON spec <-> model mapping.
 
 `dropnet_jax.compaction.compact` turns a masked network into a smaller dense one. For
-Models A/B/C and VGG19 the result is the same class with the kept widths. Two
+Models A/B/C and VGG16/VGG19 the result is the same class with the kept widths. Two
 cases need a class of their own:
 
 * `CompactResNet18`: ResNet18 whose residual adds gather channels. In the
@@ -19,6 +19,8 @@ cases need a class of their own:
   (a dropped conv1 or shortcut; a conv reading 0 channels outputs its bias),
   which the library's ResNet18 (Glorot init on a zero-size kernel divides by
   zero) cannot express. With identity index maps it is ResNet18 exactly.
+  `CompactResNet18BN` is the same for `resnet18_bn` (the trunk of
+  `resnet_bn`, each BN sliced with its conv).
 * `ConstantModel`: the network whose output does not depend on the input (a
   chain with a layer that has no units left, or a ResNet whose residual stream
   is cut): its logits are one vector, stored as a bias.
@@ -36,12 +38,13 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dropnet_jax import models
 
 from dropnet_jax.models import large as large_models
-from dropnet_jax.models.layers import KERNEL_INIT, InputNorm, Masks, masked_linear, masked_relu, to_float
+from dropnet_jax.models import resnet_bn
+from dropnet_jax.models.layers import (KERNEL_INIT, InputNorm, Masks, gather_channels,  # noqa: F401 (re-exported)
+                                       masked_linear, masked_relu, to_float)
 
 
 def zero_safe_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
@@ -55,16 +58,6 @@ def _conv(width: int, size: int, stride: int, name: str) -> nn.Conv:
   pad = (size - 1) // 2  # 1 for 3x3 (PyTorch-style, as large_models), 0 for the 1x1 shortcut
   return nn.Conv(width, (size, size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                  kernel_init=zero_safe_init, name=name)
-
-
-def gather_channels(x: jax.Array, index: Sequence[int]) -> jax.Array:
-  """x[..., index] with -1 meaning an all-zero channel; the identity map is returned as is."""
-  index = tuple(int(i) for i in index)
-  if index == tuple(range(x.shape[-1])):
-    return x
-  padded = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
-  where = np.array([i if i >= 0 else x.shape[-1] for i in index], np.int32)
-  return jnp.take(padded, where, axis=-1)
 
 
 class CompactBlock(nn.Module):
@@ -125,6 +118,26 @@ class CompactResNet18(nn.Module):
     return logits, tuple(stats)
 
 
+class CompactResNet18BN(nn.Module):
+  """ResNet18 with batch norm (`resnet_bn.ResNet18BN`) as CompactResNet18 is ResNet18: free per-tensor
+  widths (any may be 0), gathered residual adds, every conv's BN sliced with it; parameter names are
+  ResNet18BN's. An eval-mode network (compaction keeps the running statistics; no dropout)."""
+  widths: tuple[int, ...]
+  shortcut_index: tuple[tuple[int, ...], ...]
+  num_classes: int = 10
+  input_norm: InputNorm = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
+    if len(self.widths) != 20 or len(masks) != 20 or len(self.shortcut_index) != 8:
+      raise ValueError(f'CompactResNet18BN needs 20 widths, 20 masks and 8 index maps, got '
+                       f'{len(self.widths)}, {len(masks)}, {len(self.shortcut_index)}')
+    x, stats = resnet_bn.resnet18_bn_trunk(images, self.widths, masks, train, self.input_norm,
+                                           self.shortcut_index, zero_safe_init)
+    logits = nn.Dense(self.num_classes, kernel_init=zero_safe_init, name='classifier')(x)
+    return logits, stats
+
+
 class ConstantModel(nn.Module):
   """A network whose logits do not depend on the input: one learned vector per class, no masked layers."""
   num_classes: int = 10
@@ -140,8 +153,10 @@ class ConstantModel(nn.Module):
 
 
 def model_name(model: nn.Module) -> str:
-  """The spec name of a model instance ('fc', 'conv', 'modelc', 'resnet18', 'vgg19', 'resnet18_compact', 'constant')."""
-  for name, cls in {**models.MODELS, 'resnet18_compact': CompactResNet18, 'constant': ConstantModel}.items():
+  """The spec name of a model instance ('fc', 'conv', 'modelc', 'resnet18', 'vgg16', 'vgg19', ...)."""
+  compact_classes = {'resnet18_compact': CompactResNet18, 'resnet18_bn_compact': CompactResNet18BN,
+                     'constant': ConstantModel}
+  for name, cls in {**models.MODELS, **compact_classes}.items():
     if type(model) is cls:
       return name
   raise TypeError(f'not a dropnet_jax model: {type(model).__name__}')
@@ -163,7 +178,7 @@ def spec_of(model: nn.Module) -> dict[str, Any]:
   for field in OPTION_FIELDS:
     if hasattr(model, field):
       spec[field] = _jsonable(getattr(model, field))
-  if isinstance(model, CompactResNet18):
+  if isinstance(model, (CompactResNet18, CompactResNet18BN)):
     spec['shortcut_index'] = [[int(i) for i in idx] for idx in model.shortcut_index]
   return spec
 
@@ -176,9 +191,10 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
   norm = None if norm is None else tuple(tuple(float(v) for v in part) for part in norm)
   if name == 'constant':
     return ConstantModel(num_classes=num_classes)
-  if name == 'resnet18_compact':
+  if name in ('resnet18_compact', 'resnet18_bn_compact'):
     index = tuple(tuple(int(i) for i in idx) for idx in spec['shortcut_index'])
-    return CompactResNet18(widths=widths, shortcut_index=index, num_classes=num_classes, input_norm=norm)
+    cls = CompactResNet18 if name == 'resnet18_compact' else CompactResNet18BN
+    return cls(widths=widths, shortcut_index=index, num_classes=num_classes, input_norm=norm)
   head = spec.get('head')
   if head is None and 'hidden' in spec:
     head = [spec['hidden']]

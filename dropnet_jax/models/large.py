@@ -1,4 +1,4 @@
-"""The DropNet paper's large models: ResNet18 (no batch norm) and VGG19 (batch norm), masked.
+"""The DropNet paper's large models: ResNet18 (no batch norm), masked; VGG16/VGG19 live in `vgg`.
 
 Both follow the contract of `dropnet_jax.models`: `__call__(images, masks,
 train=False) -> (logits, stats)`, uint8 images scaled by `to_float`, one mask
@@ -33,19 +33,8 @@ Widths must respect the residual adds: a block's out width equals its input
 width (identity blocks; stem == block0 out == block1 out) or its shortcut width
 (projection blocks); conv1 widths are free. `resnet18_widths` builds a valid tuple.
 
-VGG19 (batch norm)
-------------------
-16 convs 3x3 (pad 1), 2-2-4-4-4 per stage with 64-128-256-512-512 filters, each
-conv (no bias: batch norm follows) -> BatchNorm -> ReLU -> mask, and a 2x2
-max-pool (stride 2, 'SAME' padding so a 1x1 map stays 1x1 and small test inputs
-work; identical to 'VALID' on even sizes) after each stage. The classifier is
-global average pooling then Dense(num_classes): for 32x32 inputs the last map
-is 1x1, so this equals flatten -> Linear(512, num_classes) (the usual CIFAR
-VGG); for 64x64 (Tiny ImageNet) it averages the 2x2 map. Batch norm is
-`nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)` (the
-PyTorch defaults), so init creates a 'batch_stats' collection; train with
-`mutable=['batch_stats']`. The mask follows the ReLU, so a dropped filter
-outputs exactly 0 whatever its BN scale/bias.
+VGG16 and VGG19 (batch norm, configurable head): `dropnet_jax.models.vgg`; `VGG19`,
+`VGG19_WIDTHS` and `VGG19_POOL_AFTER` are re-exported here for existing importers.
 """
 
 from __future__ import annotations
@@ -55,14 +44,14 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
+from dropnet_jax.models import vgg as vgg_models
+from dropnet_jax.models.vgg import VGG16, VGG19, VGG19_POOL_AFTER, VGG19_WIDTHS  # noqa: F401
 from dropnet_jax.models.layers import (KERNEL_INIT, InputNorm, Masks, UnitStats, dropout, masked_linear, masked_relu,
                                        to_float)
 
 RESNET18_STAGES = (64, 128, 256, 512)
 RESNET18_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)  # per block
 RESNET18_PROJECTION = tuple(s != 1 for s in RESNET18_STRIDES)  # blocks 2, 4, 6
-VGG19_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512)
-VGG19_POOL_AFTER = (1, 3, 7, 11, 15)  # conv indices followed by a max-pool
 
 
 def resnet18_layer_names() -> tuple[str, ...]:
@@ -154,40 +143,13 @@ class ResNet18(nn.Module):
     return logits, tuple(stats)
 
 
-class VGG19(nn.Module):
-  """VGG19 with batch norm: conv -> BN -> ReLU -> mask, pools after convs 2, 4, 8, 12, 16, GAP, Dense."""
-  widths: Sequence[int] = VGG19_WIDTHS
-  num_classes: int = 10
-  dropout: float = 0.0  # on the pooled features the classifier reads, training only
-  input_norm: InputNorm = None
-  initializer: str = 'glorot'  # glorot or torch: what `init_params` draws θ0 from
-
-  @nn.compact
-  def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
-    if len(self.widths) != 16 or any(int(v) != v or v <= 0 for v in self.widths):
-      raise ValueError(f'VGG19 needs 16 positive conv widths, got {tuple(self.widths)}')
-    if len(masks) != 16:
-      raise ValueError(f'{len(masks)} masks for 16 masked layers')
-    x = to_float(images, self.input_norm)
-    stats = []
-    for i, (width, mask) in enumerate(zip(self.widths, masks)):
-      x = _conv3(int(width), 1, f'conv{i}', use_bias=False)(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f'bn{i}')(x)
-      x, s = masked_relu(x, mask)
-      stats.append(s)
-      if i in VGG19_POOL_AFTER:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
-    x = dropout(x.mean(axis=(1, 2)), self.dropout, train)
-    logits = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name='classifier')(x)
-    return logits, tuple(stats)
-
-
 def layer_names(model: nn.Module) -> tuple[str, ...]:
   """A name per masked layer, in mask order."""
-  if isinstance(model, ResNet18):
+  from dropnet_jax.models import resnet_bn  # here: resnet_bn imports this module
+  if isinstance(model, (ResNet18, resnet_bn.ResNet18BN)):
     return resnet18_layer_names()
-  if isinstance(model, VGG19):
-    return tuple(f'conv{i}' for i in range(16))
+  if isinstance(model, vgg_models.VGG):
+    return vgg_models.layer_names(model)
   raise TypeError(f'not a large model: {type(model).__name__}')
 
 
@@ -195,8 +157,12 @@ def incoming_params(model: nn.Module) -> tuple[tuple[tuple[str, ...], ...], ...]
   """Per masked layer, the param paths whose last-axis entry u feeds unit u (kernel[..., u], bias/scale[u]).
 
   ResNet18: 'stem' / (blockB, conv1) / (blockB, shortcut) / (blockB, conv2) for the block output.
-  VGG19: (convI,) and (bnI,) (the 'batch_stats' collection has the same bnI paths).
+  ResNet18BN: the same convs, each with its BN (`resnet_bn.incoming_params`).
+  VGG16/VGG19: (convI,) and (bnI,) (the 'batch_stats' collection has the same bnI paths), (fcJ,) for the head.
   """
+  from dropnet_jax.models import resnet_bn  # here: resnet_bn imports this module
+  if isinstance(model, resnet_bn.ResNet18BN):
+    return resnet_bn.incoming_params(model)
   if isinstance(model, ResNet18):
     paths = []
     for name in resnet18_layer_names():
@@ -206,9 +172,9 @@ def incoming_params(model: nn.Module) -> tuple[tuple[tuple[str, ...], ...], ...]
         block, role = name.split('/')
         paths.append(((block, 'conv2' if role == 'out' else role),))
     return tuple(paths)
-  if isinstance(model, VGG19):
-    return tuple(((f'conv{i}',), (f'bn{i}',)) for i in range(16))
+  if isinstance(model, vgg_models.VGG):
+    return vgg_models.incoming_params(model)
   raise TypeError(f'not a large model: {type(model).__name__}')
 
 
-LARGE_MODELS = {'resnet18': ResNet18, 'vgg19': VGG19}
+LARGE_MODELS = {'resnet18': ResNet18, **vgg_models.VGG_MODELS}

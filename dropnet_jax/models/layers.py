@@ -9,11 +9,12 @@ a pass over data sums them per unit into `StatSums`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Masks = tuple[jax.Array, ...]
 
@@ -106,3 +107,14 @@ def check_dropout(rate: float) -> None:
 def full_masks(model: nn.Module) -> Masks:
   """The dense starting mask: one all-ones float32 vector per masked layer (`model.widths`)."""
   return tuple(jnp.ones((w,), jnp.float32) for w in model.widths)
+
+
+def gather_channels(x: jax.Array, index: Sequence[int]) -> jax.Array:
+  """x[..., index] with -1 meaning an all-zero channel; the identity map is returned as is (the
+  gathered residual add of compact ResNets)."""
+  index = tuple(int(i) for i in index)
+  if index == tuple(range(x.shape[-1])):
+    return x
+  padded = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
+  where = np.array([i if i >= 0 else x.shape[-1] for i in index], np.int32)
+  return jnp.take(padded, where, axis=-1)

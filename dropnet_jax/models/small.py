@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from dropnet_jax.models import large as large_models
+from dropnet_jax.models import resnet_bn
+from dropnet_jax.models import vgg as vgg_models
 from dropnet_jax.models.layers import (KERNEL_INIT, InputNorm, Masks, UnitStats, check_dropout, dropout,  # noqa: F401
                                        full_masks, masked_relu, to_float)
 
@@ -112,9 +114,13 @@ class ModelC(nn.Module):
     return logits, tuple(stats)
 
 
-MODELS = {'fc': MLP, 'conv': ConvNet, 'modelc': ModelC, **large_models.LARGE_MODELS}
+MODELS = {'fc': MLP, 'conv': ConvNet, 'modelc': ModelC, **large_models.LARGE_MODELS,
+          'resnet18_bn': resnet_bn.ResNet18BN}
+RESNET18_NAMES = ('resnet18', 'resnet18_bn')  # the residual-group width rules hold for both
 DEFAULT_WIDTHS = {'fc': (40, 40), 'conv': (64, 64), 'modelc': (64, 64, 128, 128),
-                  'resnet18': large_models.resnet18_widths(), 'vgg19': large_models.VGG19_WIDTHS}
+                  'resnet18': large_models.resnet18_widths(), 'resnet18_bn': large_models.resnet18_widths(),
+                  'vgg16': large_models.VGG16.CONV_WIDTHS,
+                  'vgg19': large_models.VGG19.CONV_WIDTHS}  # VGG: the convs; create_model appends the head
 
 
 INITIALIZERS = ('glorot', 'torch')
@@ -126,7 +132,7 @@ def default_initializer(name: str) -> str:
   return 'torch' if name in TORCH_INIT_MODELS else 'glorot'
 
 
-TORCH_INIT_MODELS: set[str] = set()  # model names whose default initializer is torch's
+TORCH_INIT_MODELS: set[str] = {'resnet18_bn'}  # model names whose default initializer is torch's
 
 
 def create_model(name: str, widths: Sequence[int] | None, num_classes: int, width_multiplier: float = 1.0, *,
@@ -134,6 +140,8 @@ def create_model(name: str, widths: Sequence[int] | None, num_classes: int, widt
                  input_norm: InputNorm = None) -> nn.Module:
   """Builds a model by its `--model` name; `widths` (one per masked layer) default to the model's,
   scaled by `width_multiplier` (each at least 1; ResNet18 keeps its residual constraints).
+  VGG16/VGG19: `widths` are the conv widths, optionally followed by the head widths; the head's FC
+  nodes are masked layers, so the model's widths end with `head` (taken as given, not scaled).
 
   `head`: hidden FC widths of the classifier head (models with a `head` field; None: the model's
   default). `dropout`: rate in [0, 1), training only. `initializer`: glorot, torch or auto (the
@@ -148,10 +156,10 @@ def create_model(name: str, widths: Sequence[int] | None, num_classes: int, widt
   if not widths or any(int(w) != w or w <= 0 for w in widths):
     raise ValueError(f'widths must be positive integers, got {widths}')
   widths = tuple(int(w) for w in widths)
-  if name == 'resnet18':
+  if name in RESNET18_NAMES:
     large_models.check_resnet18_widths(widths)
-  elif name == 'vgg19' and len(widths) != 16:
-    raise ValueError(f'VGG19 needs 16 conv widths, got {widths}')
+  elif name in vgg_models.VGG_MODELS:  # conv widths (+ head widths); the head is masked, so widths end with it
+    widths, head = vgg_models.widths_with_head(name, widths, head)
   check_dropout(dropout)
   if initializer == 'auto':
     initializer = default_initializer(name)
@@ -180,7 +188,7 @@ def default_widths(name: str, width_multiplier: float = 1.0) -> tuple[int, ...]:
   """The masked-layer widths of `name`, every layer scaled by `width_multiplier` (at least 1)."""
   if width_multiplier <= 0:
     raise ValueError(f'width_multiplier must be positive, got {width_multiplier}')
-  if name == 'resnet18':
+  if name in RESNET18_NAMES:
     stages = tuple(max(1, int(round(w * width_multiplier))) for w in large_models.RESNET18_STAGES)
     return large_models.resnet18_widths(stages)
   return tuple(max(1, int(round(w * width_multiplier))) for w in DEFAULT_WIDTHS[name])

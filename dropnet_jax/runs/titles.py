@@ -11,6 +11,7 @@ records), so a title says both which architecture it is and how wide it was trai
   resnet18  ResNet18 (width x0.25)       layer is the default scaled by one multiplier (as
   vgg19     VGG19                        --width_multiplier makes them), else the widths
                                          (Model C), stage widths (ResNet18) or "custom widths"
+  vgg16     VGG16 (width x0.5) + FC256   a VGG's hidden FC (head) widths follow its convs'
 
 Widths are inferred, not passed as a multiplier, because the records and config.json keep the
 widths themselves; a multiplier is found by trying each layer's ratio to the default, rounded to
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-_NAMES = {'fc': 'Model A', 'conv': 'Model B', 'modelc': 'Model C', 'resnet18': 'ResNet18', 'vgg19': 'VGG19'}
+_NAMES = {'fc': 'Model A', 'conv': 'Model B', 'modelc': 'Model C', 'resnet18': 'ResNet18',
+          'resnet18_bn': 'ResNet18-BN', 'vgg16': 'VGG16', 'vgg19': 'VGG19'}
 _DATASETS = {'digits': '8x8 digits', 'mnist': 'MNIST', 'cifar10': 'CIFAR-10', 'tiny_imagenet': 'Tiny ImageNet'}
 
 
@@ -50,6 +52,11 @@ def model_title(name: str, widths: Sequence[int]) -> str:
     return f'{title} ({"-".join(f"Conv{w}" for w in widths)})'
   if name not in _NAMES:
     return f'{title} ({"-".join(map(str, widths))})'
+  if name in ('vgg16', 'vgg19'):  # the head's FC widths follow the convs': 'VGG19 (width x0.25) + FC1024'
+    from dropnet_jax.models.small import default_widths
+    n = len(default_widths(name))
+    if len(widths) > n:
+      return f'{model_title(name, widths[:n])} + {"-".join(f"FC{w}" for w in widths[n:])}'
   m = _multiplier(name, widths)
   if m == 1:
     return title
@@ -57,7 +64,7 @@ def model_title(name: str, widths: Sequence[int]) -> str:
     return f'{title} (width x{m:g})'
   if name == 'modelc':
     return f'{title} ({"-".join(f"Conv{w}" for w in widths)})'
-  if name == 'resnet18' and len(widths) == 20:
+  if name in ('resnet18', 'resnet18_bn') and len(widths) == 20:
     from dropnet_jax.models import large as large_models
     stages = (widths[0], widths[9], widths[14], widths[19])  # the stem and the out widths of blocks 3, 5, 7
     if large_models.resnet18_widths(stages) == widths:

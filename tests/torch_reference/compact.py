@@ -5,7 +5,8 @@ same family; this builds the torch twin of that small network
 (`tests.torch_reference.models`, weights copied by
 `weights.load_flax_params`) and checks that both compute the same logits. A
 constant network (a layer with no units left, see dropnet_jax.compaction.compact) becomes
-`ConstantTwin`. ResNet18 and VGG19 have no torch twin in this reference.
+`ConstantTwin`. VGG16/VGG19 twins carry batch norm with θ's running statistics; ResNet18 (no
+batch norm) has no torch twin in this reference.
 
 `export(dir, model, theta, image_shape)` writes the JAX export
 (`compact.save`), the twin's state dict (`torch_state_dict.pt`) and the
@@ -47,7 +48,8 @@ class ConstantTwin(nn.Module):
 
 
 def to_torch(model: Any, theta: Any, image_shape: Sequence[int]) -> nn.Module:
-  """The torch twin of a (compact) Flax Model A/B/C or ConstantModel, holding the same weights."""
+  """The torch twin of a (compact) Flax Model A/B/C, VGG16/19 or ConstantModel, holding the same weights
+  (batch norm: θ's running statistics too; the twin is returned in eval mode)."""
   params, _ = theta_lib.split(theta)
   if isinstance(model, ConstantModel):
     twin = ConstantTwin(model.num_classes)
@@ -57,10 +59,10 @@ def to_torch(model: Any, theta: Any, image_shape: Sequence[int]) -> nn.Module:
   spec = spec_of(model)
   if spec['model'] not in tmodels.MODELS:
     raise ValueError(f'no torch twin for {spec["model"]!r}; the reference has {sorted(tmodels.MODELS)}')
-  kwargs = {'hidden': spec['head'][0]} if spec['model'] == 'modelc' else {}
+  kwargs = {'head': tuple(spec['head'])} if 'head' in spec else {}
   twin = tmodels.MODELS[spec['model']](widths=tuple(spec['widths']), num_classes=spec['num_classes'],
                                        image_shape=tuple(image_shape), **kwargs)
-  return load_flax_params(twin, params)
+  return load_flax_params(twin, theta).eval()
 
 
 def max_abs_diff(model: Any, theta: Any, twin: nn.Module, images: np.ndarray) -> float:

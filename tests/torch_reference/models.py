@@ -1,4 +1,4 @@
-"""Masked torch.nn versions of dropnet_jax.models (Model A, B and C).
+"""Masked torch.nn versions of dropnet_jax.models (Model A, B and C, VGG16 and VGG19).
 
 Same structure and conventions as the Flax models: the node/filter masks are an
 input of `forward`, the mask multiplies the post-ReLU activation, images arrive
@@ -96,10 +96,10 @@ class ConvNet(nn.Module):
 
 
 class ModelC(nn.Module):
-  """Model C: Conv-Conv-Pool pairs (masks after each conv's ReLU), then unmasked FC `hidden`."""
+  """Model C: Conv-Conv-Pool pairs (masks after each conv's ReLU), then the unmasked FC layers `head`."""
 
   def __init__(self, widths: Sequence[int] = (64, 64, 128, 128), num_classes: int = 10,
-               image_shape: Sequence[int] = (32, 32, 3), hidden: int = 256):
+               image_shape: Sequence[int] = (32, 32, 3), head: Sequence[int] = (256,)):
     super().__init__()
     if len(widths) % 2:
       raise ValueError(f'ModelC needs an even number of conv widths (pairs before each pool), got {widths}')
@@ -111,7 +111,8 @@ class ModelC(nn.Module):
       c = width
       if i % 2 == 1:
         h, w = h // 2, w // 2
-    self.dense = nn.ModuleList([_glorot(nn.Linear(h * w * c, hidden)), _glorot(nn.Linear(hidden, num_classes))])
+    sizes = [h * w * c, *(int(v) for v in head), num_classes]
+    self.dense = nn.ModuleList(_glorot(nn.Linear(a, b)) for a, b in zip(sizes[:-1], sizes[1:]))
 
   def forward(self, images: torch.Tensor, masks: Masks, with_stats: bool = True):
     x = to_float(images).permute(0, 3, 1, 2)
@@ -122,22 +123,195 @@ class ModelC(nn.Module):
       if i % 2 == 1:
         x = F.max_pool2d(x, 2)
     x = x.permute(0, 2, 3, 1).flatten(1)
-    x = F.relu(self.dense[0](x))
-    return self.dense[1](x), tuple(stats)
+    for layer in self.dense[:-1]:
+      x = F.relu(layer(x))
+    return self.dense[-1](x), tuple(stats)
 
 
-MODELS = {'fc': MLP, 'conv': ConvNet, 'modelc': ModelC}
-DEFAULT_WIDTHS = {'fc': (40, 40), 'conv': (64, 64), 'modelc': (64, 64, 128, 128)}
+class VGG(nn.Module):
+  """dropnet_jax.models.vgg's VGG: conv (no bias) -> BatchNorm -> ReLU -> mask, a 2x2 max-pool after each
+  stage (ceil_mode: Flax's 'SAME' pool), global average pool, the head's FC layers (Linear -> ReLU -> mask
+  -> dropout; masked nodes), the classifier. `widths` are the conv widths then the head's, as in Flax.
+  BatchNorm2d's defaults (eps 1e-5, momentum 0.1) are Flax's (1e-5, 0.9)."""
+  CONV_WIDTHS: tuple[int, ...] = ()
+  POOL_AFTER: tuple[int, ...] = ()
+
+  def __init__(self, widths: Sequence[int] | None = None, num_classes: int = 10,
+               image_shape: Sequence[int] = (32, 32, 3), head: Sequence[int] = (), dropout: float = 0.0):
+    super().__init__()
+    n, head = len(self.CONV_WIDTHS), tuple(int(v) for v in head)
+    widths = self.CONV_WIDTHS + head if widths is None else tuple(int(v) for v in widths)
+    if len(widths) == n:
+      widths += head
+    if len(widths) != n + len(head) or widths[n:] != head:
+      raise ValueError(f'{type(self).__name__} needs {n} conv widths + the head {head}, got {widths}')
+    self.widths, self.head, self.dropout = widths, head, dropout
+    c = image_shape[-1]
+    self.convs, self.bns, self.fcs = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+    for width in widths[:n]:
+      self.convs.append(nn.Conv2d(c, width, 3, padding=1, bias=False))
+      self.bns.append(nn.BatchNorm2d(width))
+      c = width
+    for width in head:
+      self.fcs.append(nn.Linear(c, width))
+      c = width
+    self.classifier = nn.Linear(c, num_classes)
+
+  def flax_layers(self):
+    """(Flax layer name, torch module) pairs, for tests.torch_reference.weights."""
+    yield from ((f'conv{i}', m) for i, m in enumerate(self.convs))
+    yield from ((f'bn{i}', m) for i, m in enumerate(self.bns))
+    yield from ((f'fc{j}', m) for j, m in enumerate(self.fcs))
+    yield 'classifier', self.classifier
+
+  def forward(self, images: torch.Tensor, masks: Masks, with_stats: bool = True):
+    if len(masks) != len(self.widths):
+      raise ValueError(f'{len(masks)} masks for {len(self.widths)} masked layers')
+    n = len(self.convs)
+    x = to_float(images).permute(0, 3, 1, 2)
+    stats = []
+    for i, (conv, bn, mask) in enumerate(zip(self.convs, self.bns, masks[:n])):
+      x, s = masked_relu(bn(conv(x)), mask, with_stats)
+      stats.append(s)
+      if i in self.POOL_AFTER:
+        x = F.max_pool2d(x, 2, ceil_mode=True)
+    x = x.mean(dim=(2, 3))
+    for fc, mask in zip(self.fcs, masks[n:]):
+      x, s = masked_relu(fc(x), mask, with_stats)
+      x = F.dropout(x, self.dropout, self.training)
+      stats.append(s)
+    if not self.fcs:
+      x = F.dropout(x, self.dropout, self.training)
+    return self.classifier(x), tuple(stats)
+
+
+class VGG16(VGG):
+  CONV_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+  POOL_AFTER = (1, 3, 6, 9, 12)
+
+
+class VGG19(VGG):
+  CONV_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512)
+  POOL_AFTER = (1, 3, 7, 11, 15)
+
+
+MODELS = {'fc': MLP, 'conv': ConvNet, 'modelc': ModelC, 'vgg16': VGG16, 'vgg19': VGG19}
+DEFAULT_WIDTHS = {'fc': (40, 40), 'conv': (64, 64), 'modelc': (64, 64, 128, 128), 'vgg16': VGG16.CONV_WIDTHS,
+                  'vgg19': VGG19.CONV_WIDTHS}
 
 
 def create_model(name: str, widths: Sequence[int] | None, num_classes: int,
-                 image_shape: Sequence[int]) -> nn.Module:
-  """The torch twin of dropnet_jax.models.create_model (torch needs the input shape up front)."""
+                 image_shape: Sequence[int], head: Sequence[int] | None = None) -> nn.Module:
+  """The torch twin of dropnet_jax.models.create_model (torch needs the input shape up front); `head` for
+  modelc and the VGGs (None: the model's default; a VGG's widths may end with it, as in Flax)."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
   widths = tuple(DEFAULT_WIDTHS[name] if not widths else widths)
-  return MODELS[name](widths=widths, num_classes=num_classes, image_shape=tuple(image_shape))
+  options = {}
+  if name in ('vgg16', 'vgg19'):
+    n = len(MODELS[name].CONV_WIDTHS)
+    options['head'] = tuple(widths[n:]) if head is None else tuple(head)
+  elif head is not None:
+    options['head'] = tuple(head)
+  return MODELS[name](widths=widths, num_classes=num_classes, image_shape=tuple(image_shape), **options)
 
 
 def full_masks(model: nn.Module) -> Masks:
   return tuple(torch.ones(w, dtype=torch.float32) for w in model.widths)
+
+
+def masked_linear(x: torch.Tensor, mask: torch.Tensor, with_stats: bool = True):
+  """The mask on an output without activation (a projection shortcut after its BN), with the same stats."""
+  a = x * mask.to(x.dtype).view(1, -1, 1, 1)
+  if not with_stats:
+    return a, None
+  return a, UnitStats(a.abs().mean(dim=(2, 3)), (a == 0).to(a.dtype).mean(dim=(2, 3)))
+
+
+RESNET18_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)
+
+
+def resnet18_widths(stage_widths: Sequence[int] = (64, 128, 256, 512)) -> tuple[int, ...]:
+  """The 20 masked-layer widths (stem; per block conv1, [shortcut], out), as dropnet_jax's resnet18_widths."""
+  widths = [stage_widths[0]]
+  for b, stride in enumerate(RESNET18_STRIDES):
+    widths += [stage_widths[b // 2]] * (3 if stride != 1 else 2)
+  return tuple(int(w) for w in widths)
+
+
+class BasicBlockBN(nn.Module):
+  """kuangliu/pytorch-cifar's BasicBlock with dropnet_jax.models.resnet_bn's masks."""
+
+  def __init__(self, c_in: int, conv1_width: int, out_width: int, stride: int, projection: bool):
+    super().__init__()
+    self.conv1 = nn.Conv2d(c_in, conv1_width, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(conv1_width)
+    self.conv2 = nn.Conv2d(conv1_width, out_width, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(out_width)
+    self.projection = projection
+    if projection:
+      self.shortcut = nn.Conv2d(c_in, out_width, 1, stride, bias=False)
+      self.shortcut_bn = nn.BatchNorm2d(out_width)
+
+  def forward(self, x: torch.Tensor, masks: Masks | None, with_stats: bool = True):
+    """`masks=None`: the unmasked network (what Torch-Pruning traces)."""
+    m = (lambda i: masks[i]) if masks is not None else (lambda i: None)
+    stats = []
+    h = self.bn1(self.conv1(x))
+    h, s = masked_relu(h, m(0), with_stats) if masks is not None else (F.relu(h), None)
+    stats.append(s)
+    h = self.bn2(self.conv2(h))
+    sc = x
+    if self.projection:
+      sc = self.shortcut_bn(self.shortcut(x))
+      if masks is not None:
+        sc, s = masked_linear(sc, m(1), with_stats)
+        stats.append(s)
+    out = h + sc
+    out, s = masked_relu(out, m(len(masks) - 1), with_stats) if masks is not None else (F.relu(out), None)
+    stats.append(s)
+    return out, stats
+
+
+class ResNet18BN(nn.Module):
+  """The CIFAR ResNet18 with batch norm (kuangliu/pytorch-cifar), masked as dropnet_jax's resnet18_bn.
+
+  PyTorch's default initialisation (the layers' own). Module names follow the Flax ones ('stem',
+  'stem_bn', 'block0.conv1', ..., 'classifier') so `weights.load_flax_variables` maps them directly.
+  """
+
+  def __init__(self, widths: Sequence[int] = resnet18_widths(), num_classes: int = 10,
+               image_shape: Sequence[int] = (32, 32, 3)):
+    super().__init__()
+    self.widths = w = tuple(int(v) for v in widths)
+    self.stem = nn.Conv2d(image_shape[-1], w[0], 3, 1, 1, bias=False)
+    self.stem_bn = nn.BatchNorm2d(w[0])
+    self.block_sizes, c, i = [], w[0], 1
+    for b, stride in enumerate(RESNET18_STRIDES):
+      n = 3 if stride != 1 else 2
+      self.add_module(f'block{b}', BasicBlockBN(c, w[i], w[i + n - 1], stride, stride != 1))
+      self.block_sizes.append(n)
+      c, i = w[i + n - 1], i + n
+    self.classifier = nn.Linear(c, num_classes)
+
+  def blocks(self):
+    return [getattr(self, f'block{b}') for b in range(len(RESNET18_STRIDES))]
+
+  def features(self, x: torch.Tensor, masks: Masks | None, with_stats: bool = True):
+    """NCHW float input -> pooled features, stats (`masks=None`: unmasked)."""
+    x = self.stem_bn(self.stem(x))
+    x, s = masked_relu(x, masks[0], with_stats) if masks is not None else (F.relu(x), None)
+    stats, i = [s], 1
+    for block, n in zip(self.blocks(), self.block_sizes):
+      x, s = block(x, None if masks is None else masks[i:i + n], with_stats)
+      stats += s
+      i += n
+    return x.mean(dim=(2, 3)), tuple(stats)
+
+  def forward(self, images: torch.Tensor, masks: Masks, with_stats: bool = True):
+    x, stats = self.features(to_float(images).permute(0, 3, 1, 2), masks, with_stats)
+    return self.classifier(x), stats
+
+
+MODELS['resnet18_bn'] = ResNet18BN
+DEFAULT_WIDTHS['resnet18_bn'] = resnet18_widths()
