@@ -159,7 +159,8 @@ def test_augmentation_changes_the_batches_only_when_on():
                            np.asarray(results['none']['Dense_0']['kernel']))
 
 
-def test_augmented_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize('augment', ['crop,flip', 'crop,flip,autoaugment'])
+def test_augmented_run_resumes_exactly(tmp_path, augment):
   from dropnet_jax.loop import dropnet
   from dropnet_jax.loop.driver import RunIO
   from dropnet_jax.runs.checkpoint import Checkpointer
@@ -167,7 +168,7 @@ def test_augmented_run_resumes_exactly(tmp_path):
   data = small_data()
   model = models.MLP(widths=(8,), num_classes=4)
   config = DropNetConfig(metrics=('min',), fraction=0.5, floor=0.3,
-                         train=TrainConfig(batch_size=8, max_epochs=4, patience=2, augment='crop,flip'))
+                         train=TrainConfig(batch_size=8, max_epochs=4, patience=2, augment=augment))
   run = lambda ckpt, **kw: dropnet.run_experiment(model, (4, 4, 1), data, [0], config, io=RunIO(
       checkpointer=ckpt, checkpoint_every_epochs=1, log_epochs=True, **kw))  # per-epoch lines: `crash` counts them
   reference = run(None, log=lambda s: None)
@@ -184,3 +185,25 @@ def test_augmented_run_resumes_exactly(tmp_path):
   resumed = run(Checkpointer(str(tmp_path)), log=lambda s: None)
   strip = lambda rs: [{k: v for k, v in r.items() if k != 'seconds'} for r in rs]
   assert strip(resumed) == strip(reference) and len(reference) >= 2
+
+
+def test_batch_norm_with_a_batch_larger_than_the_training_set():
+  """A batch size above the training-set size (a tuner's sampled size on a small subset): batch norm's
+  epoch is its one partial batch, the same step as a batch of exactly the training set."""
+  import jax
+  from dropnet_jax import models
+  from dropnet_jax.config import TrainConfig
+  from dropnet_jax.input_pipeline import load_dataset
+  from dropnet_jax.training.trainer import DeviceData, Trainer
+  ds = load_dataset('digits')
+  data = DeviceData.from_dataset(ds)
+  model = models.create_model('vgg19', None, 10, 0.0625)
+  theta = models.init_params(model, jax.random.key(0), ds.image_shape)
+  states = []
+  for batch_size in (len(ds.train_labels), 4 * len(ds.train_labels)):
+    trainer = Trainer(model, TrainConfig(batch_size=batch_size, max_epochs=2))
+    state = trainer.init_fit(theta, models.full_masks(model), jax.random.key(1))
+    states.append(trainer.epoch_step(trainer.epoch_step(state, data), data))
+  assert int(states[1].epoch) == 2 and np.isfinite(float(states[1].train_loss))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), states[0].params,
+               states[1].params)

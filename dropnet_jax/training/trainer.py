@@ -51,7 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dropnet_jax import theta as theta_lib
 from dropnet_jax.config import TrainConfig
-from dropnet_jax.training.augment import random_crop_flip
+from dropnet_jax.training.augment import batch_augmenter
 from dropnet_jax.training.batches import padded_batches, RowSums, take_rows, cross_entropy, shuffle_order
 from dropnet_jax.training.cpu_grads import with_fast_grads
 from dropnet_jax.models.layers import Masks, StatSums, full_masks, zero_sums
@@ -315,8 +315,11 @@ class Trainer:
       return (params, new_bs, opt_state, acc.add(*terms)), None
 
     init = (params, batch_stats, opt_state, RowSums.zeros(bs, self.unit_masks(masks)))
-    (params, batch_stats, opt_state, acc), _ = jax.lax.scan(body, init, jnp.arange(idx.shape[0]),
-                                                             unroll=self.unroll)
+    if idx.shape[0]:
+      (params, batch_stats, opt_state, acc), _ = jax.lax.scan(body, init, jnp.arange(idx.shape[0]),
+                                                               unroll=self.unroll)
+    else:  # batch norm with fewer examples than one batch: the epoch is its partial batch alone
+      acc = init[-1]
     loss_sum, correct_sum, abs_sum, zero_sum = acc.totals()
     if tail:
       t_idx = order[n - tail:]
@@ -333,12 +336,9 @@ class Trainer:
 
   def _augmenter(self, key: jax.Array) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """(batch images, batch index) -> the batch as trained on: with --augment, random crops (zero
-    padding 4) and/or flips drawn from (epoch key, batch index), so a resumed run sees the same ones."""
-    kind = self.config.augment
-    if kind == 'none':
-      return lambda x, i: x
-    padding, flip = (4 if 'crop' in kind else 0), 'flip' in kind
-    return lambda x, i: random_crop_flip(jax.random.fold_in(key, i), x, padding=padding, flip=flip)
+    padding 4) and/or flips, then AutoAugment, drawn from (epoch key, batch index), so a resumed run sees
+    the same ones (augment.batch_augmenter)."""
+    return batch_augmenter(self.config.augment, key)
 
   # -- early stopping -------------------------------------------------------
 
