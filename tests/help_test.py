@@ -22,11 +22,13 @@ MODULES = sorted(p.stem for p in (REPO / 'experiments').glob('*.py') if p.stem !
 # A settings flag each entry point owns (one that says what the entry point is about). A new entry
 # point fails `test_every_entry_point_has_a_flag_to_look_for` until it is added here.
 OWN_FLAG = {
-    'apoz_study': 'metrics', 'benchmark': 'trials', 'compact': 'best_under_params', 'compact_bench': 'batch_sizes',
+    'apoz_study': 'metrics', 'augment_samples': 'draws', 'benchmark': 'trials', 'compact': 'best_under_params',
+    'compact_bench': 'batch_sizes',
     'compare': 'torch_threads', 'dropnet': 'metrics', 'ensemble': 'max_members', 'ensemble_bench': 'members',
-    'fraction_study': 'fractions', 'magnitude': 'sparsities', 'magnitude_bench': 'amount', 'oracle_study': 'metrics',
+    'fraction_study': 'fractions', 'lanes_bench': 'schedules', 'magnitude': 'sparsities',
+    'magnitude_bench': 'amount', 'oracle_study': 'metrics',
     'protocol_study': 'metrics', 'randominit_study': 'seeds', 'schedules': 'schedules', 'smoke_train': 'models',
-    'tune': 'n_trials',
+    'tune': 'n_trials', 'resnet_bn_bench': 'examples',
 }
 # Two console commands (pyproject.toml [project.scripts]) and the modules whose run()/cli() they call.
 CONSOLE = {'dropnet-run': 'dropnet', 'dropnet-schedules': 'schedules'}
