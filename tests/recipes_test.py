@@ -35,14 +35,12 @@ def cifar(tmp_path_factory):
 
 def test_resnet18_bn_schedules_recipe(cifar, tmp_path):
   config = _run('experiments.schedules', 'resnet18_bn_cifar10_schedules.py', cifar, tmp_path / 'out',
-                '--width_multiplier=0.0625', '--max_epochs=2', '--schedules=torch_linear,constant')
+                '--width_multiplier=0.0625', '--max_epochs=1', '--schedules=torch_linear')
   assert config['model']['name'] == 'resnet18_bn' and config['data']['normalize']
   assert config['train']['augment'] == 'crop,flip,autoaugment'
   assert config['train']['optim']['schedule_unit'] == 'epoch'
-  spec = json.loads(next((tmp_path / 'out').rglob('spec.json')).read_text()) if list(
-      (tmp_path / 'out').rglob('spec.json')) else None
-  if spec is not None:  # the run kept its networks: they carry the training split's statistics
-    assert len(spec['input_norm'][0]) == 3
+  results = json.loads((tmp_path / 'out' / 'schedules.json').read_text())
+  assert 'torch_linear' in json.dumps(results)
 
 
 def test_resnet18_bn_tune_recipe(cifar, tmp_path):
