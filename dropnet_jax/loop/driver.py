@@ -17,6 +17,16 @@ trained once per seed (in the group that first needs it) and shared
 (`dense`). A group's lane count never changes between cycles (stopped trials
 and padding are frozen "done" lanes), so nothing recompiles.
 
+That is the *barrier* schedule: every lane of a group starts cycle c together
+and waits for the group's slowest early stop before cycle c+1. The
+*continuous* schedule (`continuous.Continuous`, `schedule='continuous'`) runs
+the same trials through the same method, lanes and checkpoints without the
+barrier: a lane whose cycle ends is measured alone, its trial advances and
+the lane restarts at once with the trial's next cycle (or the next waiting
+trial), while the others train on; `lanes` may be fewer than the trials. At
+the end of a batched run one log line gives the lanes' occupancy (useful
+lane-epochs / lane-epochs spent: what lockstep lanes on an accelerator pay).
+
 Checkpoints (after every cycle, and every `checkpoint_every_epochs` epochs
 inside one) hold the whole position: the trials' masks, records and stop
 flags, θ0 of the current group's seeds, the shared dense outcomes still
@@ -40,6 +50,7 @@ import numpy as np
 from absl import logging
 
 from dropnet_jax.loop import state as state_lib
+from dropnet_jax.loop.epoch_report import report_epoch
 # Trial, Outcome and the checkpoint format live in `state`; importable from here as before.
 from dropnet_jax.loop.state import CHECKPOINT_VERSION, Outcome, Position, Trial, stack  # noqa: F401
 from dropnet_jax.models.layers import StatSums
@@ -95,6 +106,8 @@ class Method(Protocol):
   def shuffle_key(self, seed: int, cycle: int) -> jax.Array: ...
   def mask_fields(self, mask: Any) -> dict[str, Any]: ...
   def sums_template(self) -> StatSums: ...
+  # Records `outcome` (the trial's current cycle) and sets the trial's next mask or stops it. The
+  # continuous schedule calls it whenever a lane's cycle ends, so it must read only its own trial.
   def advance(self, trial: Trial, outcome: Outcome, dense: Outcome) -> None: ...
 
 
@@ -153,19 +166,48 @@ def measure(runner, state: FitState, data: DeviceData, method: Method, seconds: 
   return out
 
 
+SCHEDULES = ('barrier', 'continuous')
+
+
+@dataclasses.dataclass
+class Occupancy:
+  """Lane-epochs of this invocation: `useful` (a lane training its trial), `spent` (every lane of
+  every lockstep epoch, as an accelerator computing all lanes together pays)."""
+  schedule: str
+  lanes: int
+  useful: int = 0
+  spent: int = 0
+
+  def line(self) -> str:
+    share = self.useful / self.spent if self.spent else 1.0
+    return (f'lanes: {self.schedule} schedule, {self.lanes} lanes, occupancy {100 * share:.1f}% '
+            f'({self.useful} useful lane-epochs of {self.spent} spent)')
+
+
 class Driver:
-  """Runs `trials` of `method` to the end in groups of `group_size` (None: one group of all)."""
+  """Runs `trials` of `method` to the end in groups of `group_size` (None: one group of all), or with
+  `schedule='continuous'` on `lanes` lanes (None: one per trial) without a barrier between cycles."""
 
   def __init__(self, method: Method, trials: list[Trial], runner, data: DeviceData, *,
-               group_size: int | None = None, io: RunIO | None = None):
-    size = group_size or len(trials)
+               group_size: int | None = None, io: RunIO | None = None, schedule: str = 'barrier',
+               lanes: int | None = None):
+    if schedule not in SCHEDULES:
+      raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+    if schedule == 'continuous':
+      if not runner.batched:
+        raise ValueError('the continuous schedule trains lanes: it needs batched programs (Lanes)')
+      group_size = lanes
+    if group_size is not None and group_size < 1:
+      raise ValueError(f'lanes / group size must be positive, got {group_size}')
+    size = max(1, min(group_size or len(trials), len(trials)))  # never more lanes than trials
     if not runner.batched and size != 1:
       raise ValueError('one-trial programs (OneLane) need groups of one trial')
-    self.method, self.trials, self.runner, self.data = method, trials, runner, data
+    self.method, self.trials, self.runner, self.data, self.schedule = method, trials, runner, data, schedule
     self.groups = [trials[i:i + size] for i in range(0, len(trials), size)]
     self.io = io or RunIO()
     self.lane_count = runner.pad(size) if runner.batched else 1
     self.pos = Position()
+    self.occupancy = Occupancy(schedule, self.lane_count)
 
   def records(self) -> list[dict[str, Any]]:
     return [r for t in self.trials for r in t.records]
@@ -186,6 +228,16 @@ class Driver:
       raise
 
   def _run(self) -> list[dict[str, Any]]:
+    if self.schedule == 'continuous':
+      from dropnet_jax.loop.continuous import Continuous  # it builds on this module
+      records = Continuous(self).run()
+    else:
+      records = self._run_barrier()
+    if self.runner.batched:
+      self.io.log(self.occupancy.line())
+    return records
+
+  def _run_barrier(self) -> list[dict[str, Any]]:
     io = self.io
     if self._restore():
       io.log(self._resume_note())
@@ -280,12 +332,17 @@ class Driver:
     self.pos.fit, self.pos.fit_meta = None, None
     # Per lane, the last epoch whose curve rows were given (a resumed state's epochs were given before).
     reported = np.asarray(state.epoch).reshape(-1).tolist() if resumed else [0] * count
+    previous = np.asarray(state.epoch).reshape(-1)[:n]
 
     def on_epoch(state: FitState) -> None:
-      nonlocal started, seconds
+      nonlocal started, seconds, previous
       if self.io.log_epochs or self.io.monitor or self.io.curves is not None:
-        self._report_epoch(state, labels, cycle, owners, reported)
-      epoch = int(np.max(np.asarray(state.epoch)))
+        report_epoch(self.io, self.runner, state, range(n), labels, [cycle] * n, owners, reported)
+      epochs = np.asarray(state.epoch).reshape(-1)
+      self.occupancy.useful += int(np.sum(epochs[:n] - previous))
+      self.occupancy.spent += count
+      previous = epochs[:n]
+      epoch = int(np.max(epochs))
       every = self.io.checkpoint_every_epochs
       if every and epoch % every == 0 and not np.all(np.asarray(state.done)):
         seconds += time.perf_counter() - started
@@ -298,40 +355,6 @@ class Driver:
     active = [i < n for i in range(count)]
     return measure(self.runner, state, self.data, self.method, seconds + time.perf_counter() - started,
                    active)[:n]
-
-  def _report_epoch(self, state: FitState, labels: list[str], cycle: int, owners: list[list[tuple[int, str]]],
-                    reported: list[int]) -> None:
-    """The epoch's host read (small per-lane scalars, one transfer), to the monitor, log and curves."""
-    curves = self.io.curves
-    hyper = getattr(state.opt_state, 'hyperparams', None) if curves is not None else None
-    s, hyper = jax.device_get((state._replace(params=None, opt_state=None, best_params=None, best_sums=None,
-                                              key=None, masks=None), hyper))
-    if not self.runner.batched:
-      s, hyper = jax.tree.map(lambda x: np.asarray(x)[None], (s, hyper))
-    n = len(labels)
-    if curves is not None:
-      rows = []
-      for t, trials in enumerate(owners):
-        epoch = int(s.epoch[t])
-        if epoch <= reported[t]:
-          continue  # a finished lane: nothing trained
-        reported[t] = epoch
-        values = {'train_loss': _short(s.train_loss[t]), 'train_accuracy': _short(s.train_accuracy[t]),
-                  'val_loss': _short(s.val_loss[t]), 'val_accuracy': _short(s.val_accuracy[t]),
-                  'lr': _lr_in_force(hyper, t)}
-        rows += [{'seed': seed, 'metric': metric, 'cycle': cycle, 'epoch': epoch, **values} for seed, metric in trials]
-      if rows:
-        curves.add(rows)
-    if self.io.monitor:
-      self.io.monitor({'event': 'epoch', 'cycle': cycle, 'labels': labels, 'epochs': s.epoch[:n].tolist(),
-                       'val_accuracy': s.val_accuracy[:n].tolist(), 'done': s.done[:n].tolist()})
-    if not self.io.log_epochs:
-      return
-    for t, label in enumerate(labels):
-      if s.epoch[t] > 0 and (not s.done[t] or s.epoch[t] == np.max(s.epoch)):
-        self.io.log(f'{label} cycle {cycle:2d} epoch {int(s.epoch[t]):3d} train_loss {float(s.train_loss[t]):.4f} '
-                    f'val_loss {float(s.val_loss[t]):.4f} val_acc {float(s.val_accuracy[t]):.4f}'
-                    + (' (stop)' if s.done[t] else ''))
 
   # -- checkpoints (the format: `state`) ------------------------------------------------------
 
@@ -347,24 +370,12 @@ class Driver:
                             self.io.stamp)
     if pos is None:
       return False
+    saved = (pos.fit_meta or {}).get('schedule', 'barrier') if pos.fit is not None else self.schedule
+    if saved != self.schedule:
+      raise state_lib.CheckpointError(f'{self.io.checkpointer.directory} holds a checkpoint of the {saved} '
+                                      f'schedule; resume it with that schedule or use another output directory')
     self.pos = pos
     return True
-
-
-def _lr_in_force(hyper: dict[str, Any] | None, lane: int) -> float | None:
-  """Lane `lane`'s learning rate at its last step: `optim.make_optimizer`'s injected learning_rate
-  times the schedule's lr_factor, both as that step used them (float32, as in the update)."""
-  if not hyper or 'learning_rate' not in hyper:
-    return None
-  lr = np.float32(hyper['learning_rate'][lane])
-  if 'lr_factor' in hyper:
-    lr = lr * np.float32(hyper['lr_factor'][lane])
-  return _short(lr)
-
-
-def _short(x) -> float:
-  """A float32 as the shortest float that reads back to it (lr 0.1, not 0.10000000149011612)."""
-  return float(str(np.float32(x)))
 
 
 def init_lanes(runner, lanes: Sequence[tuple[Any, Any, jax.Array]], count: int = 1) -> FitState:

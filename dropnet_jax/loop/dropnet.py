@@ -140,12 +140,15 @@ def default_trainer(model, data: DeviceData, config: DropNetConfig) -> Trainer:
 
 def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], config: DropNetConfig,
                    trainer: Trainer | None = None, io: RunIO | None = None, batch_trials: bool = False,
-                   lanes_per_chunk: int | None = None) -> list[dict[str, Any]]:
+                   lanes_per_chunk: int | None = None, lane_schedule: str = 'barrier',
+                   lanes: int | None = None) -> list[dict[str, Any]]:
   """Algorithm 1 for every seed x metric; returns all records (seed by seed, metrics in config
   order, cycles ascending).
 
   Sequential (default): one trial at a time. `batch_trials`: all trials of a
-  cycle together, as lanes of one program (`lanes_per_chunk`: `lanes.Lanes`).
+  cycle together, as lanes of one program (`lanes_per_chunk`: `lanes.Lanes`);
+  `lanes` trials at a time (None: all), and with `lane_schedule='continuous'`
+  on `lanes` lanes without a barrier between cycles (`continuous`).
   `io` (`driver.RunIO`; None: in memory, lines to logging at INFO) is what the run writes
   and reports: with a checkpointer, the state is saved after every cycle (and
   every `checkpoint_every_epochs` epochs) and a rerun continues from the newest
@@ -164,8 +167,11 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
   trials = [Trial(seed, metric, method.full_mask()) for seed in seeds for metric in config.metrics]
   if not trials:
     return []
+  if (lane_schedule != 'barrier' or lanes is not None) and not batch_trials:
+    raise ValueError('lane_schedule and lanes apply to batched trials: add batch_trials')
   runner = Lanes(trainer, lanes_per_chunk) if batch_trials else OneLane(trainer)
-  return Driver(method, trials, runner, data, group_size=None if batch_trials else 1, io=io).run()
+  return Driver(method, trials, runner, data, group_size=lanes if batch_trials else 1, io=io,
+                schedule=lane_schedule, lanes=lanes).run()
 
 
 def run_seed(model, image_shape, data: DeviceData, seed: int, config: DropNetConfig,

@@ -9,6 +9,11 @@ of the same experiment (seeds, metrics, format) made with the same settings and
 data (the `stamp`), so a checkpoint is never continued under other settings.
 `curve_rows_kept` says which learning-curve rows of earlier invocations a
 restored position accounts for (the rest are trained again).
+
+The continuous schedule (`continuous`) saves the same position; its lanes'
+jobs (which trial's cycle, or which seed's dense cycle, each lane trains) go
+in the meta (`Position.fit_meta['lanes']`), so a restored run continues every
+lane at its own cycle and epoch.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ class Position:
   theta0: dict[int, Any] = dataclasses.field(default_factory=dict)  # seed -> θ0, while a trial needs it
   dense: dict[int, Outcome] = dataclasses.field(default_factory=dict)  # seed -> shared cycle 0
   fit: FitState | None = None  # a partly trained group (mid-cycle checkpoint)
-  fit_meta: dict[str, Any] | None = None  # {'phase', 'cycle', 'seconds'} of `fit`
+  # {'phase', 'cycle', 'seconds'} of `fit`; the continuous schedule's: {'schedule', 'lanes', 'steps'}
+  fit_meta: dict[str, Any] | None = None
 
 
 stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
@@ -127,29 +133,32 @@ def restore(checkpointer, method, runner, lane_count: int, trials: list[Trial],
   return pos
 
 
-def curve_rows_kept(trials: list[Trial], pos: Position, active: list[Trial]) -> Callable[[dict[str, Any]], bool]:
+def curve_rows_kept(trials: list[Trial], pos: Position, active: list[Trial],
+                    in_flight: dict[tuple[int, str, int], int] | None = None) -> Callable[[dict[str, Any]], bool]:
   """Which learning-curve rows (`driver.CurveSink`) of earlier invocations the position `pos` accounts
   for: those of recorded cycles, of the shared dense cycles it holds, and of the epochs its mid-cycle
   state has trained (`active`: the current group's unstopped trials, whose cycle, or whose seeds'
   dense cycle, it is; a lane that stopped earlier wrote no rows past its stop). Rows of epochs trained
   after the checkpoint are trained again, so they are dropped and written anew; a fresh position
-  keeps none."""
+  keeps none. The continuous schedule's lanes are each at their own cycle and epoch: it gives them as
+  `in_flight`, (seed, metric, cycle) -> the last epoch trained, instead of `active`."""
   recorded = {(t.seed, t.metric, r['cycle']) for t in trials for r in t.records}
   dense = set(pos.dense)
   partial: set[tuple[int, str, int]] = set()
   last_epoch = 0
-  if pos.fit is not None:  # the lanes the driver trains next, as it derives them
+  if pos.fit is not None and in_flight is None:  # the lanes the driver trains next, as it derives them
     if pos.fit_meta['phase'] == 'dense':  # cycle 0 of every trial of the seeds being trained
       seeds = {t.seed for t in active if t.seed not in dense}
       partial = {(t.seed, t.metric, 0) for t in trials if t.seed in seeds}
     else:
       partial = {(t.seed, t.metric, pos.fit_meta['cycle']) for t in active}
     last_epoch = int(np.max(np.asarray(pos.fit.epoch)))
+  epochs = dict(in_flight) if in_flight is not None else {key: last_epoch for key in partial}
 
   def keep(row: dict[str, Any]) -> bool:
     key = (row['seed'], row['metric'], row['cycle'])
     return (key in recorded or (row['cycle'] == 0 and row['seed'] in dense)
-            or (key in partial and row['epoch'] <= last_epoch))
+            or (key in epochs and row['epoch'] <= epochs[key]))
   return keep
 
 

@@ -14,6 +14,12 @@ count that is a multiple of theirs, the lanes are split over the devices
 
 `OneLane` offers the same interface over the one-trial programs (no lane
 axis), so the driver treats a group of one trial and a batch of many alike.
+
+The continuous schedule (`loop.continuous`) restarts single lanes while the
+others train on: `init_one` builds one lane's fresh state, `put_lane` writes
+it into lane i and `take_lanes` gathers some lanes to measure them; the lane
+index and the gathered indices are traced arguments, so no lane change
+recompiles anything.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class Lanes:
       raise ValueError(f'lanes_per_chunk must be positive, got {lanes_per_chunk}')
     self.lanes_per_chunk = lanes_per_chunk
     self.init_fit = jax.jit(jax.vmap(trainer.init_fit))
+    self.init_one = jax.jit(trainer.init_fit)  # one lane's fresh state (no lane axis), for `put_lane`
     self.epoch_step = jax.jit(self._epoch_step)
     self._evaluate_jit = jax.jit(self._evaluate)
 
@@ -128,3 +135,15 @@ class Lanes:
     if split:
       return self._per_device(over, (params, masks, active), (images, labels))
     return over((params, masks, active), (images, labels))
+
+
+@jax.jit
+def put_lane(state, index: jax.Array, lane):
+  """`state` (a pytree with a leading lane axis) with lane `index` replaced by `lane` (no lane axis)."""
+  return jax.tree.map(lambda s, x: s.at[index].set(x), state, lane)
+
+
+@jax.jit
+def take_lanes(state, indices: jax.Array):
+  """The lanes `indices` (an int array) of `state`, as a pytree with a leading axis of len(indices)."""
+  return jax.tree.map(lambda s: s[indices], state)
