@@ -118,3 +118,35 @@ def gather_channels(x: jax.Array, index: Sequence[int]) -> jax.Array:
   padded = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
   where = np.array([i if i >= 0 else x.shape[-1] for i in index], np.int32)
   return jnp.take(padded, where, axis=-1)
+
+
+class BatchNorm(nn.Module):
+  """Batch norm with PyTorch's (and Keras' fused) running statistics: training normalises with the
+  batch's biased variance and folds the *unbiased* one, n/(n-1) times it, into the running variance
+  (Flax's `nn.BatchNorm` folds the biased one). Same parameter and statistic names as Flax's ('scale',
+  'bias'; 'mean', 'var' in 'batch_stats'), so θ, compaction and the PyTorch twin read it unchanged.
+  `momentum` is Flax's convention: running = momentum · running + (1 - momentum) · batch (torch's 0.1 is
+  0.9 here)."""
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones_init(), (c,))
+    bias = self.param('bias', nn.initializers.zeros_init(), (c,))
+    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = x.mean(axis=axes)
+      var = jnp.square(x - mean).mean(axis=axes)  # two-pass, as torch
+      n = x.size // c
+      if not self.is_initializing():
+        unbiased = var * (n / (n - 1) if n > 1 else 1.0)
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias

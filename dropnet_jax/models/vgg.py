@@ -14,9 +14,9 @@ Convolutional part
 
 Pools use 'SAME' padding, so a 1x1 map stays 1x1 and small test inputs work;
 on even sizes (32 and 64 halve down to 1 and 2) it is 'VALID' exactly.
-Batch norm is `nn.BatchNorm(use_running_average=not train, momentum=0.9,
-epsilon=1e-5)` (PyTorch's defaults: torch's momentum 0.1 is Flax's 0.9), so
-init creates a 'batch_stats' collection; train with `mutable=['batch_stats']`.
+Batch norm is `layers.BatchNorm(use_running_average=not train, momentum=0.9,
+epsilon=1e-5)` (PyTorch's defaults and its unbiased running variance; torch's
+momentum 0.1 is Flax's 0.9), so init creates a 'batch_stats' collection; train with `mutable=['batch_stats']`.
 The mask follows the ReLU, so a dropped filter outputs exactly 0 whatever its
 BN scale/bias.
 
@@ -59,7 +59,7 @@ from typing import ClassVar, Sequence
 import flax.linen as nn
 import jax
 
-from dropnet_jax.models.layers import KERNEL_INIT, InputNorm, Masks, dropout, masked_relu, to_float
+from dropnet_jax.models.layers import KERNEL_INIT, BatchNorm, InputNorm, Masks, dropout, masked_relu, to_float
 
 VGG16_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 VGG16_POOL_AFTER = (1, 3, 6, 9, 12)  # conv indices followed by a max-pool
@@ -97,7 +97,7 @@ class VGG(nn.Module):
     for i, (width, mask) in enumerate(zip(self.widths[:n], masks[:n])):
       x = nn.Conv(int(width), (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=KERNEL_INIT,
                   name=f'conv{i}')(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f'bn{i}')(x)
+      x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f'bn{i}')(x)
       x, s = masked_relu(x, mask)
       stats.append(s)
       if i in self.POOL_AFTER:
