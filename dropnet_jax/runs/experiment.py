@@ -161,7 +161,8 @@ def run(setup: Setup, title: str = '') -> list[dict[str, Any]]:
                     params_store=run_dir.params_store(mode, spec), log=monitor.log,
                     log_epochs=config.output.verbose, monitor=monitor, curves=curve_writer)
     records = run_experiment(setup.model, d.image_shape, data, setup.seeds, config.dropnet, trainer, io=io,
-                             batch_trials=config.batch_trials)
+                             batch_trials=config.batch_trials, lane_schedule=config.lane_schedule,
+                             lanes=config.lanes)
   logging.info('%s: %d records, %.1fs in this invocation', run_dir.path, len(records), time.perf_counter() - start)
   if run_dir.writes:
     reporting.save_figures(records, run_dir.path, title=title, x_axis=config.output.x_axis)
