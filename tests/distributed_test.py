@@ -65,7 +65,8 @@ def _command(out: str, *extra: str) -> list[str]:
   return [sys.executable, '-m', 'experiments.dropnet', *ARGS, f'--out={out}', *extra]
 
 
-def _start_pair(out: str, tmp_path, hook_dir: str | None = None) -> list[subprocess.Popen]:
+def _start_pair(out: str, tmp_path, hook_dir: str | None = None, args: tuple[str, ...] = ()
+                ) -> list[subprocess.Popen]:
   port = _free_port()
   procs = []
   for i in range(2):
@@ -75,7 +76,7 @@ def _start_pair(out: str, tmp_path, hook_dir: str | None = None) -> list[subproc
                'DN_WRITE_LOG': str(tmp_path / 'writes1')}
     log = open(tmp_path / f'log{i}-{port}', 'w')
     procs.append(subprocess.Popen(
-        _command(out, '--distributed', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+        _command(out, *args, '--distributed', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                  f'--process_id={i}'), cwd=ROOT, env=_env(extra), stdout=log, stderr=subprocess.STDOUT))
   return procs
 
@@ -163,3 +164,18 @@ def test_two_processes_match_one_write_once_and_resume(tmp_path):
   raw = tmp_path / 'writes1.raw'
   assert not raw.exists(), f'process 1 wrote under --out:\n{raw.read_text()[:2000]}'
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+
+
+@pytest.mark.parametrize('schedule', ['barrier', 'continuous'])
+def test_two_processes_batch_trials_match_one_process(tmp_path, schedule):
+  """--distributed --batch_trials: the lanes run data-parallel over both processes' devices (each
+  lane's batch split, its state replicated, so every host read sees whole arrays); the records equal
+  one process running the trials one by one."""
+  args = ('--metrics=min,random', '--batch_trials', f'--lane_schedule={schedule}')
+  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+  procs = _start_pair(two, tmp_path, args=args)
+  single = subprocess.run(_command(one, '--metrics=min,random'), cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+  assert single.returncode == 0, single.stderr[-3000:]
+  _wait(procs, tmp_path)
+  _assert_same_records(_records(two), _records(one))

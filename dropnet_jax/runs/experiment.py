@@ -91,10 +91,6 @@ def prepare(config: ExperimentConfig, out: str, kind: str = 'dropnet', *, distri
   """Checks everything, then loads the data; raises ValueError (input_pipeline.DataError) naming the
   problem, before anything is written."""
   config.validate()
-  if distributed and config.batch_trials:
-    # Lanes split over the devices are sharded across processes, which the driver's host reads
-    # (epoch counts, measurements) do not gather yet.
-    raise ValueError('--batch_trials is not supported with --distributed yet; run the trials sequentially')
   build_model(config)  # validates the model name and widths before any data is read
   run_dir = RunDir(out, kind, config, inputs=inputs, writes=dist.is_main(), distributed=distributed)
   run_dir.check()

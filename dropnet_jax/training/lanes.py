@@ -107,9 +107,11 @@ class Lanes:
 
   def _split(self, lanes) -> bool:
     """Lanes are split over the devices when there are several and the lane count is a multiple of
-    theirs; otherwise every device works on every lane and each batch is split."""
+    theirs; otherwise every device works on every lane and each batch is split. Across processes
+    (--distributed) always the latter: every lane's state is then replicated on every device, so the
+    driver's host reads (epochs, done flags, measurements) see whole arrays in every process."""
     n = self.trainer.num_devices
-    return n > 1 and jax.tree.leaves(lanes)[0].shape[0] % n == 0
+    return n > 1 and jax.process_count() == 1 and jax.tree.leaves(lanes)[0].shape[0] % n == 0
 
   def _per_device(self, fn: Callable, lanes, shared):
     return jax.shard_map(lambda l, s: fn(l, s), mesh=self.trainer.mesh, in_specs=(P(DATA_AXIS), P()),
