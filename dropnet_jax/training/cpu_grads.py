@@ -1,7 +1,7 @@
 """Gradients of convolutions and max pools that XLA:CPU runs fast inside loops.
 
-`with_fast_grads(fun)` re-evaluates `fun`'s jaxpr with the stride-1 NHWC
-convolutions and the non-overlapping max pools swapped for custom-VJP versions
+`with_fast_grads(fun)` re-evaluates `fun`'s jaxpr with the NHWC convolutions
+(any stride, no dilation) and the non-overlapping max pools swapped for custom-VJP versions
 whose backward passes are plain forward-style convolutions and elementwise
 code. Inside a `lax.scan` (a training epoch) XLA:CPU runs autodiff's own
 gradient convolutions (transposed dimension labels) and its select-and-scatter
@@ -32,22 +32,28 @@ def _conv_handled(eqn) -> bool:
     return False
   if p['feature_group_count'] != 1 or p['batch_group_count'] != 1:
     return False
-  if any(v != 1 for v in (*p['window_strides'], *p['lhs_dilation'], *p['rhs_dilation'])):
+  if any(v != 1 for v in (*p['lhs_dilation'], *p['rhs_dilation'])) or any(v < 1 for v in p['window_strides']):
     return False
   return all(0 <= lo < k and 0 <= hi < k for (lo, hi), k in zip(p['padding'], rhs.shape[:2]))
 
 
 def _conv_fast_grads(params):
-  """The convolution of `params` (stride 1, NHWC/HWIO) with gradients written as plain forward
-  convolutions on explicitly transposed operands.
+  """The convolution of `params` (NHWC/HWIO, any stride, no dilation) with gradients written as plain
+  stride-1 forward convolutions on explicitly transposed operands.
 
   Autodiff's own gradient convolutions have transposed dimension labels
-  (f01b_i01o->01bf for the kernel, b01f_01oi->b01f for the input); inside a
-  while loop (the epoch's scan) XLA:CPU runs those tens of times slower than
-  forward-style b01f_01io->b01f convolutions, which it runs outside loops.
-  The values are the same up to float rounding.
+  (f01b_i01o->01bf for the kernel, b01f_01oi->b01f for the input) and, for a
+  strided convolution, lhs/rhs dilations; inside a while loop (the epoch's
+  scan) XLA:CPU runs those tens of times slower than forward-style
+  b01f_01io->b01f convolutions, which it runs outside loops. A stride s is
+  handled by dilating the output gradient explicitly (s-1 zeros between its
+  entries, `lax.pad`'s interior padding) so both gradients stay stride-1
+  convolutions: the kernel gradient then costs about s² times its strided
+  FLOPs, still far less than the slow path. The values are the same up to
+  float rounding.
   """
   padding = tuple(tuple(p) for p in params['padding'])
+  strides = tuple(params['window_strides'])
   precision = params['precision']
   dn = ('NHWC', 'HWIO', 'NHWC')
 
@@ -61,12 +67,18 @@ def _conv_fast_grads(params):
   def bwd(res, g):
     x, w = res
     kernel = w.shape[:2]
-    # d/dx: the output gradient convolved with the flipped kernel, its in/out features swapped.
+    if any(s > 1 for s in strides):  # the gradient at every input offset the windows start from
+      g = jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), *((0, 0, s - 1) for s in strides), (0, 0, 0)))
+    # Rows of the padded input that no window reaches (stride > 1, size not a multiple): gradient 0.
+    spare = [x.shape[1 + a] + lo + hi - (g.shape[1 + a] + kernel[a] - 1) for a, (lo, hi) in enumerate(padding)]
+    # d/dx: the output gradient convolved with the flipped kernel, its in/out features swapped; then
+    # the padding removed.
     w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    pad_t = tuple((k - 1 - lo, k - 1 - hi) for (lo, hi), k in zip(padding, kernel))
+    pad_t = tuple((k - 1 - lo, k - 1 - hi + extra) for (lo, hi), k, extra in zip(padding, kernel, spare))
     dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), pad_t, dimension_numbers=dn, precision=precision)
     # d/dw: features of x as the batch, examples as the contracted input features.
-    dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), padding,
+    x_pad = padding if not any(spare) else tuple((lo, hi - extra) for (lo, hi), extra in zip(padding, spare))
+    dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), x_pad,
                                       dimension_numbers=dn, precision=precision)
     return dx, dw.transpose(1, 2, 0, 3)
 
