@@ -24,8 +24,9 @@ residual stream). A block with input x is
         = x                                          (identity blocks)
     out = mask_out * relu(bn2(conv2(h)) + sc)
 
-Batch norm is `nn.BatchNorm(use_running_average=not train, momentum=0.9,
-epsilon=1e-5)` (PyTorch's defaults), so θ carries a 'batch_stats' collection
+Batch norm is `layers.BatchNorm(use_running_average=not train, momentum=0.9,
+epsilon=1e-5)` (PyTorch's defaults and running statistics: the unbiased batch
+variance folds into the running one), so θ carries a 'batch_stats' collection
 (`dropnet_jax.theta`); training applies the model with
 `mutable=['batch_stats']`. The default initializer ('auto') is PyTorch's
 (`small.TORCH_INIT_MODELS`): kernels and the classifier's bias U(±1/√fan_in),
@@ -46,14 +47,14 @@ import jax
 
 from dropnet_jax.models.large import (RESNET18_PROJECTION, RESNET18_STRIDES, check_resnet18_widths,
                                       resnet18_layer_names, resnet18_widths)
-from dropnet_jax.models.layers import (KERNEL_INIT, InputNorm, Masks, UnitStats, dropout, gather_channels,
-                                       masked_linear, masked_relu, to_float)
+from dropnet_jax.models.layers import (KERNEL_INIT, BatchNorm, InputNorm, Masks, UnitStats, dropout,
+                                       gather_channels, masked_linear, masked_relu, to_float)
 
 Initializer = Callable[..., Any]
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+def _batch_norm(train: bool, name: str) -> BatchNorm:
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def _conv(width: int, size: int, stride: int, name: str, kernel_init: Initializer) -> nn.Conv:
