@@ -1,7 +1,6 @@
 """The driver's continuous lane schedule (`loop.continuous`): the sequential run's records, exact resume
 with lanes at different cycles, no recompiles when a lane changes trial, and better occupancy."""
 
-import contextlib
 
 import jax
 import pytest
@@ -13,12 +12,12 @@ from dropnet_jax.loop.driver import RunIO
 from dropnet_jax.models import create_model
 from dropnet_jax.runs.checkpoint import CheckpointError, Checkpointer
 from dropnet_jax.training.trainer import DeviceData
+from recompile_test import compilations
 
 # Two criteria (one random: per-(seed, metric, cycle) keys) x 3 seeds: trials stop at different cycles.
 CONFIG = DropNetConfig(metrics=('min', 'random_layer'), fraction=0.3, floor=0.3,
                        train=TrainConfig(max_epochs=5, patience=1))
 SEEDS = [0, 1, 2]
-BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
 class Crash(Exception):
@@ -125,21 +124,6 @@ def test_the_barrier_refuses_a_continuous_checkpoint(digits, tmp_path):
   with pytest.raises(CheckpointError, match='continuous schedule'):
     dropnet.run_experiment(model, ds.image_shape, data, SEEDS, CONFIG, trainer,
                            RunIO(Checkpointer(ckpt), 2, log=lambda s: None), batch_trials=True, lanes=4)
-
-
-@contextlib.contextmanager
-def compilations():
-  names = []
-
-  def listener(event, duration_secs, **kwargs):
-    if event == BACKEND_COMPILE_EVENT:
-      names.append(kwargs.get('fun_name'))
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield names
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_nothing_recompiles_when_lanes_change_trials(digits):

@@ -21,7 +21,7 @@ from dropnet_jax.models import large as L
 from dropnet_jax.models.compact import CompactResNet18BN, ConstantModel, model_from_spec, spec_of
 from dropnet_jax.models.resnet_bn import ResNet18BN
 from dropnet_jax.pruning import weight_masks
-from compact_test import CASES, NUM_CLASSES, case_masks, random_theta  # noqa: E402
+from compact_test import CASES, NUM_CLASSES, case_masks, random_theta, run  # noqa: E402
 
 WIDTHS = CASES['resnet18'][0]
 SHAPE = (16, 16, 3)
@@ -34,17 +34,6 @@ def setup():
   theta = random_theta(model, SHAPE)
   images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (6, *SHAPE)), jnp.uint8)
   return model, theta, images
-
-
-@functools.lru_cache(maxsize=None)
-def forward(model):
-  return jax.jit(lambda v, x, m: model.apply(v, x, m, train=False))
-
-
-def run(model, theta, images, masks=None):
-  masks = models.full_masks(model) if masks is None else tuple(jnp.asarray(m) for m in masks)
-  logits, stats = forward(model)(theta_lib.variables(theta), images, masks)
-  return np.asarray(logits, np.float64), stats
 
 
 def test_full_width_parameter_count_and_structure():

@@ -34,7 +34,7 @@ from dropnet_jax.models.layers import StatSums  # noqa: E402
 from tests.torch_reference import compact as tcompact  # noqa: E402
 from tests.torch_reference import models as tmodels  # noqa: E402
 from tests.torch_reference.weights import load_flax_params, to_flax_params  # noqa: E402
-from compact_test import random_theta  # noqa: E402
+from compact_test import random_theta, run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
@@ -64,17 +64,6 @@ def case_masks(model, keep, seed=0):
     m[rng.integers(w)] = 1
     out.append(m)
   return out
-
-
-@functools.lru_cache(maxsize=None)
-def forward(model):
-  return jax.jit(lambda v, x, m: model.apply(v, x, m, train=False))
-
-
-def run(model, theta, images, masks=None):
-  masks = models.full_masks(model) if masks is None else tuple(jnp.asarray(m) for m in masks)
-  logits, stats = forward(model)(theta_lib.variables(theta), images, masks)
-  return np.asarray(logits, np.float64), stats
 
 
 def twin_of(model, theta):
