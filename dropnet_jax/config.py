@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from dropnet_jax.input_pipeline import DATASETS
-from dropnet_jax.models import MODELS
+from dropnet_jax.models import INITIALIZERS, MODELS, model_from_config
 from dropnet_jax.pruning import criteria
 from dropnet_jax.settings import setting, to_dict  # noqa: F401  (to_dict: the config's JSON form)
 from dropnet_jax.training.optim import OptimizerConfig
@@ -128,13 +128,14 @@ class ModelConfig:
   dropout: float = setting(0.0, 'Dropout rate in [0, 1), training only: after each hidden FC layer and on the '
                            'features the classifier reads.', flag='dropout')
   init: str = setting('auto', "θ0's initialiser: glorot (Keras', the DropNet paper's), torch (PyTorch's layer "
-                      "defaults) or auto (the model's own).", flag='init', choices=('auto', 'glorot', 'torch'))
+                      "defaults) or auto (the model's own).", flag='init', choices=('auto', *INITIALIZERS))
 
   def validate(self) -> None:
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f'model.dropout must be in [0, 1), got {self.dropout}')
-    if self.head is not None and any(w <= 0 for w in self.head):
-      raise ValueError(f'model.head widths must be positive, got {self.head}')
+    """The model's own checks (`models.create_model`: name, widths, head, dropout), before any data."""
+    try:
+      model_from_config(self, 10)
+    except ValueError as e:
+      raise ValueError(f'model: {e}') from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,7 @@ def test_input_norm_equals_the_model_on_normalised_input(name, widths, shape):
   want, _ = plain.apply({'params': params}, jnp.asarray(x), masks)
   got, _ = normed.apply({'params': params}, images, masks)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  wrong = models.create_model(name, widths, 4, input_norm=((0.1, 0.1), (1.0, 1.0)) if shape[-1] != 2 else None)
+  wrong = models.create_model(name, widths, 4, input_norm=((0.1, 0.1), (1.0, 1.0)))  # 2 channels, never the input's
   with pytest.raises(ValueError, match='channels'):
     wrong.apply({'params': params}, images, masks)
 
