@@ -69,3 +69,31 @@ def test_vgg19_mnist_recipe(tmp_path):
        '--width_multiplier=0.0625', '--head=8', '--max_epochs=1', '--floor=0.5')
   records = [json.loads(line) for line in (tmp_path / 'out' / 'results.jsonl').read_text().splitlines()]
   assert records and all(len(r['units']) == 17 for r in records)
+
+
+@pytest.fixture(scope='module')
+def mnist(tmp_path_factory):
+  root = tmp_path_factory.mktemp('mnist')
+  make_mnist(root, n_train=200, n_test=50)
+  return root
+
+
+@pytest.mark.parametrize('recipe,model,units', [('conv_mnist.py', 'conv', 2), ('modelc_mnist.py', 'modelc', 4)])
+def test_dropnet_mnist_recipes(mnist, tmp_path, recipe, model, units):
+  """Models B and C on MNIST: the recipe's six metrics, protocol and model, reduced in width and epochs."""
+  config = _run('experiments.dropnet', recipe, mnist, tmp_path / 'out', '--width_multiplier=0.125',
+                '--max_epochs=1', '--floor=0.7', '--batch_trials')
+  assert config['model']['name'] == model and config['dropnet']['fraction'] == 0.2
+  records = [json.loads(line) for line in (tmp_path / 'out' / 'results.jsonl').read_text().splitlines()]
+  assert {r['metric'] for r in records} == {'min', 'max', 'random', 'min_layer', 'max_layer', 'random_layer'}
+  assert all(len(r['units']) == units for r in records) and max(r['cycle'] for r in records) >= 1
+
+
+def test_resnet18_tiny_imagenet_recipe(tmp_path):
+  write_tiny_imagenet(tmp_path / 'tiny', per_class=10)
+  config = _run('experiments.dropnet', 'resnet18_tiny_imagenet.py', tmp_path / 'tiny', tmp_path / 'out',
+                '--width_multiplier=0.0625', '--max_epochs=1', '--floor=0.4', '--batch_size=16')
+  assert config['model']['name'] == 'resnet18' and config['dropnet']['train']['augment'] == 'crop,flip'
+  records = [json.loads(line) for line in (tmp_path / 'out' / 'results.jsonl').read_text().splitlines()]
+  assert {r['metric'] for r in records} == {'min', 'min_layer', 'random'}
+  assert any(r['cycle'] == 1 and r['fraction_remaining'] < 0.6 for r in records)  # p = 0.5

@@ -74,15 +74,7 @@ def load(path: str, default: Any, kind: str) -> Any:
       raise ValueError(f'--config={path}: a {data.get("kind")} run\'s configuration; this entry point runs {kind}')
     return settings.from_dict(default, data['config'], f'--config={path}: config')
   if path.endswith('.py'):
-    spec = importlib.util.spec_from_file_location(f'_recipe_{abs(hash(path))}', path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-      spec.loader.exec_module(module)
-    except Exception as e:  # a recipe is user code: its error is reported as the recipe's
-      raise ValueError(f'--config={path}: the recipe failed to load ({type(e).__name__}: {e})') from None
-    if not hasattr(module, 'get_config'):
-      raise ValueError(f'--config={path}: a recipe defines get_config()')
-    config = module.get_config()
+    config = recipe_config(path)
     if isinstance(config, dict):
       return settings.from_dict(default, config, f'--config={path}')
     if type(config) is not type(default):
@@ -90,6 +82,19 @@ def load(path: str, default: Any, kind: str) -> Any:
                        f'a {type(default).__name__}')
     return config
   raise ValueError(f'--config={path}: expected a recipe (.py) or a run\'s config.json')
+
+
+def recipe_config(path: str) -> Any:
+  """What a recipe file's get_config() returns; ValueError names the file."""
+  spec = importlib.util.spec_from_file_location(f'_recipe_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # a recipe is user code: its error is reported as the recipe's
+    raise ValueError(f'--config={path}: the recipe failed to load ({type(e).__name__}: {e})') from None
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'--config={path}: a recipe defines get_config()')
+  return module.get_config()
 
 
 def _define_leaf(name: str, leaf: settings.Leaf, help_text: str, flag_values: flags.FlagValues) -> None:
