@@ -129,6 +129,9 @@ class ModelConfig:
                            'features the classifier reads.', flag='dropout')
   init: str = setting('auto', "θ0's initialiser: glorot (Keras', the DropNet paper's), torch (PyTorch's layer "
                       "defaults) or auto (the model's own).", flag='init', choices=('auto', *INITIALIZERS))
+  stages: tuple[int, ...] | None = setting(None, 'resnet18/resnet18_bn layer removal: the kept stages, e.g. 1,2,3 '
+                                           '(stage 4 removed: the "under 5 M" report\'s network; default: all '
+                                           'four). With --widths, give the kept stages\' widths.', flag='stages')
 
   def validate(self) -> None:
     """The model's own checks (`models.create_model`: name, widths, head, dropout), before any data."""
@@ -157,9 +160,13 @@ class OutputConfig:
   save_params: str = setting('auto', 'Trained params kept in <out>/params: all cycles, the last cycle per trial, '
                              'or none. auto: all for models under 1M parameters, else last.', flag='save_params',
                              result=False, choices=('auto', 'all', 'last', 'none'))
-  checkpoint_every_epochs: int = setting(10, 'Also checkpoint every N epochs inside a cycle (0: only after cycles).',
-                                         flag='checkpoint_every_epochs', result=False)
-  max_checkpoints: int = setting(3, 'Checkpoints kept in <out>/checkpoints.', flag='max_checkpoints', result=False)
+  checkpoint_interval_s: float = setting(60.0, 'Checkpoint at the first epoch or cycle end after this many seconds '
+                                         'since the last checkpoint, and always on Ctrl-C/SIGTERM and at the end '
+                                         '(0: after every cycle).', flag='checkpoint_interval_s', result=False)
+  checkpoint_every_epochs: int = setting(0, 'Also checkpoint every N epochs inside a cycle, whatever the interval '
+                                         '(0: never forced).', flag='checkpoint_every_epochs', result=False)
+  max_checkpoints: int = setting(3, 'Checkpoints kept in <out>/checkpoints (0: none, the run cannot be resumed).',
+                                 flag='max_checkpoints', result=False)
   verbose: bool = setting(False, 'Also print a line per epoch (by default: a progress bar on a terminal and one '
                           'line per finished cycle).', flag='verbose', result=False)
   x_axis: str = setting('fraction', "x axis of the figures: fraction of units remaining, or the compact network's "
@@ -171,14 +178,34 @@ class OutputConfig:
   def validate(self) -> None:
     if self.checkpoint_every_epochs < 0:
       raise ValueError(f'checkpoint_every_epochs must be >= 0, got {self.checkpoint_every_epochs}')
-    if self.max_checkpoints < 1:
-      raise ValueError(f'max_checkpoints must be >= 1, got {self.max_checkpoints}')
+    if self.max_checkpoints < 0:
+      raise ValueError(f'max_checkpoints must be >= 0, got {self.max_checkpoints}')
+    if not self.checkpoint_interval_s >= 0:
+      raise ValueError(f'checkpoint_interval_s must be >= 0 seconds, got {self.checkpoint_interval_s}')
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFromConfig:
+  """Where the dense network comes from: trained from θ0 (default), or a trained network loaded
+  (`runs.init_from`, whose docstring says what a loaded network means for each method)."""
+  init_from: str | None = setting(
+      None, 'Start from a trained network instead of training the dense one from θ0: RUN_DIR (its seed-0 dense '
+      'network), RUN_DIR:seed<S>/dense, RUN_DIR:seed<S>/<metric>/cycle<C>, RUN_DIR:seed<S>/<metric> (newest saved '
+      'cycle), a compact export directory (experiments.compact), or a PyTorch state_dict .pth/.pt of the torch '
+      'twin. The loaded network is the dense cycle, evaluated, not trained; its architecture must be the '
+      "model's.", flag='init_from')
+
+  def validate(self) -> None:
+    """The source exists and its selector parses (the architecture is checked once the data are known)."""
+    from dropnet_jax.runs import init_from  # the runs package imports this module
+    init_from.check(self.init_from)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """A DropNet run (`experiments.dropnet` and the studies): every seed x metric of Algorithm 1."""
   model: ModelConfig = ModelConfig()
+  start: InitFromConfig = InitFromConfig()
   data: DataConfig = DataConfig()
   seeds: int = setting(1, 'Number of seeds, run as 0..N-1.', flag='seeds')
   dropnet: DropNetConfig = DropNetConfig()
@@ -202,8 +229,11 @@ class ExperimentConfig:
     if (self.lane_schedule != 'barrier' or self.lanes is not None) and not self.batch_trials:
       raise ValueError('--lane_schedule and --lanes apply to batched trials: add --batch_trials')
     self.model.validate()
+    self.start.validate()
     self.dropnet.validate()
     self.output.validate()
+    if self.start.init_from and self.dropnet.score_from == 'epoch':
+      raise ValueError('--init_from needs --score_from=data: a loaded network is not trained, so it has no epoch sums')
 
 
 @dataclasses.dataclass(frozen=True)

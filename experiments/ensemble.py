@@ -16,6 +16,18 @@ come from the run's config.json) are computed in one batched, compiled pass.
 The recomputed accuracies must reproduce the records' val/test accuracies,
 which guards against a wrong --data_dir or split.
 
+The ensemble deck's table in one command: `--group_by=metric --levels=0,0.2,0.5`
+forms a pool per DropNet metric x pruning level (fraction of units pruned: per
+seed the cycle whose fraction remaining is closest to 1 - level, ties to the
+less pruned one; a level farther than --level_tolerance from every cycle of a
+trial is refused naming it) and writes levels_table.md/.csv/.json: per metric x
+level the validation-selected HQ team, its diversity measure, β and focal score,
+cost, test accuracy and Δ vs the full pool and the best single network (each
+seed gives one network per pool: use several seeds). E.g.
+
+  python -m experiments.ensemble --run=runs/ens_src --group_by=metric --levels=0,0.2,0.5 \
+      --max_size=4 --betas=0,0.2,0.5 --out=runs/ens_src/levels
+
 Every team of sizes 2..--max_size is scored, HQ runs for each diversity measure
 (CK, BD, KW, GD) and beta, and both votings are evaluated; only validation
 predictions enter a choice. Cost is members / M and the MACs share (members'
@@ -30,7 +42,8 @@ members.jsonl), summary.json (per pool: the full pool, the best single member
 by validation, each HQ overall pick, the one of them with the best validation
 accuracy, the correlation of focal score and test accuracy over all teams, and,
 in hindsight only, the best team by test accuracy), config.json (the settings;
-`--config=<out>/config.json` loads them back), and with --save_proba proba.npz.
+`--config=<out>/config.json` loads them back), with --save_proba proba.npz, and
+with --levels levels_table.md, levels_table.csv and levels_table.json.
 """
 
 import time

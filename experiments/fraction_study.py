@@ -24,8 +24,10 @@ def main(argv):
     study = entry.config(CONFIG)
     if not study.fractions:
       raise ValueError('--fractions: give at least one p')
-    base = {f.name: getattr(study, f.name) for f in dataclasses.fields(ExperimentConfig)}
-    setup = experiment.prepare(ExperimentConfig(**base), os.path.join(out, f'p{study.fractions[0]}'))
+    base = ExperimentConfig(**{f.name: getattr(study, f.name) for f in dataclasses.fields(ExperimentConfig)})
+    # The first p's run is checked with its own p: its directory holds a run of that p (not of --fraction) on a rerun.
+    first = dataclasses.replace(base, dropnet=dataclasses.replace(base.dropnet, fraction=study.fractions[0]))
+    setup = experiment.prepare(first, os.path.join(out, f'p{study.fractions[0]}'))
     setups = {f'p{p}': setup.derived(os.path.join(out, f'p{p}'), fraction=p) for p in study.fractions}
     study_dir = experiment.RunDir(out, 'fraction_study', study, data_fingerprint=setup.run_dir.data_fingerprint)
     study_dir.check()

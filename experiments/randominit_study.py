@@ -5,7 +5,9 @@ r"""Random re-initialisation baseline: each cycle's DropNet mask retrained from 
 
 Runs DropNet into <out>/theta0 (resumable), then retrains every recorded mask
 from a fresh random initialisation (same mask and batch order; only the init
-differs) into <out>/randominit.jsonl (resumable too), and plots both side by side.
+differs) into <out>/randominit.jsonl (resumable too; also <out>/results.jsonl/.csv, whose networks
+--save_params keeps in <out>/params as '<metric>_randominit', readable by `saved_params.load_saved`),
+and plots both side by side.
 """
 
 import os
@@ -30,8 +32,14 @@ def main(argv):
   with study.open():
     theta0 = experiment.run(setup)
     path = study.file('randominit.jsonl')
+    params = study.params_store(experiment.save_params_mode(setup), experiment.params_spec(setup))
+
+    def on_record(records):
+      reporting.write_jsonl(path, records)
+      study.write_results(records)  # results.jsonl beside params/: the saved networks' records
+
     reinit = experiment.random_init_baseline(setup, theta0, reporting.read_jsonl(path) if os.path.exists(path) else [],
-                                             on_record=lambda records: reporting.write_jsonl(path, records))
+                                             on_record=on_record, params_store=params)
   both = theta0 + reinit
   reporting.save_figures(both, out, title=f'θ0 vs random re-init: {setup.title()}')
   print(reporting.summary_table(both, 'test_accuracy'))

@@ -64,5 +64,10 @@ def main(argv: list[str]) -> None:
         f'{recipe_cost.MIN_STEP_SECONDS * 1e3:g} ms per training step; every run to its max_epochs.')
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The `dropnet-recipe-cost` console command (pyproject.toml [project.scripts])."""
   entry.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,7 +1,7 @@
 r"""Hyperparameter search with Optuna (dropnet_jax.tuning): resumable, several workers, batched trials.
 
   python -m experiments.tune --model=fc --widths=40,40 --dataset=mnist \
-      --data_dir=../shared/data/mnist_subset --n_trials=30 --max_epochs=25 --out=runs/tune_fc
+      --data_dir=../shared/data/mnist_subset --n_trials=30 --max_epochs=25 --retrain_epochs=200 --out=runs/tune_fc
 
 The study lives in <out>/study.db (SQLite; --storage=postgresql://user@host:port/db for a
 cluster: a flag of its own, like --out, not written to config.json as it may hold a password).
@@ -14,8 +14,15 @@ of one program (see dropnet_jax.tuning).
 
 Outputs (written by the process started without --worker_only, which holds <out> while it works,
 once its workers are done): config.json, trials.csv, best.json (best params and value, trial
-counts, the final retrain's test accuracy), optimization_history.png, param_importances.png,
-parallel_coordinate.png, intermediate_values.png.
+counts, the final retrain's test accuracy), optimization_history.png, param_importances.png and
+param_importances.json (the same fANOVA importances, seed 0), parallel_coordinate.png,
+intermediate_values.png. The final retrain trains the best configuration for --retrain_epochs
+(default the trials' --max_epochs) from the trials' θ0 (--retrain_seeds seeds from --trial_seed) and
+saves it as a run's records: params/ (spec.json, one checkpoint per seed) and results.jsonl (metric
+'tuned', cycle 0; for --objective=dropnet the DropNet records of the best p and criterion), read
+back by runs.saved_params.load_network(<out>, seed, 'tuned', 0) and experiments.evaluate.
+A pruned trial's value is the one Optuna records (its last reported validation accuracy), in the
+log and trials.csv alike; both also give the trial's best epoch's accuracy (best_val_accuracy).
 The search space comes from --space=<file.json> (SearchSpace's fields) and the --tune_* flags
 (a flag given on the command line overrides the file). The objective is validation accuracy; test
 accuracy is only measured by the final retrain of the best configuration. A rerun into a directory

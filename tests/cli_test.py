@@ -132,3 +132,39 @@ def test_config_json_reruns_the_same_records_and_overrides_apply(tmp_path):
     proc = subprocess.run(BASE + bad + [f'--out={tmp_path / "bad"}'], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0 and expected in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
     assert not (tmp_path / 'bad').exists()
+
+
+def test_a_stray_word_on_the_command_line_is_refused_before_any_work(tmp_path):
+  """`--metrics=min max` used to run min alone and exit 0 (absl hands main the words that are not flags,
+  and main dropped them); now one line names them and nothing is written."""
+  out = tmp_path / 'run'
+  proc = subprocess.run(BASE + ['--widths=8,8', '--max_epochs=1', '--metrics=min', 'max', f'--out={out}'],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: unexpected arguments') and "'max'" in lines[0], proc.stderr
+  assert not out.exists()
+
+
+def test_a_disk_that_fills_while_outputs_are_written_ends_in_one_line():
+  """An OSError of a full disk (or quota, or a read-only remount) that reaches the entry point's main ended in
+  a traceback (experiments.ensemble on a full tmpfs); now one line names the file. Other errors still raise."""
+  import errno
+
+  import pytest
+
+  from dropnet_jax.cli import entry
+
+  def full(argv):
+    raise OSError(errno.ENOSPC, 'No space left on device', '/disk/out/teams.jsonl')
+
+  with pytest.raises(SystemExit) as stopped:
+    entry._checked_main(full)(['prog'])
+  assert str(stopped.value) == ('error: writing /disk/out/teams.jsonl failed: No space left on device (errno 28); '
+                                'free space and rerun the same command')
+
+  def other(argv):
+    raise OSError(errno.EACCES, 'Permission denied', '/x')
+
+  with pytest.raises(PermissionError):
+    entry._checked_main(other)(['prog'])

@@ -22,7 +22,7 @@ def test_recipe_loads_validates_and_round_trips(path):
   text = path.read_text()
   match = re.search(r'python -m (experiments\.\w+) --config=configs/' + re.escape(path.name), text)
   assert match, f'{path.name}: its docstring shows the command that runs it'
-  namespace = {}
+  namespace = {'__file__': str(path)}  # a recipe may read a sibling recipe (one spelling of shared set-ups)
   exec(compile(text, str(path), 'exec'), namespace)
   config = namespace['get_config']()
   loaded = config_flags.load(str(path), type(config)(), 'any')

@@ -29,6 +29,8 @@ OWN_FLAG = {
     'magnitude_bench': 'amount', 'oracle_study': 'metrics',
     'protocol_study': 'metrics', 'randominit_study': 'seeds', 'schedules': 'schedules', 'smoke_train': 'models',
     'tune': 'n_trials', 'resnet_bn_bench': 'examples',
+    'structured': 'prune_rates',
+    'evaluate': 'networks', 'recipe_cost': 'recipes',
 }
 # Two console commands (pyproject.toml [project.scripts]) and the modules whose run()/cli() they call.
 CONSOLE = {'dropnet-run': 'dropnet', 'dropnet-schedules': 'schedules'}

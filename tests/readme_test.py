@@ -67,3 +67,31 @@ def test_the_two_process_example_exits_non_zero_when_a_process_fails(tmp_path):
   proc = subprocess.run(['bash', '-c', broken], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0, proc.stderr[-2000:]
   assert proc.stderr.count('no_such_flag') >= 2  # both processes ran and failed
+
+
+def recipe_rows() -> list[list[str]]:
+  """The cells of the README's table of the source documents' recipes."""
+  section = README.split('### Recipes of the source documents', 1)[1].split('\n## ', 1)[0]
+  rows = [line.strip('|').split('|') for line in section.splitlines() if line.startswith('| `')]
+  return [[cell.strip() for cell in row] for row in rows]
+
+
+def test_the_recipe_table_is_true():
+  """Every row: the recipe exists, its docstring runs it with the entry point the row names, a reduced
+  test runs it, and the GPU time is what experiments.recipe_cost estimates for it."""
+  from dropnet_jax.cli.config_flags import recipe_config
+  from dropnet_jax.runs import recipe_cost
+  rows = recipe_rows()
+  assert len(rows) >= 14
+  reduced = (REPO / 'tests' / 'recipes_test.py').read_text()
+  for recipe, _, _, command, hours in rows:
+    name = recipe.strip('`')
+    path = REPO / 'configs' / name
+    assert path.is_file(), name
+    assert f'python -m {command.strip("`")} --config=configs/{name}' in path.read_text(), name
+    assert f"'{name}'" in reduced, f'{name}: no reduced run in tests/recipes_test.py'
+    try:
+      expected = recipe_cost.format_hours(recipe_cost.estimate(recipe_config(str(path))).gpu_seconds)
+    except recipe_cost.TrainsNothing:
+      expected = 'trains nothing'
+    assert hours.split(' (')[0] == expected, (name, hours, expected)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dropnet_jax.config import DataConfig, DropNetConfig, ExperimentConfig, ModelConfig, TrainConfig
+from dropnet_jax.config import DataConfig, DropNetConfig, ExperimentConfig, InitFromConfig, ModelConfig, TrainConfig
 from dropnet_jax.ensemble.pipeline import EnsembleConfig
 from dropnet_jax.loop.magnitude import MagnitudeConfig
 from dropnet_jax.runs import recipe_cost
@@ -57,6 +57,8 @@ def test_magnitude_epochs_by_hand():
   iterative = (6 * 5 + 100) + (20 * 5 + 100)  # 0.89**20 = 0.097 <= 0.1 < 0.89**19
   lottery = 11 * 30
   assert cost.epochs == 30 + oneshot + iterative + lottery
+  loaded = MagnitudeRunConfig(data=DataConfig(dataset='mnist'), magnitude=m, start=InitFromConfig(init_from='x'))
+  assert recipe_cost.estimate(loaded).epochs == oneshot + iterative + lottery  # the loaded network is not trained
 
 
 def test_a_recipe_that_trains_nothing():

@@ -45,11 +45,13 @@ def test_resnet18_bn_schedules_recipe(cifar, tmp_path):
 
 def test_resnet18_bn_tune_recipe(cifar, tmp_path):
   config = _run('experiments.tune', 'tune_resnet18_bn_cifar10.py', cifar, tmp_path / 'out',
-                '--width_multiplier=0.0625', '--n_trials=2', '--max_epochs=1', '--patience=1', '--startup_trials=2')
+                '--width_multiplier=0.0625', '--n_trials=2', '--max_epochs=1', '--patience=1', '--startup_trials=2',
+                '--retrain_epochs=1')
   assert config['space']['optimizers'] == ['momentum', 'asgd'] and config['space']['dropout'] == [0.0, 0.5]
   best = json.loads((tmp_path / 'out' / 'best.json').read_text())
   assert set(best['best_params']) >= {'optimizer', 'dropout', 'batch_size'}
   assert 64 <= best['best_params']['batch_size'] <= 256
+  assert config['retrain_epochs'] == 1 and (tmp_path / 'out' / 'params' / 'spec.json').is_file()  # the best, saved
 
 
 def test_vgg19_tiny_imagenet_recipe(tmp_path):
@@ -78,9 +80,10 @@ def mnist(tmp_path_factory):
   return root
 
 
-@pytest.mark.parametrize('recipe,model,units', [('conv_mnist.py', 'conv', 2), ('modelc_mnist.py', 'modelc', 4)])
+@pytest.mark.parametrize('recipe,model,units', [('fc40_mnist.py', 'fc', 2), ('conv_mnist.py', 'conv', 2),
+                                                ('modelc_mnist.py', 'modelc', 4)])
 def test_dropnet_mnist_recipes(mnist, tmp_path, recipe, model, units):
-  """Models B and C on MNIST: the recipe's six metrics, protocol and model, reduced in width and epochs."""
+  """Models A, B and C on MNIST: the recipe's six metrics, protocol and model, reduced in width and epochs."""
   config = _run('experiments.dropnet', recipe, mnist, tmp_path / 'out', '--width_multiplier=0.125',
                 '--max_epochs=1', '--floor=0.7', '--batch_trials')
   assert config['model']['name'] == model and config['dropnet']['fraction'] == 0.2
@@ -97,3 +100,32 @@ def test_resnet18_tiny_imagenet_recipe(tmp_path):
   records = [json.loads(line) for line in (tmp_path / 'out' / 'results.jsonl').read_text().splitlines()]
   assert {r['metric'] for r in records} == {'min', 'min_layer', 'random'}
   assert any(r['cycle'] == 1 and r['fraction_remaining'] < 0.6 for r in records)  # p = 0.5
+
+
+def test_modelc_cifar10_ensemble_recipes(cifar, tmp_path):
+  """The deck's pipeline: the DropNet recipe (every cycle saved), then the ensemble recipe's table of six
+  metrics x three levels from one command."""
+  run = tmp_path / 'run'
+  _run('experiments.dropnet', 'modelc_cifar10.py', cifar, run, '--width_multiplier=0.125', '--max_epochs=1',
+       '--floor=0.5', '--batch_trials')
+  config = _run('experiments.ensemble', 'ensemble_modelc_cifar10.py', cifar, tmp_path / 'ens', f'--run={run}',
+                '--max_size=2')
+  assert config['pool']['levels'] == [0.0, 0.2, 0.5] and config['pool']['group'] == 'metric'
+  rows = (tmp_path / 'ens' / 'levels_table.csv').read_text().splitlines()[1:]
+  assert len(rows) == 6 * 3
+
+
+def test_resnet18_bn_3stages_recipe(cifar, tmp_path):
+  config = _run('experiments.schedules', 'resnet18_bn_3stages_cifar10.py', cifar, tmp_path / 'out',
+                '--width_multiplier=0.0625', '--max_epochs=1', '--schedules=cosine')
+  assert config['model']['stages'] == [1, 2, 3] and config['train']['augment'] == 'crop,flip,autoaugment'
+  assert 'cosine' in (tmp_path / 'out' / 'schedules.json').read_text()
+
+
+def test_resnet18_bn_under5m_rates_recipe(cifar, tmp_path):
+  config = _run('experiments.structured', 'resnet18_bn_under5m_rates.py', cifar, tmp_path / 'out',
+                '--width_multiplier=0.125', '--max_epochs=1', '--importance=l1')
+  assert config['structured']['rates'] == [0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3]
+  records = [json.loads(line) for line in (tmp_path / 'out' / 'results.jsonl').read_text().splitlines()]
+  dense, pruned = (next(r for r in records if r['cycle'] == c) for c in (0, 1))
+  assert pruned['params'] < dense['params']

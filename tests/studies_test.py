@@ -60,6 +60,10 @@ def test_fraction_study_runs_each_p_with_min(tmp_path):
   p9 = [r for r in records if r['metric'] == 'min p=0.9']
   assert sum(p9[1]['units']) == 12 - int(0.9 * 12)  # one cycle of p=0.9 from 12 units
   assert (tmp_path / 'f' / 'test_accuracy.png').exists()
+  # The same command again (a resume, here of a finished study) is accepted and changes no record; it was
+  # refused because the first p's directory was checked against --fraction's default instead of that p.
+  run('experiments.fraction_study', tmp_path / 'f', '--fractions=0.3,0.9')
+  assert reporting.read_jsonl(tmp_path / 'f' / 'results.jsonl') == records
 
 
 def test_bad_fraction_list_is_rejected(tmp_path):
@@ -74,6 +78,17 @@ def test_randominit_study_pairs_every_cycle(tmp_path):
   reinit = reporting.read_jsonl(tmp_path / 'r' / 'randominit.jsonl')
   assert [(r['cycle'], r['mask']) for r in theta0] == [(r['cycle'], r['mask']) for r in reinit]
   assert all(r['metric'] == 'min_randominit' for r in reinit)
+  # The retrained networks are saved too (--save_params), and read back as their records' networks.
+  from dropnet_jax.compaction.export import correct_count, predictions
+  from dropnet_jax.input_pipeline import load_dataset
+  from dropnet_jax.pruning.masks import masks_from_strings
+  from dropnet_jax.runs import saved_params
+  test = load_dataset('digits')
+  last = reinit[-1]
+  model, theta, wmask, record = saved_params.load_saved(tmp_path / 'r', f'seed0/min_randominit/cycle{last["cycle"]}')
+  assert wmask is None and record == last
+  logits = predictions(model, theta, test.test_images, masks_from_strings(record['mask']))
+  assert correct_count(logits, test.test_labels) == round(record['test_accuracy'] * len(test.test_labels))
 
 
 def test_oracle_study_and_resume_with_oracle(tmp_path, mnist_small):

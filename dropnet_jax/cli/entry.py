@@ -16,6 +16,7 @@ that), but a missing `--out` is not: help needs none.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import sys
@@ -102,7 +103,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   argv = sys.argv
   asked = _help_asked(argv[1:])
   if asked is None:
-    app.run(main)
+    app.run(_checked_main(main))
     return
   rest = [a for a in argv[1:] if a not in HELP_ARGS]
   try:
@@ -113,6 +114,28 @@ def run(main: Callable[[list[str]], Any]) -> None:
       fail(f'{e} (--help alone lists the flags)')
   print(help_text(main, full=asked == '--helpfull'))
   sys.exit(0)
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk, a quota, a file system made read-only
+
+
+def _checked_main(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  """absl hands `main` the words of the command line that are not flags. No entry point takes any, and
+  one left unread is a setting the user meant but the run ignores (`--metrics=min max` runs min only):
+  refused in one line before any work. Also the last resort for a disk that fills up (or turns read-only)
+  while an entry point writes its outputs: one line naming the file, not a traceback (what was written
+  before is whole: files are written atomically)."""
+  def checked(argv: list[str]) -> Any:
+    if len(argv) > 1:
+      fail(f'unexpected arguments {argv[1:]}: settings are given as --flag=value')
+    try:
+      return main(argv)
+    except OSError as e:
+      if e.errno not in DISK_ERRNOS:
+        raise
+      fail(f'writing {e.filename or "the outputs"} failed: {e.strerror} (errno {e.errno}); free space and rerun '
+           'the same command')
+  return checked
 
 
 def help_text(main: Callable[..., Any], full: bool = False) -> str:

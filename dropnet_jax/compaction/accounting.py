@@ -149,7 +149,8 @@ def _layers(model: nn.Module, image_shape: Sequence[int]) -> list[LayerCount]:
     layers, hw = conv('stem', 'stem_bn', hw, c, widths[0], 3, 1, 1)
     out += layers
     c, i = widths[0], 1
-    for b, (stride, proj) in enumerate(zip(large_models.RESNET18_STRIDES, large_models.RESNET18_PROJECTION)):
+    for blk in large_models.resnet18_blocks(model.stages):
+      b, stride, proj = blk.index, blk.stride, blk.projection
       c1, wo = widths[i], widths[i + (2 if proj else 1)]
       l1, hw_out = conv(f'block{b}/conv1', f'block{b}/bn1', hw, c, c1, 3, stride, 1)
       l2, _ = conv(f'block{b}/conv2', f'block{b}/bn2', hw_out, c1, wo, 3, 1, 1)

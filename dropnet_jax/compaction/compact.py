@@ -33,6 +33,19 @@ logits (computed once on a zero image, so pass `image_shape`), with
 not cut, an empty conv1 or projection shortcut is a zero-width layer (the next
 conv reads 0 channels and outputs its bias).
 
+Emptied residual branches keep the identity path, exactly. When DropNet drops
+every conv1 filter of a block, the block computes relu(x + c), c = conv2's bias
+(or bn2 of zeros: bn2's bias - mean * scale / sqrt(var + eps)), and exactly x
+when c = 0: compaction keeps the stream with a zero-width conv1 and a conv2 of
+no weights (no MACs; its bias / bn2 hold c), whether one block, every block of a
+stage, or blocks of several stages lose their branch (tests/layer_removal_test.py).
+Where the shapes allow no identity the output is constant and so is the compact
+network: a residual group whose masks are all zero (the masks multiply after the
+add, so they silence the identity path too: the masked network itself is
+constant), and a projection block (stride 2, a new channel count) whose conv1 and
+shortcut are both emptied. Removing a stage on purpose is layer removal, a model
+setting (`stages`, `models.large`), not a mask.
+
 Export: `save(dir, model, theta, extra_meta, image_shape)` writes `spec.json`
 (model family, widths, classes, image shape, ResNet index maps, caller's
 meta, every array's shape) and an orbax checkpoint of the arrays; `load(dir)`
@@ -74,18 +87,20 @@ class Plan(NamedTuple):
   shortcut_index: tuple[tuple[int, ...], ...] | None  # ResNet18: per block, see CompactResNet18
 
 
-def _blocks():
-  """ResNet18 blocks as (conv1, shortcut or None, out) masked-layer indices, and each block's input layer."""
+def _blocks(stages: Sequence[int] = large_models.ALL_STAGES):
+  """ResNet18 blocks (of the kept `stages`) as (conv1, shortcut or None, out) masked-layer indices, and each
+  block's input layer."""
   i, prev, out = 1, 0, []
-  for proj in large_models.RESNET18_PROJECTION:
+  for block in large_models.resnet18_blocks(stages):
+    proj = block.projection
     blk = (i, i + 1 if proj else None, i + (2 if proj else 1))
     out.append((blk, prev))
     prev, i = blk[2], i + (3 if proj else 2)
   return out
 
 
-def _resnet_plan(kept: list[np.ndarray]) -> Plan:
-  blocks = _blocks()
+def _resnet_plan(kept: list[np.ndarray], stages: Sequence[int]) -> Plan:
+  blocks = _blocks(stages)
   # Forward: which channels can depend on the image. The stream is cut (constant output) when none can.
   dep = kept[0].copy()
   for (c1, sc, out), _ in blocks:
@@ -124,7 +139,7 @@ def plan(model: nn.Module, masks: Masks) -> Plan:
   if len(kept) != len(model.widths) or any(k.size != w for k, w in zip(kept, model.widths)):
     raise ValueError(f'mask sizes {[k.size for k in kept]} do not match widths {tuple(model.widths)}')
   if isinstance(model, (large_models.ResNet18, resnet_bn.ResNet18BN)):  # the same residual groups
-    return _resnet_plan(kept)
+    return _resnet_plan(kept, model.stages)
   if not isinstance(model, (models.MLP, models.ConvNet, models.ModelC, vgg_models.VGG)):
     raise TypeError(f'cannot compact {type(model).__name__}')
   if any(not k.any() for k in kept):  # a chain with an empty layer computes from zeros after it
@@ -141,7 +156,7 @@ def compact_model(model: nn.Module, masks: Masks, the_plan: Plan | None = None) 
   if isinstance(model, (large_models.ResNet18, resnet_bn.ResNet18BN)):
     cls = CompactResNet18 if isinstance(model, large_models.ResNet18) else CompactResNet18BN
     return cls(widths=widths, shortcut_index=p.shortcut_index, num_classes=model.num_classes,
-               input_norm=model.input_norm)
+               input_norm=model.input_norm, stages=model.stages)
   if isinstance(model, vgg_models.VGG):  # the head's FC nodes are masked: its kept widths are the new head
     return model.clone(parent=None, widths=widths, head=widths[model.num_convs():])
   # The same family with the kept widths; every other field (head, dropout, input_norm, ...) kept.
@@ -211,20 +226,21 @@ def _compact_params(model, params, stats, live):
     return new, new_stats
   if isinstance(model, large_models.ResNet18):
     new = {'stem': _layer(params['stem'], None, live[0])}
-    for b, ((c1, sc, out), prev) in enumerate(_blocks()):
+    for block, ((c1, sc, out), prev) in zip(large_models.resnet18_blocks(model.stages), _blocks(model.stages)):
+      b = block.index
       src = params[f'block{b}']
       new[f'block{b}'] = {'conv1': _layer(src['conv1'], live[prev], live[c1]),
                           'conv2': _layer(src['conv2'], live[c1], live[out])}
       if sc is not None:
         new[f'block{b}']['shortcut'] = _layer(src['shortcut'], live[prev], live[sc])
-    new['classifier'] = _layer(params['classifier'], live[_blocks()[-1][0][2]], None)
+    new['classifier'] = _layer(params['classifier'], live[_blocks(model.stages)[-1][0][2]], None)
     return new, None
   if isinstance(model, resnet_bn.ResNet18BN):
-    return _resnet_bn_params(params, stats, live)
+    return _resnet_bn_params(params, stats, live, model.stages)
   raise TypeError(f'cannot compact {type(model).__name__}')
 
 
-def _resnet_bn_params(params, stats, live):
+def _resnet_bn_params(params, stats, live, stages):
   """ResNet18BN sliced as ResNet18 (`_blocks`' live channels), each conv's BN params and stats with it."""
   new, new_stats = {}, {}
 
@@ -234,7 +250,8 @@ def _resnet_bn_params(params, stats, live):
     dst_stats[bn] = {k: np.take(np.asarray(v), keep_out) for k, v in src_stats[bn].items()}
 
   conv_bn(new, new_stats, params, stats, 'stem', 'stem_bn', None, live[0])
-  for b, ((c1, sc, out), prev) in enumerate(_blocks()):
+  for blk, ((c1, sc, out), prev) in zip(large_models.resnet18_blocks(stages), _blocks(stages)):
+    b = blk.index
     block, block_stats = {}, {}
     src, src_stats = params[f'block{b}'], stats[f'block{b}']
     conv_bn(block, block_stats, src, src_stats, 'conv1', 'bn1', live[prev], live[c1])
@@ -242,7 +259,7 @@ def _resnet_bn_params(params, stats, live):
     if sc is not None:
       conv_bn(block, block_stats, src, src_stats, 'shortcut', 'shortcut_bn', live[prev], live[sc])
     new[f'block{b}'], new_stats[f'block{b}'] = block, block_stats
-  new['classifier'] = _layer(params['classifier'], live[_blocks()[-1][0][2]], None)
+  new['classifier'] = _layer(params['classifier'], live[_blocks(stages)[-1][0][2]], None)
   return new, new_stats
 
 

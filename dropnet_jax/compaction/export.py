@@ -43,6 +43,8 @@ EVALUATION, MISMATCH = 'evaluation.json', 'mismatch.json'
 EXPORT_ENTRIES = (compact.SPEC_FILE, compact.STATE_DIR, 'torch_state_dict.pt', 'torch_check.json', EVALUATION,
                   MISMATCH)
 TMP_PREFIX = '.export-'
+# Runs whose records carry node masks (`mask`) and saved params: DropNet's and structured pruning at init's.
+NODE_MASK_KINDS = ('dropnet', 'structured')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +143,8 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
 
 def run_data(run: str, run_config: dict[str, Any]) -> dict[str, Any]:
   """The data settings (dataset, data_dir, split_seed) of a DropNet run's config.json."""
-  if run_config.get('kind', 'dropnet') != 'dropnet':
-    raise ExportError(f'{run} holds a {run_config["kind"]} run, not a DropNet run')
+  if run_config.get('kind', 'dropnet') not in NODE_MASK_KINDS:
+    raise ExportError(f'{run} holds a {run_config["kind"]} run, not a DropNet (or structured pruning) run')
   data = run_config.get('config', {}).get('data') if isinstance(run_config.get('config'), dict) else None
   if data is None and 'dataset' in run_config:  # a config.json from before the settings tree
     data = run_config

@@ -19,7 +19,9 @@ git-disl/HQ-Ensemble), working on the members' predictions:
   * `reference`: a float64 NumPy/itertools implementation of the same
     definitions (tests, benchmark);
   * `pools` and `pipeline`: the pools of a DropNet run's saved networks, and
-    the whole evaluation of a run as one library call (`experiments.ensemble`).
+    the whole evaluation of a run as one library call (`experiments.ensemble`);
+  * `levels`: the deck's table of every DropNet metric x pruning level
+    (`--levels`), laid out from the same pools and HQ runs.
 
 Naming: a DropNet pruning criterion is a *metric* (the records' 'metric'); CK,
 BD, KW and GD are *diversity* measures (`DIVERSITIES`); the pools of one run

@@ -16,7 +16,9 @@ writes into the directory: teams.jsonl, ensemble_table.md and the two figures
 (`report.write_report`), members.jsonl (each member's record fields, MACs and
 recomputed accuracies), pools.json (each pool's rows of members.jsonl, the
 dataset and how closely the records were reproduced), summary.json (per pool,
-`report.pool_summary`), config.json (`RunDir`) and with save_proba proba.npz.
+`report.pool_summary`), config.json (`RunDir`) and with save_proba proba.npz;
+with `pool.levels`, the ensemble deck's table of every group x pruning level
+(`levels`: levels_table.md, .csv and .json), from the same pools and HQ runs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from dropnet_jax.ensemble import levels
 from dropnet_jax.ensemble import pools as pools_lib
 from dropnet_jax.ensemble import report
 from dropnet_jax.ensemble.pools import DropNetRun, PoolConfig
@@ -104,6 +107,7 @@ class Setup:
   test_proba: np.ndarray
   max_accuracy_difference: float  # largest |recomputed - recorded| accuracy
   run_dir: RunDir
+  groups: dict[str, tuple[str, float | None]] = dataclasses.field(default_factory=dict)  # pool -> (group, level)
 
   @property
   def rows(self) -> dict[str, list[int]]:
@@ -157,7 +161,8 @@ def prepare(config: EnsembleConfig, out: str | None = None) -> Setup:
   run_dir = RunDir(out or default_out(config), KIND, config, inputs=[config.run])
   run_dir.check()  # before reading anything: --out may not be the DropNet run, a file, ...
   source = pools_lib.read_run(config.run)
-  pools = pools_lib.select_records(source.records, config.pool)
+  chosen = pools_lib.select_pools(source.records, config.pool)
+  pools = {p.name: p.records for p in chosen}
   for name, members in pools.items():
     teams = pools_lib.team_count(len(members), config.max_size)
     if teams > MAX_TEAMS:
@@ -177,7 +182,8 @@ def prepare(config: EnsembleConfig, out: str | None = None) -> Setup:
               'macs': m, 'recorded_val_accuracy': r['val_accuracy'], 'recorded_test_accuracy': r['test_accuracy'],
               'val_accuracy': float(v), 'test_accuracy': float(t)}
              for r, m, v, t in zip(union, macs, val_acc, test_acc)]
-  return Setup(config, source, pools, members, dataset, val_proba, test_proba, worst, run_dir)
+  return Setup(config, source, pools, members, dataset, val_proba, test_proba, worst, run_dir,
+               {p.name: (p.group, p.level) for p in chosen})
 
 
 @dataclasses.dataclass
@@ -200,6 +206,8 @@ def run(setup: Setup) -> Outcome:
                for name, idx in rows.items()]
     paths = report.write_report(results, run_dir.path)
     summaries = [report.pool_summary(p) for p in results]
+    if config.pool.levels is not None:
+      paths += levels.write_levels_table(levels.level_rows(results, setup.groups), run_dir)
     reporting.write_jsonl(run_dir.file('members.jsonl'), setup.members)
     paths.append(run_dir.file('members.jsonl'))
     paths.append(run_dir.write_text('summary.json', json.dumps(summaries, indent=2)))
@@ -217,8 +225,11 @@ def run(setup: Setup) -> Outcome:
 def describe(setup: Setup, outcome: Outcome) -> str:
   """The printed report: the table, each pool's lines (`report.describe`) and what was written where."""
   d = setup.dataset
+  table = [] if setup.config.pool.levels is None else [
+      'Per pruning level (the HQ pick with the best validation accuracy of each pool):',
+      levels.markdown(levels.level_rows(outcome.results, setup.groups))]
   return '\n'.join([
-      report.ensemble_table(outcome.results), *(report.describe(s) for s in outcome.summaries),
+      report.ensemble_table(outcome.results), *(report.describe(s) for s in outcome.summaries), *table,
       f'{len(setup.members)} networks, {len(d.val_labels)} val / {len(d.test_labels)} test images; recomputed '
       f'accuracies within {setup.max_accuracy_difference:.1e} of the records; wrote '
       f'{", ".join(os.path.basename(p) for p in outcome.paths)} in {setup.run_dir.path}'])

@@ -9,6 +9,15 @@ members (in metric, seed, cycle order) so that team enumeration stays small;
 Cycle 0 (the dense θ) is shared by every metric of a seed, so a pool keeps it
 once per seed (`DEDENSE_NOTE`).
 
+`.levels` (the ensemble deck's pruning levels, e.g. 0 %, 20 %, 50 % of units
+pruned) splits every pool by level: at each level each metric x seed gives the
+cycle whose fraction of units remaining is closest to 1 - level. A tie (two
+cycles equally close) goes to the less pruned cycle, the network the level is
+reached with; a cycle farther than `.level_tolerance` from the level is an error
+naming the trial (a level beyond where the run stopped is never silently
+replaced by its last cycle). One run then yields the pools of every level, and
+each is the same pool a run with that level alone yields.
+
 `read_run` reads what the pools are chosen from (config.json, results.jsonl and
 params/spec.json of the run); `load_members` loads the chosen records' θ and
 masks stacked along a leading member axis (the lanes of `voting.predict_proba`)
@@ -63,6 +72,13 @@ class PoolConfig:
                              flag='max_members')
   group: str = setting('none', 'none: one pool of all selected records; metric / seed: one pool per DropNet '
                        'metric / seed.', flag='group_by', choices=GROUPS)
+  levels: tuple[float, ...] | None = setting(
+      None, 'Pruning levels, fractions of units pruned (e.g. 0,0.2,0.5): per level each metric x seed contributes '
+      'the cycle whose fraction remaining is closest to 1 - level (ties: the less pruned one), one pool per level '
+      '(and per --group_by group); the levels table compares them.', flag='levels')
+  level_tolerance: float = setting(
+      0.1, '--levels: the chosen cycle must have 1 - level +- this of its units remaining (else an error naming '
+      'the trial: the run stopped before that level, or its cycles are farther apart).', flag='level_tolerance')
 
   def validate(self) -> None:
     """Raises ValueError naming the offending setting (the flag people type)."""
@@ -83,6 +99,18 @@ class PoolConfig:
       raise ValueError(f'--min_fraction={self.min_fraction} is above --max_fraction={self.max_fraction}')
     if self.cycles is not None and (self.min_fraction is not None or self.max_fraction is not None):
       raise ValueError('give either --pool_cycles or --min_fraction/--max_fraction, not both')
+    if self.levels is not None:
+      if not self.levels:
+        raise ValueError('--levels: give at least one level, or leave the flag out')
+      if any(not (math.isfinite(v) and 0 <= v < 1) for v in self.levels):
+        raise ValueError('--levels are fractions of units pruned, each in [0, 1), got '
+                         f'{",".join(map(str, self.levels))}')
+      if _duplicates(self.levels):
+        raise ValueError(f'--levels: duplicates {",".join(map(str, _duplicates(self.levels)))}')
+      if self.cycles is not None or self.min_fraction is not None or self.max_fraction is not None:
+        raise ValueError('give either --levels or --pool_cycles / --min_fraction/--max_fraction, not both')
+    if not (math.isfinite(self.level_tolerance) and 0 <= self.level_tolerance <= 1):
+      raise ValueError(f'--level_tolerance must be in [0, 1], got {self.level_tolerance}')
     if not (math.isfinite(self.min_member_val_accuracy) and 0 <= self.min_member_val_accuracy <= 1):
       raise ValueError(f'--min_member_val_accuracy must be in [0, 1], got {self.min_member_val_accuracy}')
     if self.max_members < 0 or self.max_members == 1:
@@ -128,15 +156,57 @@ def read_run(path: str) -> DropNetRun:
                     reporting.read_jsonl(os.path.join(path, 'results.jsonl')))
 
 
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  """One pool: its name, the --group_by group it holds ('all', a metric, 'seed S') and, with --levels,
+  the pruning level (fraction of units pruned) its members were chosen at."""
+  name: str
+  group: str
+  level: float | None
+  records: list[dict[str, Any]]
+
+
+def level_label(level: float) -> str:
+  return f'{100 * level:g}% pruned'
+
+
+def at_level(records: Sequence[dict[str, Any]], level: float, tolerance: float) -> list[dict[str, Any]]:
+  """Per metric x seed, the record whose fraction_remaining is closest to 1 - level; of two equally
+  close, the less pruned (the earlier cycle). ValueError naming the trial when the closest is farther
+  than `tolerance` (the run stopped before that level, or its cycles are farther apart)."""
+  target = 1.0 - level
+  trials: dict[tuple[str, int], list[dict[str, Any]]] = {}
+  for r in records:
+    trials.setdefault((r['metric'], int(r['seed'])), []).append(r)
+  out = []
+  for (metric, seed), recs in trials.items():
+    best = min(recs, key=lambda r: (abs(r['fraction_remaining'] - target), -r['fraction_remaining'], r['cycle']))
+    if abs(best['fraction_remaining'] - target) > tolerance + 1e-9:
+      lowest = min(r['fraction_remaining'] for r in recs)
+      raise ValueError(f'--levels={level:g}: seed {seed} {metric} has no cycle with {target:.3g} +- '
+                       f'{tolerance:g} of its units remaining (nearest: cycle {best["cycle"]} at '
+                       f'{best["fraction_remaining"]:.3g}; its cycles go down to {lowest:.3g}); drop that level or '
+                       'raise --level_tolerance')
+    out.append(best)
+  return out
+
+
 def select_records(records: Sequence[dict[str, Any]], pool: PoolConfig = PoolConfig()
                    ) -> dict[str, list[dict[str, Any]]]:
-  """Pools (name -> records in metric, seed, cycle order) chosen from a run's records.
+  """Pools (name -> records in metric, seed, cycle order) chosen from a run's records (`select_pools`)."""
+  return {p.name: p.records for p in select_pools(records, pool)}
 
-  Without cycles or a fraction range each metric x seed contributes its last
-  cycle. `min_member_val_accuracy` drops members below it (recorded validation
-  accuracy: e.g. networks whose pruning emptied a layer and left a constant
-  predictor). Raises ValueError for unknown metrics/seeds, conflicting settings
-  and pools with fewer than two members.
+
+def select_pools(records: Sequence[dict[str, Any]], pool: PoolConfig = PoolConfig()) -> list[Pool]:
+  """The pools chosen from a run's records, in metric, seed, cycle order within each.
+
+  Without cycles, a fraction range or levels each metric x seed contributes its last
+  cycle; with levels, per level its cycle closest to the level (`at_level`), and each
+  group's pool is split by level (named '<group>, <level>% pruned', or '<level>%
+  pruned' for group none). `min_member_val_accuracy` drops members below it (recorded
+  validation accuracy: e.g. networks whose pruning emptied a layer and left a constant
+  predictor). Raises ValueError for unknown metrics/seeds, conflicting settings and
+  pools with fewer than two members.
   """
   pool.validate()
   run_metrics = list(dict.fromkeys(r['metric'] for r in records))
@@ -151,36 +221,46 @@ def select_records(records: Sequence[dict[str, Any]], pool: PoolConfig = PoolCon
   metrics = list(pool.metrics or run_metrics)
   seeds = list(pool.seeds if pool.seeds is not None else run_seeds)
   chosen = [r for r in records if r['metric'] in metrics and int(r['seed']) in seeds]
-  if pool.cycles is not None:
-    chosen = [r for r in chosen if int(r['cycle']) in pool.cycles]
+  if pool.levels is not None:
+    by_level = [(level, at_level(chosen, level, pool.level_tolerance)) for level in pool.levels]
+  elif pool.cycles is not None:
+    by_level = [(None, [r for r in chosen if int(r['cycle']) in pool.cycles])]
   elif pool.min_fraction is not None or pool.max_fraction is not None:
     lo = -math.inf if pool.min_fraction is None else pool.min_fraction
     hi = math.inf if pool.max_fraction is None else pool.max_fraction
-    chosen = [r for r in chosen if lo <= r['fraction_remaining'] <= hi]
+    by_level = [(None, [r for r in chosen if lo <= r['fraction_remaining'] <= hi])]
   else:
     last: dict[tuple[str, int], dict[str, Any]] = {}
     for r in chosen:
       key = (r['metric'], int(r['seed']))
       if key not in last or r['cycle'] > last[key]['cycle']:
         last[key] = r
-    chosen = list(last.values())
-  chosen = [r for r in chosen if r['val_accuracy'] >= pool.min_member_val_accuracy]
-  chosen.sort(key=lambda r: (metrics.index(r['metric']), int(r['seed']), int(r['cycle'])))
-  if not chosen:
-    raise ValueError('the pool is empty: no record of the run matches the selection flags')
-  pools: dict[str, list[dict[str, Any]]] = {}
-  for r in chosen:
-    name = {'none': 'all', 'metric': r['metric'], 'seed': f'seed {r["seed"]}'}[pool.group]
-    pools.setdefault(name, [])
-    if int(r['cycle']) == 0 and any(int(m['cycle']) == 0 and m['seed'] == r['seed'] for m in pools[name]):
-      continue  # DEDENSE_NOTE
-    pools[name].append(r)
-  for name, members in pools.items():
-    pools[name] = thin(members, pool.max_members)
-    if len(pools[name]) < 2:
-      raise ValueError(f'pool {name!r} has {len(pools[name])} member(s); an ensemble needs at least 2 '
-                       '(widen the selection, e.g. --min_fraction/--max_fraction or more seeds)')
-  return pools
+    by_level = [(None, list(last.values()))]
+  pools: dict[str, Pool] = {}
+  for level, level_records in by_level:
+    level_records = [r for r in level_records if r['val_accuracy'] >= pool.min_member_val_accuracy]
+    level_records.sort(key=lambda r: (metrics.index(r['metric']), int(r['seed']), int(r['cycle'])))
+    if not level_records:
+      where = '' if level is None else f' at --levels={level:g}'
+      raise ValueError(f'the pool is empty{where}: no record of the run matches the selection flags')
+    for r in level_records:
+      group = {'none': 'all', 'metric': r['metric'], 'seed': f'seed {r["seed"]}'}[pool.group]
+      name = group if level is None else (level_label(level) if pool.group == 'none'
+                                          else f'{group}, {level_label(level)}')
+      members = pools.setdefault(name, Pool(name, group, level, [])).records
+      if int(r['cycle']) == 0 and any(int(m['cycle']) == 0 and m['seed'] == r['seed'] for m in members):
+        continue  # DEDENSE_NOTE
+      members.append(r)
+  out = []
+  for p in pools.values():
+    p = dataclasses.replace(p, records=thin(p.records, pool.max_members))
+    if len(p.records) < 2:
+      hint = ('more seeds (each metric x seed gives one network per level)' if p.level is not None else
+              'e.g. --min_fraction/--max_fraction or more seeds')
+      raise ValueError(f'pool {p.name!r} has {len(p.records)} member(s); an ensemble needs at least 2 '
+                       f'(widen the selection: {hint})')
+    out.append(p)
+  return out
 
 
 def thin(members: Sequence[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

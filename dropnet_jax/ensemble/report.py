@@ -206,6 +206,7 @@ def ensemble_table(pools: Sequence[PoolResult]) -> str:
 
 DIVERSITY_NAMES = {'CK': "CK (Cohen's kappa)", 'BD': 'BD (binary disagreement)', 'KW': 'KW (Kohavi-Wolpert)',
                    'GD': 'GD (generalized diversity)'}
+MAX_COLUMNS = 6  # panels per row of the accuracy-vs-cost figure
 _SIZE_COLOURS = ('#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d', '#666666')
 
 
@@ -255,12 +256,16 @@ def _pick_label(choosers: Sequence[tuple[str, float]], betas: Sequence[float]) -
 def plot_accuracy_vs_cost(pools: Sequence[PoolResult], path: str) -> str:
   """Test accuracy vs cost of every team per pool, with the two baselines; each team an HQ overall
   pick chose is starred once and labelled with the measures and betas that chose it (several
-  picks are often the same team); the legend beside the last panel."""
+  picks are often the same team); the legend beside the first row; more than MAX_COLUMNS pools
+  (e.g. metrics x levels) wrap into rows."""
   from matplotlib import patheffects
   from matplotlib.lines import Line2D
-  fig, axes = _figure(1, len(pools), 4.6, 3.8, legend_width=2.2)
+  cols = min(len(pools), MAX_COLUMNS)  # many pools (e.g. metrics x levels) wrap into rows of panels
+  fig, axes = _figure(-(-len(pools) // cols), cols, 4.6, 3.8 + 0.9 * (len(pools) > cols), legend_width=2.2)
+  for ax in axes.flat[len(pools):]:
+    ax.set_axis_off()
   betas = sorted({b for pool in pools for _, b in pool.hq})
-  for ax, pool in zip(axes[0], pools):
+  for ax, pool in zip(axes.flat, pools):
     col = VOTES.index(pool.vote)
     xs = np.concatenate([pool.costs(t) for t in pool.teams])
     ys = np.concatenate([a[:, col] for a in pool.test_accuracy])
@@ -292,7 +297,7 @@ def plot_accuracy_vs_cost(pools: Sequence[PoolResult], path: str) -> str:
              (Line2D([], [], linestyle='none', marker='*', markersize=10, markerfacecolor='gold', markeredgecolor='k'),
               'HQ overall pick\n(numbered; key\nbelow the panel)')]
   entries += [(Line2D([], [], linestyle='none'), name) for name in DIVERSITY_NAMES.values()]
-  _legend_beside(axes[0][-1], [h for h, _ in entries], [label for _, label in entries])
+  _legend_beside(axes[0][-1], [h for h, _ in entries], [label for _, label in entries])  # beside the first row
   return _save(fig, path)
 
 

@@ -28,8 +28,9 @@ are measured in gathers of a fixed `MEASURE_WIDTH` lanes (`lanes.take_lanes`);
 lane indices are traced arguments. Checkpoints (and `RunIO.on_record`):
 every `checkpoint_every_epochs` lockstep epochs and at the end (with 0, after
 every epoch in which a lane's cycle ended: with many lanes that is nearly
-every epoch, and a save of all lanes can cost more than the epoch). The
-position is the barrier's, with the lanes' jobs in its meta, so a rerun
+every epoch, and a save of all lanes can cost more than the epoch); besides,
+the position is offered at every lockstep epoch to the checkpointer's time
+policy (`runs.checkpoint`). The position is the barrier's, with the lanes' jobs in its meta, so a rerun
 continues every lane at its own cycle and epoch.
 """
 
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dropnet_jax.loop import state as state_lib
-from dropnet_jax.loop.driver import Driver, Outcome, Trial, init_lanes, measure
+from dropnet_jax.loop.driver import Driver, Outcome, Trial, dense_start, init_lanes, measure, save_cycle
 from dropnet_jax.loop.epoch_report import report_epoch
 from dropnet_jax.training.lanes import put_lane, take_lanes
 from dropnet_jax.training.trainer import FitState
@@ -120,8 +121,10 @@ class Continuous:
         changed = True
       # Lanes end cycles nearly every epoch: saving (and rewriting the records) each time would cost more
       # than the training, so with checkpoint_every_epochs both happen every that many lockstep epochs.
-      if (finished and not every) or (every and self.steps % every == 0) or all(j is None for j in self.jobs):
-        self._save(state)
+      # The position is offered at every lockstep epoch (saved when due, else kept for an interrupt's save).
+      forced = bool(every) and self.steps % every == 0 or all(j is None for j in self.jobs)
+      self._save(state, force=forced, cycle_end=bool(finished) and not every)
+      if (finished and not every) or forced:
         if changed and io.on_record:
           io.on_record(d.records())
         changed = False
@@ -166,14 +169,15 @@ class Continuous:
   def _start(self, state: FitState, lane: int, job: Job) -> FitState:
     d = self.d
     if job.phase == 'dense':
-      theta, mask, epochs = self._theta0(job.seed), d.method.full_mask(), None
+      theta, epochs = dense_start(d.method, job.seed)
+      theta, mask = self._theta0(job.seed) if theta is None else theta, d.method.full_mask()
     else:
       trial = d.trials[job.trial]
       theta = self._theta0(trial.seed) if trial.theta is None else trial.theta
       mask, epochs = trial.mask, trial.epochs
     fresh = d.runner.init_one(theta, mask, d.method.shuffle_key(job.seed, job.cycle))
-    if epochs is not None:
-      fresh = fresh._replace(max_epochs=jnp.asarray(epochs, jnp.int32))
+    if epochs is not None:  # 0 epochs: a loaded network, evaluated as given
+      fresh = fresh._replace(max_epochs=jnp.asarray(epochs, jnp.int32), done=jnp.asarray(epochs == 0))
     return put_lane(state, jnp.asarray(lane, jnp.int32), fresh)
 
   def _finish(self, state: FitState, finished: list[int]) -> None:
@@ -212,7 +216,7 @@ class Continuous:
     d = self.d
     d.method.advance(trial, outcome, d.pos.dense[trial.seed])
     if d.io.params_store is not None:
-      d.io.params_store.saved_cycle(trial, outcome.best_theta)
+      save_cycle(d.io.params_store, d.method, trial, outcome.best_theta)
     if d.io.monitor:
       d.io.monitor({'event': 'record', 'record': trial.records[-1], 'finished': trial.stopped})
 
@@ -259,8 +263,8 @@ class Continuous:
              for i, j in enumerate(self.jobs) if j is not None]
     return note + (f'; lanes at {", ".join(lanes)}' if lanes else '')
 
-  def _save(self, state: FitState | None) -> None:
-    """The position, with the lanes' state and jobs while any lane trains."""
+  def _save(self, state: FitState | None, force: bool = False, cycle_end: bool = False) -> None:
+    """Offers the position, with the lanes' state and jobs while any lane trains (`Driver._save`)."""
     d = self.d
     if d.io.checkpointer is None:
       return
@@ -268,5 +272,5 @@ class Continuous:
       d.pos.fit = state
       d.pos.fit_meta = {'schedule': 'continuous', 'steps': self.steps,
                         'lanes': [None if j is None else dataclasses.asdict(j) for j in self.jobs]}
-    d._save()
+    d._save(force=force, cycle_end=cycle_end)
     d.pos.fit, d.pos.fit_meta = None, None

@@ -27,8 +27,9 @@ trial), while the others train on; `lanes` may be fewer than the trials. At
 the end of a batched run one log line gives the lanes' occupancy (useful
 lane-epochs / lane-epochs spent: what lockstep lanes on an accelerator pay).
 
-Checkpoints (after every cycle, and every `checkpoint_every_epochs` epochs
-inside one) hold the whole position: the trials' masks, records and stop
+Checkpoints (the position is offered at every epoch and cycle end; the
+checkpointer saves it when due, see `runs.checkpoint`, and on an interrupt
+and at the end) hold the whole position: the trials' masks, records and stop
 flags, θ0 of the current group's seeds, the shared dense outcomes still
 needed, and a mid-cycle training state of the group. A rerun continues from
 the newest checkpoint and gives the same records (up to wall-clock
@@ -67,8 +68,8 @@ def log_info(line: str) -> None:
 @dataclasses.dataclass
 class RunIO:
   """What a run writes and reports as it goes; a bare RunIO() runs in memory and logs at INFO."""
-  checkpointer: Any = None  # runs.checkpoint.Checkpointer: the position after every cycle (None: no checkpoints)
-  checkpoint_every_epochs: int = 0  # also checkpoint every N epochs inside a cycle (0: after cycles only)
+  checkpointer: Any = None  # runs.checkpoint.Checkpointer, offered the position at epoch and cycle ends (None: none)
+  checkpoint_every_epochs: int = 0  # also force a checkpoint every N epochs inside a cycle (0: policy only)
   params_store: Any = None  # runs.saved_params.ParamsStore: the trained θ of finished cycles (None: nothing saved)
   # All records so far, after every cycle (and once on resume, with the restored ones).
   on_record: Callable[[list[dict[str, Any]]], None] | None = None
@@ -109,6 +110,8 @@ class Method(Protocol):
   # Records `outcome` (the trial's current cycle) and sets the trial's next mask or stops it. The
   # continuous schedule calls it whenever a lane's cycle ends, so it must read only its own trial.
   def advance(self, trial: Trial, outcome: Outcome, dense: Outcome) -> None: ...
+  # Optional: `dense_start(seed) -> (θ, epochs)` (a loaded dense network, `dense_start` below) and
+  # `recorded_weight_mask(trial)` (the weight mask saved with θ, `save_cycle` below).
 
 
 def measure(runner, state: FitState, data: DeviceData, method: Method, seconds: float,
@@ -159,6 +162,8 @@ def measure(runner, state: FitState, data: DeviceData, method: Method, seconds: 
         **({'mask': mask_fields['mask']} if 'mask' in mask_fields else {}),
         'seconds': seconds,
     }
+    if fields['epochs_trained'] == 0:  # a network evaluated as given (loaded): its last epoch is its start
+      fields.update({f'last_{k}': fields[k] for k in ('train_accuracy', 'train_loss', 'val_accuracy', 'val_loss')})
     lane_sums = jax.tree.map(lambda x: jnp.asarray(x[t]), host['sums'])
     best_theta = runner.lane(best, t)
     score_theta = best_theta if method.score_params == 'best' else runner.lane(last, t)
@@ -215,16 +220,26 @@ class Driver:
   # -- the loop -------------------------------------------------------------------------------
 
   def run(self) -> list[dict[str, Any]]:
+    checkpointer = self.io.checkpointer
     try:
       records = self._run()
-      if self.io.checkpointer is not None:
-        self.io.checkpointer.wait()  # the final checkpoint is on disk when the run returns
+      if checkpointer is not None:
+        checkpointer.save_unsaved()  # the final position, unless it was saved when offered
+        checkpointer.wait()  # the final checkpoint is on disk when the run returns
       return records
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: save the newest position offered (an epoch or cycle end)
+      if checkpointer is not None:
+        try:
+          if jax.process_count() == 1:  # several processes: only the save in flight (they may not all stop)
+            checkpointer.save_unsaved()
+        finally:
+          checkpointer.wait()
+      raise
     except BaseException:
-      # A crash or Ctrl-C: let an asynchronous checkpoint save in flight finish, so the newest
-      # checkpoint on disk is whole (a second Ctrl-C during the wait abandons it cleanly).
-      if self.io.checkpointer is not None:
-        self.io.checkpointer.wait()
+      # A crash: let an asynchronous checkpoint save in flight finish, so the newest checkpoint on disk
+      # is whole.
+      if checkpointer is not None:
+        checkpointer.wait()
       raise
 
   def _run(self) -> list[dict[str, Any]]:
@@ -254,7 +269,7 @@ class Driver:
       active = [t for t in group if not t.stopped]
       if not active:
         self._next_group()
-        self._save()
+        self._save(cycle_end=True)
         continue
       for seed in sorted({t.seed for t in group}):
         if seed not in self.pos.theta0:
@@ -262,7 +277,7 @@ class Driver:
       cycle = active[0].cycle
       if cycle == 0 and any(t.seed not in self.pos.dense for t in active):
         seeds = sorted({t.seed for t in active if t.seed not in self.pos.dense})
-        lanes = [(s, self.method.full_mask(), None, None) for s in seeds]
+        lanes = [(s, self.method.full_mask(), *dense_start(self.method, s)) for s in seeds]
         # The shared dense cycle is cycle 0 of every trial of its seed: its curves go to each of them.
         owners = [[(t.seed, t.metric) for t in self.trials if t.seed == s] for s in seeds]
         for seed, outcome in zip(seeds, self._train('dense', 0, lanes, [f'seed {s} {"dense":>12}' for s in seeds],
@@ -276,12 +291,12 @@ class Driver:
       for trial, outcome in zip(active, outcomes):
         self.method.advance(trial, outcome, self.pos.dense[trial.seed])
         if io.params_store is not None:
-          io.params_store.saved_cycle(trial, outcome.best_theta)
+          save_cycle(io.params_store, self.method, trial, outcome.best_theta)
         if io.monitor:
           io.monitor({'event': 'record', 'record': trial.records[-1], 'finished': trial.stopped})
       if all(t.stopped for t in group):
         self._next_group()
-      self._save()
+      self._save(cycle_end=True)
       if io.on_record:
         io.on_record(self.records())
     return self.records()
@@ -329,6 +344,7 @@ class Driver:
         limits = [int(state.max_epochs.reshape(-1)[0]) if e is None else e for *_, e in lanes]
         limits += limits[:1] * (count - n)  # padding lanes copy the first lane
         state = state._replace(max_epochs=jnp.asarray(limits if self.runner.batched else limits[0], jnp.int32))
+        state = state._replace(done=state.done | (state.max_epochs == 0))  # 0 epochs: evaluated as given
     self.pos.fit, self.pos.fit_meta = None, None
     # Per lane, the last epoch whose curve rows were given (a resumed state's epochs were given before).
     reported = np.asarray(state.epoch).reshape(-1).tolist() if resumed else [0] * count
@@ -344,11 +360,12 @@ class Driver:
       previous = epochs[:n]
       epoch = int(np.max(epochs))
       every = self.io.checkpoint_every_epochs
-      if every and epoch % every == 0 and not np.all(np.asarray(state.done)):
+      # Offered at every epoch end (saved when due or forced, else kept for an interrupt's save).
+      if self.io.checkpointer is not None and not np.all(np.asarray(state.done)):
         seconds += time.perf_counter() - started
         started = time.perf_counter()
         self.pos.fit, self.pos.fit_meta = state, {'phase': phase, 'cycle': cycle, 'seconds': seconds}
-        self._save()
+        self._save(force=bool(every) and epoch % every == 0)
         self.pos.fit, self.pos.fit_meta = None, None
 
     state = train_lib.fit(self.runner.epoch_step, state, self.data, on_epoch)
@@ -358,9 +375,10 @@ class Driver:
 
   # -- checkpoints (the format: `state`) ------------------------------------------------------
 
-  def _save(self) -> None:
+  def _save(self, force: bool = False, cycle_end: bool = False) -> None:
+    """Offers the position to the checkpointer (`state.save`), which saves it when due or forced."""
     if self.io.checkpointer is not None:
-      state_lib.save(self.io.checkpointer, self.trials, self.pos, self.io.stamp)
+      state_lib.save(self.io.checkpointer, self.trials, self.pos, self.io.stamp, force=force, cycle_end=cycle_end)
 
   def _restore(self) -> bool:
     """Continues from the newest readable checkpoint, if there is one."""
@@ -376,6 +394,24 @@ class Driver:
                                       f'schedule; resume it with that schedule or use another output directory')
     self.pos = pos
     return True
+
+
+def dense_start(method: Method, seed: int) -> tuple[Any, int | None]:
+  """(θ the seed's dense cycle starts from, its epoch limit): the method's `dense_start` if it has one
+  (a loaded network: (θ, 0), evaluated as given), else (None, None): trained from θ0 for the config's."""
+  start = getattr(method, 'dense_start', None)
+  return start(seed) if start is not None else (None, None)
+
+
+def save_cycle(store, method: Method, trial: Trial, theta: Any) -> None:
+  """`store.saved_cycle` for the trial's newest record, with the weight mask it was trained under for
+  methods that prune weights (`recorded_weight_mask`; their mask and sparse form are saved too)."""
+  recorded = getattr(method, 'recorded_weight_mask', None)
+  mask = recorded(trial) if recorded is not None else None
+  if mask is None:
+    store.saved_cycle(trial, theta)
+  else:
+    store.saved_cycle(trial, theta, weight_mask=mask)
 
 
 def init_lanes(runner, lanes: Sequence[tuple[Any, Any, jax.Array]], count: int = 1) -> FitState:

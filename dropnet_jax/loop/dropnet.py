@@ -84,8 +84,9 @@ class DropNetMethod:
   """Algorithm 1's side of the loop (`driver.Method`) for one model, dataset and configuration."""
 
   def __init__(self, model, image_shape: Sequence[int], data: DeviceData, config: DropNetConfig,
-               log: Callable[[str], None] = log_info):
+               log: Callable[[str], None] = log_info, start_theta: Any = None):
     self.model, self.image_shape, self.config, self.log = model, tuple(image_shape), config, log
+    self.start_theta = start_theta  # a loaded dense network (runs.init_from), or None: trained from θ0
     self.score_from, self.score_params = config.score_from, config.score_params
     self.context = criteria.Context(model.apply, data.train_images, data.train_labels, config.oracle_examples)
 
@@ -94,6 +95,11 @@ class DropNetMethod:
 
   def full_mask(self) -> Masks:
     return full_masks(self.model)
+
+  def dense_start(self, seed: int) -> tuple[Any, int | None]:
+    """The dense cycle: the loaded network evaluated as given (0 epochs), else trained from θ0."""
+    del seed
+    return (None, None) if self.start_theta is None else (self.start_theta, 0)
 
   def sums_template(self):
     return zero_sums(full_masks(self.model))
@@ -141,7 +147,7 @@ def default_trainer(model, data: DeviceData, config: DropNetConfig) -> Trainer:
 def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], config: DropNetConfig,
                    trainer: Trainer | None = None, io: RunIO | None = None, batch_trials: bool = False,
                    lanes_per_chunk: int | None = None, lane_schedule: str = 'barrier',
-                   lanes: int | None = None) -> list[dict[str, Any]]:
+                   lanes: int | None = None, start_theta: Any = None) -> list[dict[str, Any]]:
   """Algorithm 1 for every seed x metric; returns all records (seed by seed, metrics in config
   order, cycles ascending).
 
@@ -150,12 +156,15 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
   `lanes` trials at a time (None: all), and with `lane_schedule='continuous'`
   on `lanes` lanes without a barrier between cycles (`continuous`).
   `io` (`driver.RunIO`; None: in memory, lines to logging at INFO) is what the run writes
-  and reports: with a checkpointer, the state is saved after every cycle (and
-  every `checkpoint_every_epochs` epochs) and a rerun continues from the newest
+  and reports: with a checkpointer, the state is offered at every epoch and cycle
+  end (saved by its policy, `runs.checkpoint`, and every `checkpoint_every_epochs`
+  epochs, on an interrupt and at the end) and a rerun continues from the newest
   checkpoint with the same records (up to `seconds`); `on_record` gets all
   records so far after every cycle (and once on resume); `params_store` keeps
   the trained θ of finished cycles; `monitor` gets progress events; `stamp`
   (the settings and data fingerprint) guards the checkpoints.
+  `start_theta`: a loaded dense network (`runs.init_from`): cycle 0 evaluates it instead of training
+  from θ0, the later cycles still restart from the seed's θ0 (why: `runs.init_from`).
   `reference_run` is the same computation for one trial as a plain loop.
   """
   config.validate()
@@ -163,7 +172,7 @@ def run_experiment(model, image_shape, data: DeviceData, seeds: Sequence[int], c
     raise ValueError(f'param_budget/mac_budget: no params/MACs counts for {type(model).__name__}')
   io = io or RunIO()
   trainer = trainer or default_trainer(model, data, config)
-  method = DropNetMethod(model, image_shape, data, config, io.log)
+  method = DropNetMethod(model, image_shape, data, config, io.log, start_theta)
   trials = [Trial(seed, metric, method.full_mask()) for seed in seeds for metric in config.metrics]
   if not trials:
     return []
@@ -243,14 +252,16 @@ def random_init_key(seed: int, cycle: int) -> jax.Array:
 
 
 def retrain_from_random_init(trainer: Trainer, model, image_shape, data: DeviceData, record: dict[str, Any],
-                             config: DropNetConfig = DropNetConfig()) -> dict[str, Any]:
+                             config: DropNetConfig = DropNetConfig(), *, with_theta: bool = False):
   """The paper's "randominit": the record's mask retrained from a fresh random init, not θ0.
 
-  Only the initialisation differs from the θ0 run: same mask, same shuffle order.
+  Only the initialisation differs from the θ0 run: same mask, same shuffle order. Returns the new
+  record (with `with_theta`: (record, its trained θ), the best-validation-loss params).
   """
   seed, cycle = record['seed'], record['cycle']
   params = init_params(model, random_init_key(seed, cycle), image_shape)
   outcome = train_cycle(trainer, params, masks_from_strings(record['mask']), data,
                         SeedKeys.for_seed(seed).shuffle_key(cycle), config)
-  return {'seed': seed, 'metric': f'{record["metric"]}_randominit', 'cycle': cycle, **outcome.fields,
-          'stop_reason': record['stop_reason']}
+  new = {'seed': seed, 'metric': f'{record["metric"]}_randominit', 'cycle': cycle, **outcome.fields,
+         'stop_reason': record['stop_reason']}
+  return (new, outcome.best_theta) if with_theta else new

@@ -5,6 +5,9 @@ array per prunable kernel) and a registered weight criterion (`criteria`:
 global_l1, layer_l1, global_random, layer_random; amounts are fractions of
 the *remaining* weights, as in `torch.nn.utils.prune`). Cycle 0 is the dense
 network trained from θ0 (shared by every trial of a seed, as in DropNet).
+With a loaded network (`start_theta`, `--init_from`; `runs.init_from`) cycle 0 is that
+network evaluated as given instead (0 epochs), the magnitude report's "load the
+pretrained ckpt.pth", and every method proceeds from it.
 A trial is (seed, method, target sparsity s); what a cycle starts from and
 how long it trains is the method:
 
@@ -103,6 +106,7 @@ class MagnitudeTrial(Trial):
   these typed fields (the records' `method` and `target_sparsity`) instead of parsing the label."""
   method: str  # one of METHODS
   target: float  # the target sparsity (the lottery trials': the largest of the config's)
+  recorded_mask: Any = None  # the weight mask of the newest record (`advance` moves `mask` on to the next cycle's)
 
 
 def trial_label(method: str, target: float | None) -> str:
@@ -129,8 +133,9 @@ class MagnitudeMethod:
   score_from, score_params = 'data', 'best'
 
   def __init__(self, model, image_shape: Sequence[int], data, config: MagnitudeConfig, trials: list[MagnitudeTrial],
-               log: Callable[[str], None] = log_info):
+               log: Callable[[str], None] = log_info, start_theta: Any = None):
     self.model, self.image_shape, self.config, self.log = model, tuple(image_shape), config, log
+    self.start_theta = start_theta  # a loaded dense network (runs.init_from), or None: trained from θ0
     self.trials = trials
     theta = self.theta0(0)
     self._params_template = theta_lib.params(theta)
@@ -143,6 +148,15 @@ class MagnitudeMethod:
 
   def full_mask(self):
     return self._full
+
+  def dense_start(self, seed: int) -> tuple[Any, int | None]:
+    """The dense cycle: the loaded network evaluated as given (0 epochs), else trained from θ0."""
+    del seed
+    return (None, None) if self.start_theta is None else (self.start_theta, 0)
+
+  def recorded_weight_mask(self, trial: MagnitudeTrial):
+    """The weight mask the trial's newest record was trained under (saved with its θ)."""
+    return trial.recorded_mask
 
   def sums_template(self):
     return zero_sums(full_masks(self.model))
@@ -177,6 +191,7 @@ class MagnitudeMethod:
     phase = 'dense' if previous is None else previous['next']
     record = {'seed': trial.seed, 'metric': trial.metric, 'cycle': trial.cycle, 'method': method,
               'target_sparsity': target, 'phase': phase, **outcome.fields}
+    trial.recorded_mask = trial.mask
     remaining = record['fraction_remaining']
     reached = record['sparsity'] >= target - 1e-6
     stop, next_phase, new_mask, theta, epochs = None, None, trial.mask, None, None
@@ -298,10 +313,13 @@ def figure_records(records: Sequence[dict[str, Any]], dropnet_records: Sequence[
 
 
 def run(model, image_shape, data, seeds: Sequence[int], config: MagnitudeConfig, trainer=None,
-        io: RunIO | None = None, lanes_per_chunk: int | None = None) -> list[dict[str, Any]]:
+        io: RunIO | None = None, lanes_per_chunk: int | None = None, start_theta: Any = None) -> list[dict[str, Any]]:
   """Every method x target x seed as lanes of one group (the lottery_reinit trials follow their
   lottery siblings cycle by cycle); resumable like DropNet, with what the run writes and reports
-  in `io` (`driver.RunIO`; None: in memory, lines to logging at INFO). Returns the records."""
+  in `io` (`driver.RunIO`; None: in memory, lines to logging at INFO). Returns the records.
+  `start_theta`: a loaded dense network (`runs.init_from`): cycle 0 evaluates it instead of training
+  from θ0, and one-shot and iterative pruning prune and fine-tune it (the lottery methods still rewind
+  to the seed's θ0)."""
   from dropnet_jax.training.lanes import Lanes
   from dropnet_jax.training.trainer import Trainer, steps_per_epoch
   config.validate()
@@ -311,6 +329,6 @@ def run(model, image_shape, data, seeds: Sequence[int], config: MagnitudeConfig,
   if not trainer.weight_masks:
     raise ValueError('magnitude pruning needs a Trainer(..., weight_masks=True)')
   trials: list[MagnitudeTrial] = []
-  method = MagnitudeMethod(model, image_shape, data, config, trials, io.log)
+  method = MagnitudeMethod(model, image_shape, data, config, trials, io.log, start_theta)
   trials += make_trials(config, seeds, method.full_mask())
   return Driver(method, trials, Lanes(trainer, lanes_per_chunk), data, io=io).run()

@@ -68,8 +68,11 @@ class Position:
 stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def save(checkpointer, trials: list[Trial], pos: Position, stamp: dict[str, Any] | None) -> None:
-  """Writes the whole position as one checkpoint (the arrays of unfinished trials only)."""
+def save(checkpointer, trials: list[Trial], pos: Position, stamp: dict[str, Any] | None, *, force: bool = False,
+         cycle_end: bool = False) -> bool:
+  """Offers the whole position as one checkpoint (the arrays of unfinished trials only) to `checkpointer`, which
+  saves it now or keeps it (`runs.checkpoint.Checkpointer.offer`: `force`, `cycle_end`); True when saved. Record
+  lists are copied (the loop appends to them); arrays are immutable jax arrays, kept by reference."""
   leaves = jax.tree.leaves
   arrays: dict[str, Any] = {
       'cycles': np.asarray([t.cycle for t in trials], np.int32),  # never empty (orbax refuses that)
@@ -84,10 +87,10 @@ def save(checkpointer, trials: list[Trial], pos: Position, stamp: dict[str, Any]
   arrays = {k: v for k, v in arrays.items() if not isinstance(v, dict) or v}  # orbax stores no empty dicts
   meta = {'version': CHECKPOINT_VERSION, 'group': pos.group,
           'trials': [{'seed': t.seed, 'metric': t.metric, 'stopped': t.stopped, 'epochs': t.epochs,
-                      'has_theta': t.theta is not None, 'records': t.records} for t in trials],
-          'stamp': stamp, 'theta0_seeds': sorted(pos.theta0), 'dense': {str(s): o.fields for s, o in pos.dense.items()},
-          'fit': pos.fit_meta}
-  checkpointer.save(arrays, meta)
+                      'has_theta': t.theta is not None, 'records': list(t.records)} for t in trials],
+          'stamp': stamp, 'theta0_seeds': sorted(pos.theta0),
+          'dense': {str(s): dict(o.fields) for s, o in pos.dense.items()}, 'fit': pos.fit_meta}
+  return checkpointer.offer(arrays, meta, force=force, cycle_end=cycle_end)
 
 
 def restore(checkpointer, method, runner, lane_count: int, trials: list[Trial],

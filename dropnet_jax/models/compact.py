@@ -84,6 +84,13 @@ class CompactBlock(nn.Module):
     return out, stats
 
 
+def _check_sizes(cls: str, stages, widths, masks, shortcut_index) -> None:
+  layers, blocks = len(large_models.resnet18_layer_names(stages)), len(large_models.resnet18_blocks(stages))
+  if len(widths) != layers or len(masks) != layers or len(shortcut_index) != blocks:
+    raise ValueError(f'{cls} needs {layers} widths, {layers} masks and {blocks} index maps, got '
+                     f'{len(widths)}, {len(masks)}, {len(shortcut_index)}')
+
+
 class CompactResNet18(nn.Module):
   """ResNet18 (no batch norm) with free per-tensor widths and gathered residual adds.
 
@@ -95,19 +102,19 @@ class CompactResNet18(nn.Module):
   shortcut_index: tuple[tuple[int, ...], ...]
   num_classes: int = 10
   input_norm: InputNorm = None
+  stages: tuple[int, ...] = large_models.ALL_STAGES  # the kept stages of the masked network (layer removal)
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
     del train  # an eval-mode network: no batch norm, and no dropout
     w = tuple(int(v) for v in self.widths)
-    if len(w) != 20 or len(masks) != 20 or len(self.shortcut_index) != 8:
-      raise ValueError(f'CompactResNet18 needs 20 widths, 20 masks and 8 index maps, got '
-                       f'{len(w)}, {len(masks)}, {len(self.shortcut_index)}')
+    _check_sizes(type(self).__name__, self.stages, w, masks, self.shortcut_index)
     x, s = masked_relu(_conv(w[0], 3, 1, 'stem')(to_float(images, self.input_norm)), masks[0])
     stats, i = [s], 1
-    for b, (stride, proj) in enumerate(zip(large_models.RESNET18_STRIDES, large_models.RESNET18_PROJECTION)):
+    for j, blk in enumerate(large_models.resnet18_blocks(self.stages)):
+      b, stride, proj = blk.index, blk.stride, blk.projection
       n = 3 if proj else 2
-      index = tuple(self.shortcut_index[b])
+      index = tuple(self.shortcut_index[j])
       if len(index) != w[i + n - 1]:
         raise ValueError(f'block{b}: shortcut_index has {len(index)} entries for out width {w[i + n - 1]}')
       block = CompactBlock(w[i], w[i + n - 1], index, stride, proj, w[i + 1] if proj else 0, name=f'block{b}')
@@ -126,14 +133,13 @@ class CompactResNet18BN(nn.Module):
   shortcut_index: tuple[tuple[int, ...], ...]
   num_classes: int = 10
   input_norm: InputNorm = None
+  stages: tuple[int, ...] = large_models.ALL_STAGES
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
-    if len(self.widths) != 20 or len(masks) != 20 or len(self.shortcut_index) != 8:
-      raise ValueError(f'CompactResNet18BN needs 20 widths, 20 masks and 8 index maps, got '
-                       f'{len(self.widths)}, {len(masks)}, {len(self.shortcut_index)}')
+    _check_sizes(type(self).__name__, self.stages, self.widths, masks, self.shortcut_index)
     x, stats = resnet_bn.resnet18_bn_trunk(images, self.widths, masks, train, self.input_norm,
-                                           self.shortcut_index, zero_safe_init)
+                                           self.shortcut_index, zero_safe_init, self.stages)
     logits = nn.Dense(self.num_classes, kernel_init=zero_safe_init, name='classifier')(x)
     return logits, stats
 
@@ -163,7 +169,7 @@ def model_name(model: nn.Module) -> str:
 
 
 # Model fields a spec carries besides name, widths and classes (when the model has them).
-OPTION_FIELDS = ('head', 'dropout', 'initializer', 'input_norm')
+OPTION_FIELDS = ('head', 'dropout', 'initializer', 'input_norm', 'stages')
 
 
 def _jsonable(value):
@@ -194,9 +200,10 @@ def model_from_spec(spec: dict[str, Any]) -> nn.Module:
   if name in ('resnet18_compact', 'resnet18_bn_compact'):
     index = tuple(tuple(int(i) for i in idx) for idx in spec['shortcut_index'])
     cls = CompactResNet18 if name == 'resnet18_compact' else CompactResNet18BN
-    return cls(widths=widths, shortcut_index=index, num_classes=num_classes, input_norm=norm)
+    return cls(widths=widths, shortcut_index=index, num_classes=num_classes, input_norm=norm,
+               stages=tuple(spec.get('stages', large_models.ALL_STAGES)))
   head = spec.get('head')
   if head is None and 'hidden' in spec:
     head = [spec['hidden']]
   return models.create_model(name, widths, num_classes, head=head, dropout=float(spec.get('dropout', 0.0)),
-                             initializer=spec.get('initializer', 'auto'), input_norm=norm)
+                             initializer=spec.get('initializer', 'auto'), input_norm=norm, stages=spec.get('stages'))

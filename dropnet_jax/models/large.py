@@ -33,13 +33,23 @@ Widths must respect the residual adds: a block's out width equals its input
 width (identity blocks; stem == block0 out == block1 out) or its shortcut width
 (projection blocks); conv1 widths are free. `resnet18_widths` builds a valid tuple.
 
+Layer removal (`stages`, a model field, so spec.json and compact networks carry it): the
+kept stages, e.g. (1, 2, 3) for the "under 5 M" report's network without stage 4
+(11.2 M -> 2.8 M parameters). A removed stage's two blocks are absent; the others keep
+their structure and names (stage s holds block{2s-2} and block{2s-1}), so the first
+block of every kept stage s >= 2 is still a stride-2 projection block and the
+classifier reads the last kept stage's channels (256 without stage 4). Why any stage
+can go: the stem and every stage >= 2 start with a projection, so the shapes always
+fit. `resnet18_blocks(stages)` is the one description every user of the block
+structure reads (models, compaction, accounting, the torch twin).
+
 VGG16 and VGG19 (batch norm, configurable head): `dropnet_jax.models.vgg`; `VGG19`,
 `VGG19_WIDTHS` and `VGG19_POOL_AFTER` are re-exported here for existing importers.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -52,23 +62,50 @@ from dropnet_jax.models.layers import (KERNEL_INIT, InputNorm, Masks, UnitStats,
 RESNET18_STAGES = (64, 128, 256, 512)
 RESNET18_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)  # per block
 RESNET18_PROJECTION = tuple(s != 1 for s in RESNET18_STRIDES)  # blocks 2, 4, 6
+ALL_STAGES = (1, 2, 3, 4)
 
 
-def resnet18_layer_names() -> tuple[str, ...]:
+class ResBlock(NamedTuple):
+  """One basic block of a (possibly stage-removed) ResNet18."""
+  index: int  # its position in the full network: named f'block{index}'
+  stage: int  # 1..4
+  stride: int
+  projection: bool
+
+
+def check_stages(stages: Sequence[int]) -> tuple[int, ...]:
+  """`stages` as a tuple; ValueError unless it is a non-empty increasing subset of 1..4."""
+  kept = tuple(int(s) for s in stages)
+  if not kept or any(s not in ALL_STAGES for s in kept) or list(kept) != sorted(set(kept)):
+    raise ValueError(f'stages must be an increasing non-empty subset of 1,2,3,4 (the kept ResNet18 stages), '
+                     f'got {",".join(map(str, stages))}')
+  return kept
+
+
+def resnet18_blocks(stages: Sequence[int] = ALL_STAGES) -> tuple[ResBlock, ...]:
+  """The blocks of the kept `stages`, in order."""
+  return tuple(ResBlock(b, b // 2 + 1, RESNET18_STRIDES[b], RESNET18_PROJECTION[b])
+               for b in range(8) if b // 2 + 1 in check_stages(stages))
+
+
+def resnet18_layer_names(stages: Sequence[int] = ALL_STAGES) -> tuple[str, ...]:
   names = ['stem']
-  for b, proj in enumerate(RESNET18_PROJECTION):
-    names += [f'block{b}/conv1'] + ([f'block{b}/shortcut'] if proj else []) + [f'block{b}/out']
+  for blk in resnet18_blocks(stages):
+    b = blk.index
+    names += [f'block{b}/conv1'] + ([f'block{b}/shortcut'] if blk.projection else []) + [f'block{b}/out']
   return tuple(names)
 
 
-def resnet18_widths(stage_widths: Sequence[int] = RESNET18_STAGES) -> tuple[int, ...]:
-  """The 20 masked-layer widths of a ResNet18 whose stages have `stage_widths` filters."""
+def resnet18_widths(stage_widths: Sequence[int] = RESNET18_STAGES,
+                    stages: Sequence[int] = ALL_STAGES) -> tuple[int, ...]:
+  """The masked-layer widths (20 with every stage) of a ResNet18 whose 4 stages have `stage_widths`
+  filters (the stem has stage 1's, also when stage 1 is removed), keeping `stages`."""
   if len(stage_widths) != 4:
     raise ValueError(f'ResNet18 has 4 stages, got stage_widths={stage_widths}')
   widths = [stage_widths[0]]
-  for b, proj in enumerate(RESNET18_PROJECTION):
-    w = stage_widths[b // 2]
-    widths += [w, w, w] if proj else [w, w]
+  for blk in resnet18_blocks(stages):
+    w = stage_widths[blk.stage - 1]
+    widths += [w, w, w] if blk.projection else [w, w]
   return tuple(int(w) for w in widths)
 
 
@@ -101,13 +138,16 @@ class BasicBlock(nn.Module):
     return out, stats
 
 
-def check_resnet18_widths(widths: Sequence[int]) -> None:
-  """Raises ValueError unless `widths` are 20 positive widths that respect the residual adds."""
-  w = tuple(widths)
-  if len(w) != 20 or any(int(v) != v or v <= 0 for v in w):
-    raise ValueError(f'ResNet18 needs 20 positive masked-layer widths (see resnet18_widths), got {w}')
+def check_resnet18_widths(widths: Sequence[int], stages: Sequence[int] = ALL_STAGES) -> None:
+  """Raises ValueError unless `widths` are positive widths, one per masked layer of the kept `stages`
+  (20 with all four), that respect the residual adds."""
+  w, n = tuple(widths), len(resnet18_layer_names(stages))
+  if len(w) != n or any(int(v) != v or v <= 0 for v in w):
+    raise ValueError(f'ResNet18 with stages {",".join(map(str, stages))} needs {n} positive masked-layer widths '
+                     f'(see resnet18_widths), got {w}')
   i, width_in = 1, w[0]
-  for b, proj in enumerate(RESNET18_PROJECTION):
+  for blk in resnet18_blocks(stages):
+    b, proj = blk.index, blk.projection
     out = w[i + (2 if proj else 1)]
     if proj and w[i + 1] != out:
       raise ValueError(f'block{b}: shortcut width {w[i + 1]} != out width {out}')
@@ -123,19 +163,21 @@ class ResNet18(nn.Module):
   dropout: float = 0.0  # on the pooled features the classifier reads, training only
   input_norm: InputNorm = None
   initializer: str = 'glorot'  # glorot or torch: what `init_params` draws θ0 from
+  stages: tuple[int, ...] = ALL_STAGES  # the kept stages (layer removal; see the module docstring)
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
-    check_resnet18_widths(self.widths)
+    check_resnet18_widths(self.widths, self.stages)
     if len(masks) != len(self.widths):
       raise ValueError(f'{len(masks)} masks for {len(self.widths)} masked layers')
     w = tuple(int(v) for v in self.widths)
     x = to_float(images, self.input_norm)
     x, s = masked_relu(_conv3(w[0], 1, 'stem')(x), masks[0])
     stats, i = [s], 1
-    for b, (stride, proj) in enumerate(zip(RESNET18_STRIDES, RESNET18_PROJECTION)):
+    for blk in resnet18_blocks(self.stages):
+      proj = blk.projection
       n = 3 if proj else 2
-      x, s = BasicBlock(w[i], w[i + n - 1], stride, proj, name=f'block{b}')(x, masks[i:i + n])
+      x, s = BasicBlock(w[i], w[i + n - 1], blk.stride, proj, name=f'block{blk.index}')(x, masks[i:i + n])
       stats += s
       i += n
     x = dropout(x.mean(axis=(1, 2)), self.dropout, train)
@@ -147,7 +189,7 @@ def layer_names(model: nn.Module) -> tuple[str, ...]:
   """A name per masked layer, in mask order."""
   from dropnet_jax.models import resnet_bn  # here: resnet_bn imports this module
   if isinstance(model, (ResNet18, resnet_bn.ResNet18BN)):
-    return resnet18_layer_names()
+    return resnet18_layer_names(model.stages)
   if isinstance(model, vgg_models.VGG):
     return vgg_models.layer_names(model)
   raise TypeError(f'not a large model: {type(model).__name__}')
@@ -165,7 +207,7 @@ def incoming_params(model: nn.Module) -> tuple[tuple[tuple[str, ...], ...], ...]
     return resnet_bn.incoming_params(model)
   if isinstance(model, ResNet18):
     paths = []
-    for name in resnet18_layer_names():
+    for name in resnet18_layer_names(model.stages):
       if name == 'stem':
         paths.append((('stem',),))
       else:

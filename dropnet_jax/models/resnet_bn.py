@@ -45,8 +45,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 
-from dropnet_jax.models.large import (RESNET18_PROJECTION, RESNET18_STRIDES, check_resnet18_widths,
-                                      resnet18_layer_names, resnet18_widths)
+from dropnet_jax.models.large import (ALL_STAGES, check_resnet18_widths, resnet18_blocks, resnet18_layer_names,
+                                      resnet18_widths)
 from dropnet_jax.models.layers import (KERNEL_INIT, BatchNorm, InputNorm, Masks, UnitStats, dropout,
                                        gather_channels, masked_linear, masked_relu, to_float)
 
@@ -94,16 +94,19 @@ class BasicBlockBN(nn.Module):
 
 def resnet18_bn_trunk(images: jax.Array, widths: Sequence[int], masks: Masks, train: bool, input_norm: InputNorm,
                       shortcut_index: Sequence[Sequence[int]] | None = None,
-                      kernel_init: Initializer = KERNEL_INIT) -> tuple[jax.Array, tuple[UnitStats, ...]]:
-  """The pooled features and per-layer stats (call inside a compact module, which owns the layers)."""
+                      kernel_init: Initializer = KERNEL_INIT,
+                      stages: Sequence[int] = ALL_STAGES) -> tuple[jax.Array, tuple[UnitStats, ...]]:
+  """The pooled features and per-layer stats (call inside a compact module, which owns the layers);
+  `shortcut_index`: one entry per kept block, in order."""
   w = tuple(int(v) for v in widths)
   x = to_float(images, input_norm)
   x = _batch_norm(train, 'stem_bn')(_conv(w[0], 3, 1, 'stem', kernel_init)(x))
   x, s = masked_relu(x, masks[0])
   stats, i = [s], 1
-  for b, (stride, proj) in enumerate(zip(RESNET18_STRIDES, RESNET18_PROJECTION)):
+  for j, blk in enumerate(resnet18_blocks(stages)):
+    b, stride, proj = blk.index, blk.stride, blk.projection
     n = 3 if proj else 2
-    index = None if shortcut_index is None else tuple(int(j) for j in shortcut_index[b])
+    index = None if shortcut_index is None else tuple(int(k) for k in shortcut_index[j])
     if index is not None and len(index) != w[i + n - 1]:
       raise ValueError(f'block{b}: shortcut_index has {len(index)} entries for out width {w[i + n - 1]}')
     block = BasicBlockBN(w[i], w[i + n - 1], stride, proj, w[i + 1] if proj else 0, index, kernel_init,
@@ -121,13 +124,14 @@ class ResNet18BN(nn.Module):
   dropout: float = 0.0  # on the pooled features the classifier reads, training only
   input_norm: InputNorm = None
   initializer: str = 'glorot'  # glorot or torch: what `init_params` draws θ0 from ('auto' picks torch)
+  stages: tuple[int, ...] = ALL_STAGES  # the kept stages (layer removal: `large`'s docstring)
 
   @nn.compact
   def __call__(self, images: jax.Array, masks: Masks, train: bool = False):
-    check_resnet18_widths(self.widths)
+    check_resnet18_widths(self.widths, self.stages)
     if len(masks) != len(self.widths):
       raise ValueError(f'{len(masks)} masks for {len(self.widths)} masked layers')
-    x, stats = resnet18_bn_trunk(images, self.widths, masks, train, self.input_norm)
+    x, stats = resnet18_bn_trunk(images, self.widths, masks, train, self.input_norm, stages=self.stages)
     x = dropout(x, self.dropout, train)
     logits = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name='classifier')(x)
     return logits, stats
@@ -137,10 +141,9 @@ def incoming_params(model: nn.Module) -> tuple[tuple[tuple[str, ...], ...], ...]
   """Per masked layer, the param paths whose last-axis entry u feeds unit u: the conv and its BN
   ('stem' / 'stem_bn', (blockB, conv1) / bn1, shortcut / shortcut_bn, conv2 / bn2 for the block output;
   the 'batch_stats' collection has the same BN paths)."""
-  del model
   roles = {'conv1': ('conv1', 'bn1'), 'shortcut': ('shortcut', 'shortcut_bn'), 'out': ('conv2', 'bn2')}
   paths = []
-  for name in resnet18_layer_names():
+  for name in resnet18_layer_names(model.stages):
     if name == 'stem':
       paths.append((('stem',), ('stem_bn',)))
     else:

@@ -137,7 +137,7 @@ TORCH_INIT_MODELS: set[str] = {'resnet18_bn'}  # model names whose default initi
 
 def create_model(name: str, widths: Sequence[int] | None, num_classes: int, width_multiplier: float = 1.0, *,
                  head: Sequence[int] | None = None, dropout: float = 0.0, initializer: str = 'auto',
-                 input_norm: InputNorm = None) -> nn.Module:
+                 input_norm: InputNorm = None, stages: Sequence[int] | None = None) -> nn.Module:
   """Builds a model by its `--model` name; `widths` (one per masked layer) default to the model's,
   scaled by `width_multiplier` (each at least 1; ResNet18 keeps its residual constraints).
   VGG16/VGG19: `widths` are the conv widths, optionally followed by the head widths; the head's FC
@@ -146,18 +146,23 @@ def create_model(name: str, widths: Sequence[int] | None, num_classes: int, widt
   `head`: hidden FC widths of the classifier head (models with a `head` field; None: the model's
   default). `dropout`: rate in [0, 1), training only. `initializer`: glorot, torch or auto (the
   model's default, `default_initializer`). `input_norm`: per-channel (mean, std) the model applies to
-  its [0, 1]-scaled input.
+  its [0, 1]-scaled input. `stages`: ResNet18 only, the kept stages (layer removal, e.g. (1, 2, 3);
+  None: all four).
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
+  if stages is not None:
+    if name not in RESNET18_NAMES:
+      raise ValueError(f'stages (layer removal) applies to {" and ".join(RESNET18_NAMES)}, not {name}')
+    stages = large_models.check_stages(stages)
   if not widths:
-    widths = default_widths(name, width_multiplier)
+    widths = default_widths(name, width_multiplier, stages)
   widths = tuple(widths)
   if not widths or any(int(w) != w or w <= 0 for w in widths):
     raise ValueError(f'widths must be positive integers, got {widths}')
   widths = tuple(int(w) for w in widths)
   if name in RESNET18_NAMES:
-    large_models.check_resnet18_widths(widths)
+    large_models.check_resnet18_widths(widths, stages or large_models.ALL_STAGES)
   elif name in vgg_models.VGG_MODELS:  # conv widths (+ head widths); the head is masked, so widths end with it
     widths, head = vgg_models.widths_with_head(name, widths, head)
   check_dropout(dropout)
@@ -175,22 +180,26 @@ def create_model(name: str, widths: Sequence[int] | None, num_classes: int, widt
     if any(int(w) != w or w <= 0 for w in head):
       raise ValueError(f'head widths must be positive integers, got {tuple(head)}')
     options['head'] = tuple(int(w) for w in head)
+  if stages is not None:
+    options['stages'] = stages
   return cls(widths=widths, num_classes=num_classes, **options)
 
 
 def model_from_config(config: Any, num_classes: int, input_norm: InputNorm = None) -> nn.Module:
   """`create_model` from a `config.ModelConfig` (name, widths, width_multiplier, head, dropout, init)."""
   return create_model(config.name, config.widths, num_classes, config.width_multiplier, head=config.head,
-                      dropout=config.dropout, initializer=config.init, input_norm=input_norm)
+                      dropout=config.dropout, initializer=config.init, input_norm=input_norm,
+                      stages=getattr(config, 'stages', None))
 
 
-def default_widths(name: str, width_multiplier: float = 1.0) -> tuple[int, ...]:
-  """The masked-layer widths of `name`, every layer scaled by `width_multiplier` (at least 1)."""
+def default_widths(name: str, width_multiplier: float = 1.0, stages: Sequence[int] | None = None) -> tuple[int, ...]:
+  """The masked-layer widths of `name`, every layer scaled by `width_multiplier` (at least 1); ResNet18:
+  of the kept `stages` (None: all)."""
   if width_multiplier <= 0:
     raise ValueError(f'width_multiplier must be positive, got {width_multiplier}')
   if name in RESNET18_NAMES:
-    stages = tuple(max(1, int(round(w * width_multiplier))) for w in large_models.RESNET18_STAGES)
-    return large_models.resnet18_widths(stages)
+    stage_widths = tuple(max(1, int(round(w * width_multiplier))) for w in large_models.RESNET18_STAGES)
+    return large_models.resnet18_widths(stage_widths, stages or large_models.ALL_STAGES)
   return tuple(max(1, int(round(w * width_multiplier))) for w in DEFAULT_WIDTHS[name])
 
 

@@ -1,58 +1,56 @@
-"""Checkpoints of a running experiment: arrays plus a JSON position, cheap enough for every epoch.
+"""Checkpoints of a running experiment through orbax's `CheckpointManager`: arrays plus a JSON position.
 
-A checkpoint is a directory `<step>/` holding `arrays.bin` (the pytree's leaves
-with their tree paths, dtypes, shapes and CRC-32s: θ0, masks, a mid-cycle
-training state, stat sums) and `meta.json` (where the experiment stands and the
-records so far). The JSON is read first because it says which arrays exist, and
-so which restore template to build.
+A checkpoint is orbax step `<step>/` with two items: `arrays` (`args.StandardSave`: θ0, masks, a
+mid-cycle training state, stat sums) and `meta` (`args.JsonSave`: where the experiment stands and the
+records so far). The meta is read first because it says which arrays exist, and so which restore
+template to build.
 
-Why not orbax: its fixed cost per save (threads, an event loop, barriers,
-metadata files, tensorstore) was 90-120 ms for a Model A state in a digits run
-on this 2-core CPU, which made `--checkpoint_every_epochs=1` runs 24x slower
-(BUILD_NOTES). These states are small and replicated: one file of raw bytes
-written by a background thread costs the caller 1-4 ms per save there.
+Why orbax, and when it saves. Orbax gives the atomic commit (a step is written into
+`<step>.orbax-checkpoint-tmp` and renamed; `cleanup_tmp_directories` deletes what a killed save
+left), asynchronous writes, retention (`max_to_keep`) and several hosts' saves. Its fixed cost is
+90-120 ms per save on a 2-core CPU (15-25 ms of it blocking the caller), which made checkpoints after
+every epoch of a small model 24x slower (BUILD_NOTES): an earlier version of this module wrote a
+format of its own for that reason. Now the cost is made irrelevant by saving seldom. The loop
+`offer`s its position at every epoch and cycle boundary, and an offer is saved when:
+  * `interval_s` seconds have passed since the newest checkpoint (orbax's
+    `ContinuousCheckpointingPolicy`; `--checkpoint_interval_s`, default 60), or
+  * it is forced (`--checkpoint_every_epochs`, for tests and for very long epochs), or
+  * with `interval_s=0`, it is a cycle boundary (a checkpoint after every cycle);
+otherwise it is kept in memory (references to immutable jax arrays, copies of the record lists;
+under 1 ms per epoch with the saves: 1.4 % of the Model A MNIST six-metric run, BUILD_NOTES). Keeping
+it keeps the previous epoch's training state alive, one more copy of it in device memory.
+`save_unsaved` writes the kept one: on Ctrl-C or SIGTERM (so an interrupted run loses at most the
+epoch in progress) and at the end of the run. The jitted steps donate no buffers; one that did would
+invalidate the kept references.
 
-Cheap saves. By default a save is asynchronous: `save` copies the arrays to host
-memory and serialises the meta (so the caller may go on mutating its buffers and
-record lists), then a background thread writes and commits the files while
-training continues; the next `save`, `wait` and `close` wait for it.
+Ctrl-C and SIGTERM are held back while orbax's synchronous part of a save runs (copying to host,
+starting the writers) and re-delivered after it, so an interrupt never leaves orbax half set up.
 
-Why a checkpoint on disk is complete or absent, never half-written:
-- step N is written into `N.tmp`, then renamed to `N` (an atomic rename on a
-  local or NFS filesystem). A SIGKILL or crash of the process at any moment
-  leaves at most a `*.tmp` directory, which is never listed as a step and is
-  deleted when a Checkpointer is next opened (the run lock keeps two writers off
-  one directory). Old steps beyond `max_to_keep` are deleted only after the new
-  one is committed, each renamed to `N.tmp-deleting` first so that a kill
-  mid-deletion leaves no partial step.
-- Ctrl-C (SIGINT) during the part of `save` that runs in the caller's thread is
-  deferred until that part has finished and then re-delivered, so the
-  KeyboardInterrupt never leaves an unaccounted write. The writer thread is not
-  a daemon: `close()` (or, failing that, interpreter exit) finishes its commit;
-  a second Ctrl-C while waiting abandons it, leaving only a `*.tmp` directory.
-- Power loss or a kernel crash may reach the disk with the rename but not the
-  files' contents. `fsync=True` syncs files and directories around the commit
-  (about 20 ms more per save here, more than a small model's epoch); without it
-  such damage is caught on restore like any other.
-Damage is caught on restore: the header and every leaf carry a CRC-32, the
-file's length must match the header, and the JSON must parse, so a file
-deleted, truncated or bit-flipped makes the step unreadable, and
-`restore_latest` falls back to the newest readable step.
+Failures. A failed write (a full disk) comes back from orbax's threads as one CheckpointError line;
+orbax's own error logs and its threads' stray tracebacks are silenced while a Checkpointer is open
+(`_quiet_orbax`). On restore, an unreadable newest step (a file deleted or truncated) is skipped with
+one warning and the newest readable one is used. Orbax keeps no checksums of the array data, so a
+bit flipped inside a data file may go unnoticed (the earlier format's CRCs caught it).
 
-Several hosts (untested here): every process calls `save` (arrays that are not
-fully addressable are gathered), only process 0 writes.
+Several processes (`--distributed`): every process calls the same offers and saves (orbax's barriers;
+the interval is decided on process 0 and broadcast by orbax's policy); each process's copy of the
+loop's replicated arrays is saved as host numpy, so process 0 alone writes it. On an interrupt only
+the save in flight is finished there (the processes may not all have been signalled).
+
+Checkpoints of the earlier format (`<step>/arrays.bin`) are not read; a directory holding them is
+refused in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging as py_logging
 import os
-import shutil
+import re
 import signal
-import struct
+import sys
 import threading
-import zlib
 from typing import Any, Callable, Iterator
 
 import jax
@@ -60,10 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-TMP_MARKER = '.tmp'  # a step being written (`N.tmp`) or deleted (`N.tmp-deleting`)
-LEGACY_TMP_MARKER = '.orbax-checkpoint-tmp'  # left by the orbax-based version of this module
-ARRAYS_FILE, META_FILE = 'arrays.bin', 'meta.json'
-MAGIC = b'dropnet_jax checkpoint arrays v1\n'
+import orbax.checkpoint as ocp
+
+TMP_MARKER = '.orbax-checkpoint-tmp'  # orbax's name for a step being written
+META_ITEM, ARRAYS_ITEM = 'meta', 'arrays'
+OLD_FORMAT_FILE = 'arrays.bin'  # the earlier, own format's array file
 
 
 class CheckpointError(ValueError):
@@ -71,24 +70,24 @@ class CheckpointError(ValueError):
 
 
 @contextlib.contextmanager
-def sigint_deferred() -> Iterator[None]:
-  """Holds back Ctrl-C (SIGINT) for the duration of the block, then re-delivers it.
+def signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+  """Holds back Ctrl-C (SIGINT) and SIGTERM for the duration of the block, then re-delivers them.
 
-  Python runs signal handlers only in the main thread, so elsewhere this is a
-  no-op (a SIGINT then goes to the main thread's handler as usual).
+  Python runs signal handlers only in the main thread, so elsewhere this is a no-op.
   """
   if threading.current_thread() is not threading.main_thread():
     yield
     return
-  received = []
-  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  received: list[int] = []
+  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
   try:
     yield
   finally:
-    # None: a handler installed outside Python; the default is the closest we can restore.
-    signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-    if received:
-      signal.raise_signal(signal.SIGINT)  # to the restored handler: KeyboardInterrupt by default
+    for s, handler in previous.items():
+      # None: a handler installed outside Python; the default is the closest we can restore.
+      signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    for s in dict.fromkeys(received):
+      signal.raise_signal(s)  # to the restored handler: KeyboardInterrupt / Terminated
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -97,106 +96,96 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
   return f'{type(e).__name__}: {text}' if text else type(e).__name__
 
 
-def _to_host(leaves: list[Any]) -> list[np.ndarray]:
-  """Host copies of the leaves (copies even of numpy input: the caller may mutate it, or a
-  later jitted step may donate a device buffer, while the write is pending)."""
-  def fetchable(x):
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-      return x
-    if x.is_fully_replicated:  # several hosts: any local replica is the value
-      return x.addressable_data(0)
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return multihost_utils.process_allgather(x, tiled=True)
-  # One device_get for all: it starts every device-to-host copy before waiting for any.
-  return [np.array(h) for h in jax.device_get([fetchable(x) for x in leaves])]
+def _reason(e: BaseException) -> str:
+  """One line for a failed save: the operating system's reason when tensorstore gives one (its messages
+  are long paths inside the step being written), else the exception's first line."""
+  found = re.search(r'([^:]+?) \[os_error_code=.?(\d+)', str(e))
+  return f'{found.group(1).strip()} (errno {found.group(2)})' if found else _first_line(e)
 
 
-def _encode_arrays(paths: list[str], leaves: list[np.ndarray]) -> list[Any]:
-  """The chunks of an `arrays.bin`: MAGIC, the header's length (u64), the header (JSON:
-  [tree path, dtype, shape, bytes, CRC-32] per leaf), the header's CRC-32 (u32), then each
-  leaf's bytes (C order, native byte order). Done in the caller's thread (about 0.3 ms
-  for Model A), so that the writer thread only makes system calls and seldom takes the
-  GIL from the training loop."""
-  datas = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder('=')).reshape(-1).view(np.uint8) for a in leaves]
-  header = json.dumps([[p, a.dtype.name, list(a.shape), d.nbytes, zlib.crc32(d)]
-                       for p, a, d in zip(paths, leaves, datas)]).encode()
-  return [MAGIC + struct.pack('<Q', len(header)) + header + struct.pack('<I', zlib.crc32(header)), *datas]
+class _DropOrbaxErrors(py_logging.Filter):
+  """Drops orbax's ERROR records (tracebacks of its threads): the Checkpointer reports the failure."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not (record.levelno >= py_logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
 
 
-def _write_arrays(path: str, chunks: list[Any], fsync: bool) -> None:
-  with open(path, 'wb') as f:
-    for c in chunks:
-      f.write(c)
-    if fsync:
-      f.flush()
-      os.fsync(f.fileno())
+def _is_orbax_noise(exc: BaseException | None, obj: Any = None) -> bool:
+  """A stray exception of orbax's event loops (a tensorstore callback into a closed loop, a coroutine
+  of a failed read never awaited): nothing the user can act on."""
+  if isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc):
+    return True
+  code = getattr(obj, 'cr_code', None)
+  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
 
 
-def _read_arrays(path: str) -> tuple[list, list[memoryview]]:
-  """(header, each leaf's bytes) of an `arrays.bin`; CheckpointError if it is damaged."""
-  with open(path, 'rb') as f:
-    data = memoryview(f.read())
-  start = len(MAGIC) + 8
-  if len(data) < start or data[:len(MAGIC)] != MAGIC:
-    raise CheckpointError(f'{path}: not an arrays file (or truncated)')
-  (size,) = struct.unpack('<Q', data[len(MAGIC):start])
-  header_bytes, crc_bytes = data[start:start + size], data[start + size:start + size + 4]
-  if len(crc_bytes) < 4 or struct.unpack('<I', crc_bytes)[0] != zlib.crc32(header_bytes):
-    raise CheckpointError(f'{path}: damaged header')
-  header = json.loads(bytes(header_bytes))
-  offset, leaves = start + size + 4, []
-  for name, _, _, nbytes, crc in header:
-    leaf = data[offset:offset + nbytes]
-    if len(leaf) < nbytes or zlib.crc32(leaf) != crc:
-      raise CheckpointError(f'{path}: {name} is truncated or damaged')
-    leaves.append(leaf)
-    offset += nbytes
-  if offset != len(data):
-    raise CheckpointError(f'{path}: {len(data) - offset} unexpected trailing bytes')
-  return header, leaves
+_quiet_depth = 0
+_quiet_lock = threading.Lock()
+_saved_hooks: list[Any] = []
 
 
-def _write_file(path: str, data: bytes, fsync: bool) -> None:
-  with open(path, 'wb') as f:
-    f.write(data)
-    if fsync:
-      f.flush()
-      os.fsync(f.fileno())
-
-
-def _before_commit(tmp: str) -> None:
-  """A hook for tests (a kill between the last write and the rename)."""
-
-
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+  """While any Checkpointer is open: orbax's error logs and its stray thread exceptions are silent."""
+  global _quiet_depth
+  with _quiet_lock:
+    _quiet_depth += 1
+    if _quiet_depth == 1:
+      flt = _DropOrbaxErrors()
+      excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+      sys.excepthook = lambda t, v, tb: None if _is_orbax_noise(v) else excepthook(t, v, tb)
+      sys.unraisablehook = lambda u: None if _is_orbax_noise(u.exc_value, u.object) else unraisablehook(u)
+      py_logging.getLogger('absl').addFilter(flt)
+      _saved_hooks[:] = [excepthook, unraisablehook, flt]
   try:
-    os.fsync(fd)
+    yield
   finally:
-    os.close(fd)
+    with _quiet_lock:
+      _quiet_depth -= 1
+      if _quiet_depth == 0:
+        sys.excepthook, sys.unraisablehook, flt = _saved_hooks
+        py_logging.getLogger('absl').removeFilter(flt)
 
 
 class Checkpointer:
-  """Numbered checkpoints 1, 2, ... in `directory`, keeping the newest `max_to_keep`.
+  """Numbered checkpoints in `directory` through an orbax CheckpointManager, keeping the newest
+  `max_to_keep`; the save policy (`interval_s`, forced saves, `save_unsaved`) is the module docstring's.
 
-  With `async_save` (the default) `save` returns before the files are written;
-  call `close()` (also on KeyboardInterrupt) so that a failed last write is
-  reported (interpreter exit also waits for it). Only one process may write to
-  `directory` at a time (see dropnet_jax.runs.lock).
+  Call `close()` (also on KeyboardInterrupt) so that a failed last write is reported. Only one run
+  may write to `directory` at a time (see dropnet_jax.runs.lock).
   """
 
-  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True, fsync: bool = False):
+  def __init__(self, directory: str, max_to_keep: int = 3, interval_s: float = 0.0, async_save: bool = True):
     if max_to_keep < 1:
       raise ValueError(f'max_to_keep must be >= 1, got {max_to_keep}')
+    if not interval_s >= 0:
+      raise ValueError(f'interval_s must be >= 0, got {interval_s}')
     self.directory = os.path.abspath(directory)
-    self.max_to_keep = max_to_keep
-    self.async_save = async_save
-    self.fsync = fsync
-    self._writes = jax.process_index() == 0
-    self._closed = False
-    self._pending: tuple[int, threading.Thread, threading.Event, list] | None = None  # step, writer, done, [error]
+    self.max_to_keep, self.interval_s = max_to_keep, float(interval_s)
     os.makedirs(self.directory, exist_ok=True)
-    self.removed_tmp = remove_stale_tmp_dirs(self.directory) if self._writes else []
+    old = old_format_error(self.directory)
+    if old:
+      raise CheckpointError(old)
+    self._quiet = _quiet_orbax()
+    self._quiet.__enter__()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+        # The decision must not depend on whether a save is still running, or it would not be repeatable.
+        enable_should_save_is_saving_in_progress_check=False,
+        save_decision_policy=ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+            minimum_interval_secs=self.interval_s))
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, item_names=(ARRAYS_ITEM, META_ITEM),
+          item_handlers={ARRAYS_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()})
+    except BaseException:
+      self._quiet.__exit__(None, None, None)
+      raise
+    if hasattr(self._manager, '_maybe_await_cleanup_tmp_directory'):  # the clean-up runs in a thread: await it
+      self._manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
+    self._unsaved: tuple[dict[str, Any], dict[str, Any]] | None = None
+    self._next = (self._manager.latest_step() or 0) + 1
+    self._closed = False
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -204,20 +193,11 @@ class Checkpointer:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  @property
-  def manager(self) -> Checkpointer:
-    """Deprecated alias from the orbax version: `checkpointer.manager.directory` still works."""
-    return self
-
   # -- steps ----------------------------------------------------------------------------------
 
   def all_steps(self) -> list[int]:
-    """Committed steps on disk, plus one whose asynchronous write is under way; oldest first."""
-    steps = {int(n) for n in os.listdir(self.directory)
-             if n.isdigit() and os.path.isdir(os.path.join(self.directory, n))}
-    if self._pending is not None:
-      steps.add(self._pending[0])
-    return sorted(steps)
+    """Steps on disk, plus one whose asynchronous write is under way; oldest first."""
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -228,83 +208,65 @@ class Checkpointer:
 
   # -- saving ---------------------------------------------------------------------------------
 
+  def offer(self, arrays: dict[str, Any], meta: dict[str, Any], *, force: bool = False, cycle_end: bool = False
+            ) -> bool:
+    """The position at an epoch (or, `cycle_end`, a cycle) boundary: saved now if forced or due (module
+    docstring), else kept for `save_unsaved`. True when it was saved."""
+    with signals_deferred():
+      if force or (cycle_end if self.interval_s == 0 else self._manager.should_save(self._next)):
+        self._unsaved = None
+        self.save(arrays, meta)
+        return True
+      self._unsaved = (arrays, meta)
+      return False
+
+  def save_unsaved(self) -> int | None:
+    """Saves the newest offered position that was not saved (on an interrupt, at the end); its step."""
+    with signals_deferred():
+      found, self._unsaved = self._unsaved, None
+      return self.save(*found) if found is not None else None
+
   def save(self, arrays: dict[str, Any], meta: dict[str, Any]) -> int:
-    """Saves a new checkpoint and returns its step; asynchronous unless `async_save=False`."""
+    """Saves a new checkpoint now and returns its step (asynchronous unless `async_save=False`)."""
     if self._closed:
       raise CheckpointError(f'{self.directory}: save after close()')
     try:
-      meta_text = json.dumps(meta)  # now: the caller keeps appending to its record lists
+      json.dumps(meta)
     except (TypeError, ValueError) as e:
       raise TypeError(f'checkpoint meta must be JSON-serialisable: {e}') from None
-    self.wait()  # interruptible: a Ctrl-C here leaves the previous write to finish at exit
-    with sigint_deferred():
-      flat, _ = jax.tree_util.tree_flatten_with_path(arrays)
-      paths = [jax.tree_util.keystr(p) for p, _ in flat]
-      chunks = _encode_arrays(paths, _to_host([x for _, x in flat]))
-      step = max(self.all_steps(), default=0) + 1
-      if not self._writes:
-        return step
-      done, error = threading.Event(), []
-      writer = threading.Thread(target=self._write, args=(step, chunks, meta_text, done, error),
-                                name=f'checkpoint-{step}', daemon=False)
-      writer.start()
-      self._pending = (step, writer, done, error)
-    if not self.async_save:
-      self.wait()
+    step = self._next
+    if jax.process_count() > 1:
+      arrays = _host_copies(arrays)
+    with signals_deferred():
+      try:
+        self._manager.save(step, args=ocp.args.Composite(**{
+            ARRAYS_ITEM: ocp.args.StandardSave(arrays), META_ITEM: ocp.args.JsonSave(meta)}), force=True)
+      except Exception as e:  # the previous save failed (reported by the wait inside save), or this one
+        raise CheckpointError(f'{self.directory}: saving a checkpoint failed: {_reason(e)}') from e
+      self._next = step + 1
     return step
 
-  def _write(self, step: int, chunks: list[Any], meta_text: str, done: threading.Event,
-             error: list[BaseException]) -> None:
-    """The background half of a save: write, commit, then drop the oldest steps."""
-    try:
-      tmp = self.step_dir(step) + TMP_MARKER
-      shutil.rmtree(tmp, ignore_errors=True)
-      os.mkdir(tmp)
-      _write_arrays(os.path.join(tmp, ARRAYS_FILE), chunks, self.fsync)
-      _write_file(os.path.join(tmp, META_FILE), meta_text.encode(), self.fsync)
-      if self.fsync:
-        _fsync_dir(tmp)
-      _before_commit(tmp)
-      os.rename(tmp, self.step_dir(step))  # the commit
-      if self.fsync:
-        _fsync_dir(self.directory)
-    except BaseException as e:  # reported by wait(), in the caller's thread
-      error.append(e)
-      done.set()
-      return
-    try:
-      committed = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
-      for old in committed[:-self.max_to_keep]:
-        trash = self.step_dir(old) + TMP_MARKER + '-deleting'
-        os.rename(self.step_dir(old), trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    except OSError as e:  # the new checkpoint is safe; an old one lingers until the next save
-      logging.warning('%s: could not delete an old checkpoint (%s)', self.directory, _first_line(e))
-    finally:
-      done.set()
-
   def wait(self) -> None:
-    """Blocks until the previous save is on disk; raises CheckpointError if it failed."""
-    if self._pending is None:
-      return
-    step, writer, done, error = self._pending
-    # An Event, not writer.join(): a KeyboardInterrupt inside join() makes CPython 3.11 mark
-    # the still-running writer as stopped, and interpreter exit then cuts its write short.
-    while not done.wait(0.1):
-      pass
-    with sigint_deferred():
-      writer.join()  # returns at once: the writer has finished
-      self._pending = None
-    if error:
-      shutil.rmtree(self.step_dir(step) + TMP_MARKER, ignore_errors=True)
-      raise CheckpointError(f'{self.directory}: saving checkpoint {step} failed: {_first_line(error[0])}'
-                            ) from error[0]
+    """Blocks until the previous save is on disk; raises CheckpointError (one line) if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      self._manager.reload()  # forget the failed step
+      raise CheckpointError(f'{self.directory}: saving a checkpoint failed: {_reason(e)}') from e
 
   def close(self) -> None:
-    """Finishes the last save (waiting for it); idempotent."""
-    if not self._closed:
-      self._closed = True
+    """Finishes the last save (waiting for it) and releases orbax's threads; idempotent."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
       self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # the failure, if any, was reported by wait()
+      self._quiet.__exit__(None, None, None)
 
   # -- restoring ------------------------------------------------------------------------------
 
@@ -313,46 +275,39 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    path = os.path.join(self.step_dir(step), META_FILE)
-    if not os.path.exists(path) and os.path.isdir(os.path.join(self.step_dir(step), 'meta')):
-      raise CheckpointError(f'{self.step_dir(step)} is in the orbax layout of older versions, '
-                            'which this version does not read')
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+    meta = restored[META_ITEM]
+    if not isinstance(meta, dict):
+      raise CheckpointError(f'{self.step_dir(step)}: no meta item')
+    return meta
 
   def restore_arrays(self, template: dict[str, Any], step: int | None = None) -> dict[str, Any]:
-    """The arrays of `step` (default: the newest) in the structure of `template`, whose
-    leaves (arrays or jax.ShapeDtypeStruct) give the expected shapes and dtypes. jax
-    leaves come back as jax arrays (on the template's sharding when it has one), numpy
-    leaves as numpy arrays."""
+    """The arrays of `step` (default: the newest) in the structure of `template`, whose leaves (arrays
+    or jax.ShapeDtypeStruct) give the expected shapes and dtypes (orbax refuses others). jax leaves
+    come back as jax arrays, numpy leaves as numpy arrays."""
     self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'{self.directory}: no checkpoint to restore')
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    path = os.path.join(self.step_dir(step), ARRAYS_FILE)
-    header, data = _read_arrays(path)
-    want, have = [jax.tree_util.keystr(p) for p, _ in flat], [h[0] for h in header]
-    if want != have:
-      missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-      raise CheckpointError(f'{path}: arrays differ from the template (missing {missing[:3]}, '
-                            f'unexpected {extra[:3]})')
-    leaves = []
-    for (name, dtype, shape, _, _), (_, t), d in zip(header, flat, data):
-      if tuple(shape) != tuple(t.shape) or jnp.dtype(dtype) != jnp.dtype(t.dtype).newbyteorder('='):
-        raise CheckpointError(f'{path}: {name} is {dtype}{shape}, expected {jnp.dtype(t.dtype).name}{list(t.shape)}')
-      leaves.append(_like(np.frombuffer(d, jnp.dtype(dtype)).reshape(shape), t))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype), template)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{ARRAYS_ITEM: ocp.args.StandardRestore(abstract)}))
+    got = restored[ARRAYS_ITEM]
+    if jax.tree.structure(got) != jax.tree.structure(template):
+      raise CheckpointError(f'{self.step_dir(step)}: arrays differ from the template')
+    for (path, a), t in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(template)):
+      if tuple(a.shape) != tuple(t.shape) or jnp.dtype(a.dtype) != jnp.dtype(t.dtype):
+        raise CheckpointError(f'{self.step_dir(step)}: {jax.tree_util.keystr(path)} is {jnp.dtype(a.dtype).name}'
+                              f'{list(a.shape)}, expected {jnp.dtype(t.dtype).name}{list(t.shape)}')
+    return jax.tree.map(_like, got, template)
 
   def restore_latest(self, make_template: Callable[[dict[str, Any]], dict[str, Any]]
                      ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
     """(step, meta, arrays) of the newest readable checkpoint, or None when there is none.
 
-    Steps are tried newest first: the meta is read, `make_template(meta)` gives
-    the arrays' restore template (its exceptions propagate: it is the caller's
-    judgement of the meta), then the arrays are read. An unreadable step (a
-    file missing, truncated or corrupt) is skipped with one warning naming it;
-    if every step is unreadable, CheckpointError says so in one line.
+    Steps are tried newest first: the meta is read, `make_template(meta)` gives the arrays' restore
+    template (its exceptions propagate: it is the caller's judgement of the meta), then the arrays are
+    read. An unreadable step (a file missing, truncated or corrupt) is skipped with one warning naming
+    it; if every step is unreadable, CheckpointError says so in one line.
     """
     self.wait()
     steps = self.all_steps()[::-1]
@@ -380,39 +335,51 @@ class Checkpointer:
     return error
 
 
-def _like(a: np.ndarray, t: Any) -> Any:
+def _host_copies(arrays: dict[str, Any]) -> dict[str, Any]:
+  """Several processes: each holds its own copy of the loop's (replicated) arrays, which orbax cannot save as
+  jax arrays (they are not one global array); as numpy arrays they are written by the primary process alone.
+  An array split over processes is gathered."""
+  def fetchable(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return x
+    if x.is_fully_replicated:
+      return x.addressable_data(0)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(x, tiled=True)
+  return jax.tree.map(np.asarray, jax.device_get(jax.tree.map(fetchable, arrays)))
+
+
+def _like(a: Any, t: Any) -> Any:
   if isinstance(t, np.ndarray):
-    return a.copy()  # writable, and not a view of the whole file's bytes
-  sharding = getattr(t, 'sharding', None)
-  return jax.device_put(a, sharding) if sharding is not None else jnp.asarray(a)
+    return np.array(a)  # writable
+  return a if isinstance(a, jax.Array) else jnp.asarray(a)
+
+
+def _steps_on_disk(directory: str) -> list[int]:
+  return sorted((int(n) for n in os.listdir(directory)
+                 if n.isdigit() and os.path.isdir(os.path.join(directory, n))), reverse=True)
+
+
+def old_format_error(directory: str) -> str | None:
+  """The one line refusing `directory` when it holds checkpoints of the earlier, own format; else None."""
+  if not os.path.isdir(directory):
+    return None
+  old = [s for s in _steps_on_disk(directory) if os.path.exists(os.path.join(directory, str(s), OLD_FORMAT_FILE))]
+  if not old:
+    return None
+  return (f'{directory} holds checkpoints of the format of older versions (step {old[0]}: {OLD_FORMAT_FILE}), which '
+          'this version does not read; finish that run with the older version, or move the directory away')
 
 
 def newest_meta(directory: str) -> dict[str, Any] | None:
-  """The meta of the newest checkpoint in `directory` whose meta.json reads, without opening a
-  Checkpointer (nothing is written or cleaned up): for checks made before a run starts."""
+  """The meta of the newest checkpoint in `directory` whose meta reads, without opening a Checkpointer
+  (nothing is written or cleaned up): for checks made before a run starts."""
   if not os.path.isdir(directory):
     return None
-  steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
-  for step in steps:
+  for step in _steps_on_disk(directory):
     try:
-      with open(os.path.join(directory, str(step), META_FILE)) as f:
+      with open(os.path.join(directory, str(step), META_ITEM, 'metadata'), encoding='utf-8') as f:
         return json.load(f)
     except (OSError, ValueError):
       continue
   return None
-
-
-def remove_stale_tmp_dirs(directory: str) -> list[str]:
-  """Deletes the `*.tmp*` directories a killed save or deletion left in `directory` (never
-  complete checkpoints); returns their paths. Only safe while no save into `directory`
-  is running, i.e. under the run lock and before this process saves."""
-  removed = []
-  for name in sorted(os.listdir(directory)):
-    path = os.path.join(directory, name)
-    if (TMP_MARKER in name or LEGACY_TMP_MARKER in name) and os.path.isdir(path) and not os.path.islink(path):
-      shutil.rmtree(path, ignore_errors=True)
-      removed.append(path)
-  if removed:
-    logging.info('removed %d unfinished checkpoint(s) left by an interrupted save: %s', len(removed),
-                 ', '.join(removed))
-  return removed

@@ -36,6 +36,7 @@ class Setup:
   dataset: Dataset
   run_dir: RunDir
   distributed: bool = False
+  start_theta: Any = None  # --init_from's network, loaded and checked against the model at prepare
 
   @property
   def seeds(self) -> list[int]:
@@ -92,17 +93,43 @@ def prepare(config: ExperimentConfig, out: str, kind: str = 'dropnet', *, distri
   problem, before anything is written."""
   config.validate()
   build_model(config)  # validates the model name and widths before any data is read
-  run_dir = RunDir(out, kind, config, inputs=inputs, writes=dist.is_main(), distributed=distributed)
+  run_dir = RunDir(out, kind, config, inputs=(*inputs, *start_inputs(config.start.init_from)),
+                   writes=dist.is_main(), distributed=distributed)
   run_dir.check()
   data = config.data
   dataset = load_dataset(data.dataset, data.data_dir, split_seed=data.split_seed)
   run_dir.data_fingerprint = dataset_fingerprint(dataset)  # what the data are, wherever they were read from
   run_dir.check()
   setup = Setup(config, build_model(config, dataset), dataset, run_dir, distributed)
+  setup.start_theta = load_start(config.start.init_from, setup.model, dataset.image_shape)
   setup.trainer()  # the device split and the optimiser's schedule are checked here
   logging.info('%s: train %d, val %d, test %d, image %s', data.dataset, len(dataset.train_labels),
                len(dataset.val_labels), len(dataset.test_labels), dataset.image_shape)
   return setup
+
+
+def start_inputs(init_from: str | None) -> tuple[str, ...]:
+  """The directory --init_from reads (a run or an export): the run may not write into it."""
+  if not init_from:
+    return ()
+  from dropnet_jax.runs import init_from as init_from_lib
+  source = init_from_lib.parse(init_from)
+  return () if source.kind == 'torch' else (source.path,)
+
+
+def load_start(init_from: str | None, model, image_shape) -> Any:
+  """--init_from's θ for `model` (None without it); ValueError in one line when it does not fit."""
+  if not init_from:
+    return None
+  from dropnet_jax.runs import init_from as init_from_lib
+  theta, info = init_from_lib.load(init_from, model, image_shape)
+  logging.info('init_from %s (%s): the dense cycle is this network, evaluated', info['init_from'], info['kind'])
+  return theta
+
+
+def params_spec(setup: Setup) -> dict[str, Any]:
+  """What params/spec.json holds: the model's spec and the image shape (enough to rebuild it)."""
+  return {**spec_of(setup.model), 'image_shape': list(setup.dataset.image_shape)}
 
 
 def save_params_mode(setup: Setup) -> str:
@@ -138,7 +165,7 @@ def run(setup: Setup, title: str = '') -> list[dict[str, Any]]:
   run_dir.check()
   trainer = setup.trainer()
   mode = save_params_mode(setup)
-  spec = {**spec_of(setup.model), 'image_shape': list(setup.dataset.image_shape)}
+  spec = params_spec(setup)
   start = time.perf_counter()
   data = trainer.replicate(setup.data) if config.batch_trials else setup.data
   trials = len(setup.seeds) * len(config.dropnet.metrics)
@@ -158,7 +185,7 @@ def run(setup: Setup, title: str = '') -> list[dict[str, Any]]:
                     log_epochs=config.output.verbose, monitor=monitor, curves=curve_writer)
     records = run_experiment(setup.model, d.image_shape, data, setup.seeds, config.dropnet, trainer, io=io,
                              batch_trials=config.batch_trials, lane_schedule=config.lane_schedule,
-                             lanes=config.lanes)
+                             lanes=config.lanes, start_theta=setup.start_theta)
   logging.info('%s: %d records, %.1fs in this invocation', run_dir.path, len(records), time.perf_counter() - start)
   if run_dir.writes:
     reporting.save_figures(records, run_dir.path, title=title, x_axis=config.output.x_axis)
@@ -182,18 +209,24 @@ def run_side_by_side(study: RunDir, runs: dict[str, Setup], label: Callable[[str
 
 
 def random_init_baseline(setup: Setup, records: list[dict[str, Any]], done: list[dict[str, Any]],
-                         on_record: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+                         on_record: Callable[[list[dict[str, Any]]], None],
+                         params_store: Any = None) -> list[dict[str, Any]]:
   """Every record's mask retrained from a fresh random init (`loop.dropnet.retrain_from_random_init`),
-  after the `done` ones of an earlier invocation; `on_record` gets all of them after each one."""
+  after the `done` ones of an earlier invocation; `on_record` gets all of them after each one, and
+  `params_store` (`saved_params.ParamsStore`) each trained θ (as metric '<metric>_randominit')."""
   from dropnet_jax.loop.dropnet import retrain_from_random_init
+  from dropnet_jax.loop.state import Trial
   reinit = list(done)
   finished = {(r['seed'], r['metric'], r['cycle']) for r in reinit}
   trainer = Trainer(setup.model, setup.config.dropnet.train)
   for record in records:
     if (record['seed'], f'{record["metric"]}_randominit', record['cycle']) in finished:
       continue  # resumed: already retrained
-    reinit.append(retrain_from_random_init(trainer, setup.model, setup.dataset.image_shape, setup.data, record,
-                                           setup.config.dropnet))
+    new, theta = retrain_from_random_init(trainer, setup.model, setup.dataset.image_shape, setup.data, record,
+                                          setup.config.dropnet, with_theta=True)
+    reinit.append(new)
+    if params_store is not None:
+      params_store.saved_cycle(Trial(new['seed'], new['metric'], None, new['cycle'], records=[new]), theta)
     on_record(reinit)
     r = reinit[-1]
     logging.info('randominit seed %d %s cycle %d fraction %.3f test_acc %.4f (θ0: %.4f)', r['seed'], r['metric'],

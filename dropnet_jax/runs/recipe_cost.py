@@ -11,8 +11,8 @@ estimate a reader can check by hand:
   for validation as `input_pipeline` does.
 * Epochs = the most the recipe can train: `max_epochs` per training run (early stopping usually ends sooner,
   so the figure is an upper bound), times the runs the method makes (DropNet: seeds x (1 + metrics x cycles
-  to the floor); magnitude: the dense run + each method's rounds; schedules: one run per schedule; the tuner:
-  trials + retrains).
+  to the floor); magnitude: the dense run + each method's rounds; structured: the dense run + one per
+  importance; schedules: one run per schedule; the tuner: trials + retrains).
 * Seconds = per step, the larger of (step FLOPs / SUSTAINED_FLOPS) and MIN_STEP_SECONDS: a small network's
   step is bound by launch overhead, not arithmetic, so a pure FLOP estimate would be absurdly short.
 
@@ -65,12 +65,13 @@ def rounds_to(sparsity: float, fraction: float) -> int:
 
 def _dropnet_epochs(config) -> int:
   d = config.dropnet
-  return config.seeds * (1 + len(d.metrics) * cycles_to_floor(d.fraction, d.floor)) * d.train.max_epochs
+  dense = 0 if config.start.init_from else 1  # a loaded dense network is evaluated, not trained
+  return config.seeds * (dense + len(d.metrics) * cycles_to_floor(d.fraction, d.floor)) * d.train.max_epochs
 
 
 def _magnitude_epochs(config) -> int:
   m = config.magnitude
-  per_seed = 0 if getattr(config.model, 'init_from', None) else m.train.max_epochs  # a loaded network: no dense run
+  per_seed = 0 if config.start.init_from else m.train.max_epochs  # a loaded network is evaluated, not trained
   for method in m.methods:
     if method == 'oneshot':
       per_seed += len(m.sparsities) * m.finetune_epochs
@@ -94,8 +95,13 @@ def _tune_epochs(config) -> int:
   return config.n_trials * per_trial + config.retrain_seeds * retrain
 
 
+def _structured_epochs(config) -> int:
+  s = config.structured
+  return config.seeds * (1 + len(s.importances)) * s.train.max_epochs  # the dense baseline, then each ranking
+
+
 def _batch_size(config) -> int:
-  for path in ('dropnet.train', 'magnitude.train', 'train'):
+  for path in ('dropnet.train', 'magnitude.train', 'structured.train', 'train'):
     node = config
     for part in path.split('.'):
       node = getattr(node, part, None)
@@ -111,7 +117,7 @@ def _epochs(config) -> int:
   kind = type(config).__name__
   counters = {'ExperimentConfig': _dropnet_epochs, 'FractionStudyConfig': _dropnet_epochs,
               'MagnitudeRunConfig': _magnitude_epochs, 'SchedulesConfig': _schedules_epochs,
-              'TuneConfig': _tune_epochs}
+              'TuneConfig': _tune_epochs, 'StructuredRunConfig': _structured_epochs}
   if kind in TRAINS_NOTHING:
     raise TrainsNothing(f'a {kind} recipe trains nothing')
   if kind not in counters:

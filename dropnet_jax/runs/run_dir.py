@@ -35,7 +35,7 @@ import numpy as np
 
 from dropnet_jax import settings
 from dropnet_jax.runs import reporting
-from dropnet_jax.runs.checkpoint import CheckpointError, Checkpointer, newest_meta
+from dropnet_jax.runs.checkpoint import CheckpointError, Checkpointer, newest_meta, old_format_error
 from dropnet_jax.runs.lock import RunLock, RunLockedError
 from dropnet_jax.runs.saved_params import ParamsStore
 
@@ -148,6 +148,9 @@ class RunDir:
                          'use another --out or the same settings to resume')
     elif os.path.exists(self.file('results.jsonl')):
       raise ValueError(f'{out} has results.jsonl but no {CONFIG_FILE}; refusing to mix runs')
+    old = old_format_error(self.file('checkpoints'))
+    if old:
+      raise ValueError(old)
     meta = newest_meta(self.file('checkpoints'))
     differences = self._differences((meta or {}).get('stamp'))
     if differences:
@@ -173,8 +176,9 @@ class RunDir:
   def open(self, max_checkpoints: int | None = None, resume_hint: str = 'rerun the same command to resume'
            ) -> Iterator['RunDir']:
     """Holds the directory for this run: checks again under the lock, writes config.json, opens the
-    checkpoints (`max_checkpoints`; None: none). Errors, Ctrl-C and SIGTERM end the program with one
-    line after the save in flight has finished."""
+    checkpoints (`max_checkpoints`; None or 0: none; saved at most every `config.output.checkpoint_interval_s`
+    seconds, see `runs.checkpoint`). Errors, Ctrl-C and SIGTERM end the program with one line after the
+    save in flight, and the interrupted run's newest position, have been saved."""
     code = 0
     try:
       with _sigterm_as_interrupt():
@@ -185,12 +189,12 @@ class RunDir:
         with RunLock(self.path):
           self.check()  # again, now that no other run can change it
           reporting.atomic_write_text(self.file(CONFIG_FILE), json.dumps(self.config_json(), indent=2))
-          if max_checkpoints is not None:
+          if self.distributed:  # the others wait here; then all open the checkpoints (orbax's barriers)
+            from dropnet_jax.training import distributed
+            distributed.barrier('open_run')
+          if max_checkpoints:
             self._checkpointer = (_SyncedCheckpointer if self.distributed else Checkpointer)(
-                self.file('checkpoints'), max_checkpoints)
-            if self.distributed:
-              from dropnet_jax.training import distributed
-              distributed.barrier('open_run')
+                self.file('checkpoints'), max_checkpoints, self._checkpoint_interval_s())
           try:
             yield self
           finally:
@@ -210,13 +214,18 @@ class RunDir:
   def _open_follower(self, max_checkpoints: int | None):
     from dropnet_jax.training import distributed
     distributed.barrier('open_run')  # process 0 has made the directories and holds the lock
-    if max_checkpoints is not None:
-      self._checkpointer = _SyncedCheckpointer(self.file('checkpoints'), max_checkpoints)
+    if max_checkpoints:
+      self._checkpointer = _SyncedCheckpointer(self.file('checkpoints'), max_checkpoints,
+                                               self._checkpoint_interval_s())
     try:
       yield self
     finally:
       if self._checkpointer is not None:
         self._checkpointer.close()
+
+  def _checkpoint_interval_s(self) -> float:
+    """The config's `output.checkpoint_interval_s` (0, a checkpoint after every cycle, for configs without it)."""
+    return float(getattr(getattr(self.config, 'output', None), 'checkpoint_interval_s', 0.0))
 
   def config_json(self) -> dict[str, Any]:
     """config.json: the config (loads back with --config), its stamp, and where it was made."""
@@ -272,7 +281,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 class _SyncedCheckpointer(Checkpointer):
   """--distributed: every process restores the same step (no process moves on, and so no process 0
-  saves a newer one, until all have read it); saves are written by process 0 only (Checkpointer)."""
+  saves a newer one, until all have read it); every process takes part in orbax's saves (its barriers,
+  the interval decided on process 0), and the replicated arrays are written by process 0."""
 
   def restore_latest(self, make_template):
     from dropnet_jax.training import distributed

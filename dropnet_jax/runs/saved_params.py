@@ -26,7 +26,7 @@ import shutil
 import zlib
 from typing import Any
 
-from dropnet_jax.runs import reporting
+from dropnet_jax.runs import reporting, sparse_params
 from dropnet_jax.pruning.masks import masks_from_strings
 from dropnet_jax.models.compact import model_from_spec
 
@@ -101,8 +101,9 @@ class ParamsStore:
       os.makedirs(self.root, exist_ok=True)
       reporting.atomic_write_text(os.path.join(self.root, 'spec.json'), json.dumps(spec, indent=2))
 
-  def saved_cycle(self, trial, theta) -> None:
-    """Saves θ of `trial`'s newest record (rewritten if a resumed run trains that cycle again)."""
+  def saved_cycle(self, trial, theta, weight_mask=None) -> None:
+    """Saves θ of `trial`'s newest record (rewritten if a resumed run trains that cycle again); with the
+    `weight_mask` it was trained under (weight pruning), also the mask and the sparse form beside it."""
     if self.mode == 'none':
       return
     record = trial.records[-1]
@@ -111,11 +112,14 @@ class ParamsStore:
       self._checkpointer.save(path, theta, force=True)
       self._checkpointer.wait_until_finished()
       write_manifest(path)
+      if weight_mask is not None:
+        sparse_params.write(path, theta, weight_mask)
     if self.mode == 'last' and record['cycle'] > 1:
       previous = _path(self.root, trial.seed, trial.metric, record['cycle'] - 1)
       shutil.rmtree(previous, ignore_errors=True)
-      if os.path.exists(previous + MANIFEST_SUFFIX):
-        os.remove(previous + MANIFEST_SUFFIX)
+      for suffix in (MANIFEST_SUFFIX, *sparse_params.SUFFIXES):
+        if os.path.exists(previous + suffix):
+          os.remove(previous + suffix)
 
 
 def load_params(run_dir: str, seed: int, metric: str, cycle: int) -> Any:
@@ -144,3 +148,109 @@ def load_network(run_dir: str, seed: int, metric: str, cycle: int):
   if not records:
     raise KeyError(f'{run_dir}/results.jsonl has no record for seed {seed} metric {metric} cycle {cycle}')
   return model, load_params(run_dir, seed, metric, cycle), masks_from_strings(records[0]['mask']), records[0]
+
+
+# -- records of any run, by selector ------------------------------------------------------------
+
+SELECTOR_HELP = ("RUN_DIR (its seed 0 dense network), RUN_DIR:seed<S>/dense, RUN_DIR:seed<S>/<metric>/cycle<C> "
+                 "or RUN_DIR:seed<S>/<metric> (that trial's newest saved cycle); a metric as in results.jsonl, "
+                 "e.g. 'min' or 'oneshot s=0.9'")
+
+
+def parse_selector(selector: str | None) -> tuple[int, str | None, int | None]:
+  """(seed, metric, cycle) of a selector: '' or None -> (0, None, 0), 'seed<S>/dense' -> (S, None, 0),
+  'seed<S>/<metric>/cycle<C>' -> (S, metric, C), 'seed<S>/<metric>' -> (S, metric, None: the newest saved)."""
+  if not selector:
+    return 0, None, 0
+  parts = selector.strip('/').split('/')
+  seed = parts[0][len('seed'):] if parts[0].startswith('seed') else ''
+  ok = seed.isdigit() and len(parts) in (2, 3) and all(parts)
+  if ok and len(parts) == 2 and parts[1] == 'dense':
+    return int(seed), None, 0
+  if ok and len(parts) == 3 and parts[2].startswith('cycle') and parts[2][len('cycle'):].isdigit():
+    cycle = int(parts[2][len('cycle'):])
+    return int(seed), (None if cycle == 0 else parts[1]), cycle
+  if ok and len(parts) == 2:
+    return int(seed), parts[1], None
+  raise ValueError(f'record selector {selector!r}: expected {SELECTOR_HELP}')
+
+
+EVERY = '*'  # RUN:* = every saved record of the run (where a flag takes several networks)
+
+
+def split_record_path(value: str, flag: str, *, every: bool = False) -> tuple[str, str | None]:
+  """(run directory, record selector or None) of a flag's `RUN[:SELECTOR]` (`RUN:*` too where `every`).
+
+  The one place that splits that spelling (`--networks` of experiments.evaluate, `--init_from`): a
+  directory that exists is taken whole (a ':' in its name), else the text after the last ':' is the
+  selector, checked by `parse_selector`. Nothing else is read: whether RUN exists and holds saved
+  params is the caller's check. Raises ValueError in one line naming `flag`."""
+  if not value.strip():
+    raise ValueError(f'{flag}: an empty entry')
+  if os.path.isdir(value) or ':' not in value:
+    return value, None
+  path, _, selector = value.rpartition(':')
+  if not (every and selector == EVERY):
+    try:
+      parse_selector(selector)
+    except ValueError as e:
+      raise ValueError(f'{flag}: {value!r}: {e}') from None
+  return path, selector or None
+
+
+def saved_selectors(run_dir: str) -> list[str]:
+  """Every saved record of the run in selector form ('seed0/dense', 'seed0/min/cycle3', ...)."""
+  root, out = os.path.join(run_dir, 'params'), []
+  for seed in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    if os.path.isdir(os.path.join(root, seed, 'dense')):
+      out.append(f'{seed}/dense')
+    for metric in sorted(os.listdir(os.path.join(root, seed))) if os.path.isdir(os.path.join(root, seed)) else []:
+      cycles = os.path.join(root, seed, metric)
+      if metric != 'dense' and os.path.isdir(cycles):
+        out += [f'{seed}/{metric}/{c}' for c in sorted(os.listdir(cycles), key=lambda c: (len(c), c))
+                if c.startswith('cycle') and os.path.isdir(os.path.join(cycles, c))]
+  return out
+
+
+def _newest_cycle(run_dir: str, seed: int, metric: str) -> int:
+  directory = os.path.join(run_dir, 'params', f'seed{seed}', metric)
+  cycles = [int(c[len('cycle'):]) for c in (os.listdir(directory) if os.path.isdir(directory) else [])
+            if c.startswith('cycle') and c[len('cycle'):].isdigit() and os.path.isdir(os.path.join(directory, c))]
+  return max(cycles, default=0)  # nothing past the dense network saved: the dense one
+
+
+def load_saved(run_dir: str, selector: str | None = None):
+  """(model, θ, weight mask or None, record) of one saved record of any run (DropNet, magnitude, ...).
+
+  `selector`: see SELECTOR_HELP (None: seed 0's dense network). θ is the saved dense θ (a weight-pruned
+  network's pruned weights exactly 0; the `prune.remove` form); the weight mask is that of a
+  weight-pruning record (float32 0/1 per prunable kernel, `pruning.weight_masks`), None for others
+  (a DropNet record's unit masks are `masks_from_strings(record['mask'])`). The record is the run's
+  results.jsonl row, with 'saved_files' (bytes on disk of the dense, mask and sparse files, from
+  `sparse_params`) where a sparse form was saved. Raises ValueError / FileNotFoundError in one line.
+  """
+  run_dir = os.path.abspath(run_dir)
+  spec_path = os.path.join(run_dir, 'params', 'spec.json')
+  if not os.path.isfile(spec_path):
+    raise FileNotFoundError(f'{run_dir} has no saved params (params/spec.json): not a run directory, or the run '
+                            'was made with --save_params=none')
+  seed, metric, cycle = parse_selector(selector)
+  if cycle is None:
+    cycle = _newest_cycle(run_dir, seed, metric)
+  path = _path(os.path.join(run_dir, 'params'), seed, metric or '', cycle)
+  if not os.path.isdir(path):
+    available = saved_selectors(run_dir)
+    raise FileNotFoundError(f'{run_dir}: nothing saved for {selector or "seed0/dense"} (saved: '
+                            f'{", ".join(available[:12]) or "nothing"}{" ..." if len(available) > 12 else ""})')
+  with open(spec_path) as f:
+    spec = json.load(f)
+  records = [r for r in reporting.read_jsonl(os.path.join(run_dir, 'results.jsonl'))
+             if r['seed'] == seed and r['cycle'] == cycle and (cycle == 0 or r['metric'] == metric)]
+  if not records:
+    raise KeyError(f'{run_dir}/results.jsonl has no record for seed {seed} metric {metric} cycle {cycle}')
+  record = dict(records[0])
+  sizes = sparse_params.read_sizes(path)
+  if sizes is not None:
+    record['saved_files'] = sizes
+  theta = load_params(run_dir, seed, metric or records[0]['metric'], cycle)
+  return model_from_spec(spec), theta, sparse_params.read_mask(path), record

@@ -13,6 +13,18 @@ accuracy per epoch). A rerun with the same settings skips the schedules already 
 the run directory's stamp (kind, every result-changing setting, the data's fingerprint) refuses a
 directory made with another model, other data or other training settings before anything is trained
 or rewritten. The list of schedules is not stamped: a rerun may add schedules to the same directory.
+
+Each schedule's trained network (the best-validation-loss θ, with batch-norm statistics: the params its
+`best` accuracies were measured with) is saved unless `save_params` is 'none', in the layout of every
+run (`runs.saved_params`): params/spec.json and one orbax checkpoint per schedule, with a results.jsonl
+row per schedule (seed, metric = the schedule, the best-θ accuracies and losses). So
+`experiments.evaluate --networks=RUN:*` scores them again, and `RUN:seed<S>/<schedule>` is an
+`--init_from` of any run (e.g. the magnitude report's "pretrain, save, load, prune"). The record's
+cycle is 1 (`SAVED_CYCLE`), not 0: in that layout cycle 0 is `seed<S>/dense`, the one dense network a
+DropNet or magnitude trial shares with every metric of its seed, while each schedule trains its own;
+as cycle 1 each schedule's network is a record of its own (`seed<S>/<schedule>/cycle1`). A schedule
+already in schedules.json whose network is not saved (an earlier run with --save_params=none) is
+trained again when saving is asked for: the same θ0 and shuffles give the same network and figures.
 """
 
 from __future__ import annotations
@@ -22,15 +34,16 @@ import io
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from absl import logging
 
-from dropnet_jax.config import DataConfig, ModelConfig, TrainConfig
+from dropnet_jax.config import DataConfig, ModelConfig, OutputConfig, TrainConfig
 from dropnet_jax.input_pipeline import Dataset, dataset_fingerprint, input_norm_for, load_dataset
 from dropnet_jax.models import model_from_config
-from dropnet_jax.runs import reporting
+from dropnet_jax.models.compact import spec_of
+from dropnet_jax.runs import reporting, saved_params
 from dropnet_jax.runs.run_dir import CONFIG_FILE, RunDir
 from dropnet_jax.settings import setting, to_dict
 from dropnet_jax.training import optim
@@ -38,6 +51,8 @@ from dropnet_jax.training.optim import SCHEDULES
 from dropnet_jax.training.trainer import DeviceData, steps_per_epoch
 
 RESULTS = 'schedules.json'
+SAVED_CYCLE = 1  # the cycle of each schedule's record (see the module docstring)
+_SAVE_PARAMS = {f.name: f for f in dataclasses.fields(OutputConfig)}['save_params'].metadata  # declared once there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +68,9 @@ class SchedulesConfig:
                              '--max_epochs epochs).', flag='early_stop')
   train_subset: int | None = setting(None, 'Use only this many training examples (a seeded random subset).',
                                      flag='train_subset')
+  save_params: str = setting('all', _SAVE_PARAMS['help'] + ' Here each schedule is a trial of one network: all, '
+                             'last and auto keep every schedule\'s network.', flag='save_params', result=False,
+                             choices=_SAVE_PARAMS['choices'])
 
   def validate(self) -> None:
     """Raises ValueError naming the offending setting; reads no data."""
@@ -67,6 +85,8 @@ class SchedulesConfig:
       raise ValueError(f'seed must be >= 0, got {self.seed}')
     if self.train_subset is not None and self.train_subset < 1:
       raise ValueError(f'train_subset must be a positive number of examples, got {self.train_subset}')
+    if self.save_params not in _SAVE_PARAMS['choices']:
+      raise ValueError(f'save_params must be one of {_SAVE_PARAMS["choices"]}, got {self.save_params!r}')
     if self.data.data_dir is not None and not os.path.isdir(self.data.data_dir):
       raise ValueError(f'data_dir: {self.data.data_dir} is not a directory')
     self.train.validate()
@@ -130,24 +150,55 @@ def run(setup: Setup, log: Callable[[str], None] = logging.info) -> dict[str, di
   run_dir.check()
   data = DeviceData.from_dataset(dataset)
   results = {}
+  spec = {**spec_of(setup.model), 'image_shape': list(dataset.image_shape)}
   with run_dir.open():
     saved = _saved(run_dir)
+    store = None if config.save_params == 'none' else run_dir.params_store('all', spec)
     for name in config.schedules:
       train = config.schedule_config(name)
       settings = json.loads(json.dumps({'config': to_dict(train), 'seed': config.seed,
                                         'train': int(len(dataset.train_labels)), 'stamp': run_dir.stamp}))
       if name in saved and saved[name].get('settings') == settings:
-        results[name] = saved[name]
-        log(f'{name}: already done')
-        continue
-      r = train_schedule(setup.model, dataset.image_shape, data, train, config.seed)
+        if store is None or _selector(config.seed, name) in saved_params.saved_selectors(run_dir.path):
+          results[name] = saved[name]
+          log(f'{name}: already done')
+          continue
+        log(f'{name}: done before without saving its network: trained again to save it')
+      r, best_theta = train_schedule(setup.model, dataset.image_shape, data, train, config.seed)
       results[name] = {'settings': settings, **r}
       log(f'{name}: {r["epochs"]} epochs in {r["seconds"]:.1f}s, last val {r["last"]["val"]:.4f} '
           f'test {r["last"]["test"]:.4f}')
-      run_dir.write_text(RESULTS, json.dumps({**saved, **results}, indent=1))
+      everything = {**saved, **results}
+      if store is not None:  # the network and its row before schedules.json marks the schedule done
+        store.saved_cycle(_Trial(config.seed, name, [record(name, results[name])]), best_theta)
+        run_dir.write_results([record(n, everything[n]) for n in everything])
+      run_dir.write_text(RESULTS, json.dumps(everything, indent=1))
     run_dir.write_text('schedules.md', table(results))
     figure(results, run_dir.file('schedules.png'), title=setup.title())
   return results
+
+
+class _Trial(NamedTuple):
+  """What `saved_params.ParamsStore.saved_cycle` reads of a trial: its seed, metric and records."""
+  seed: int
+  metric: str
+  records: list[dict[str, Any]]
+
+
+def _selector(seed: int, name: str) -> str:
+  """The saved-params selector of schedule `name`'s network (`saved_params.parse_selector`)."""
+  return f'seed{seed}/{name}/cycle{SAVED_CYCLE}'
+
+
+def record(name: str, result: dict[str, Any]) -> dict[str, Any]:
+  """Schedule `name`'s results.jsonl row: the figures of its saved (best-validation-loss) network."""
+  row = {'seed': int(result['settings']['seed']), 'metric': name, 'cycle': SAVED_CYCLE, 'schedule': name,
+         'best_epoch': result['best_epoch'], 'epochs_trained': result['epochs']}
+  for split in ('train', 'val', 'test'):
+    row[f'{split}_accuracy'] = result['best'][split]
+    if 'best_loss' in result:  # absent from entries made before the losses were kept
+      row[f'{split}_loss'] = result['best_loss'][split]
+  return row
 
 
 def _saved(run_dir: RunDir) -> dict[str, Any]:
@@ -165,8 +216,10 @@ def _saved(run_dir: RunDir) -> dict[str, Any]:
   return {k: v for k, v in saved.items() if isinstance(v, dict) and v.get('settings', {}).get('stamp') == stamp}
 
 
-def train_schedule(model, image_shape, data: DeviceData, config: TrainConfig, seed: int = 0) -> dict[str, Any]:
-  """Trains `config` from seed's θ0 and returns per-epoch curves and the final accuracies."""
+def train_schedule(model, image_shape, data: DeviceData, config: TrainConfig,
+                   seed: int = 0) -> tuple[dict[str, Any], Any]:
+  """Trains `config` from seed's θ0; returns (per-epoch curves and the final accuracies, the
+  best-validation-loss θ)."""
   from dropnet_jax.loop.dropnet import SeedKeys
   from dropnet_jax.models import init_params
   from dropnet_jax.models.layers import full_masks
@@ -190,15 +243,18 @@ def train_schedule(model, image_shape, data: DeviceData, config: TrainConfig, se
                                                    keys.shuffle_key(0)), data, on_epoch)
   seconds = time.perf_counter() - start
 
-  def accuracies(theta):
-    return {split: float(trainer.evaluate(theta, masks, *xy).accuracy) for split, xy in (
+  def scores(theta):
+    return {split: trainer.evaluate(theta, masks, *xy) for split, xy in (
         ('train', (data.train_images, data.train_labels)), ('val', (data.val_images, data.val_labels)),
         ('test', (data.test_images, data.test_labels)))}
 
-  return {'curves': curves, 'last': accuracies(state.params), 'best': accuracies(state.best_params),
+  last, best = scores(state.params), scores(state.best_params)
+  return {'curves': curves, 'last': {k: float(v.accuracy) for k, v in last.items()},
+          'best': {k: float(v.accuracy) for k, v in best.items()},
+          'best_loss': {k: float(v.loss) for k, v in best.items()},
           'best_epoch': int(state.best_epoch), 'epochs': int(state.epoch), 'diverged': bool(state.diverged),
           'lr_per_step': [float(schedule(t)) for t in range(0, steps * config.max_epochs, max(1, steps // 8))],
-          'steps_per_epoch': steps, 'seconds': seconds}
+          'steps_per_epoch': steps, 'seconds': seconds}, state.best_params
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:

@@ -6,6 +6,8 @@ training settings the trials start from (`DropNetConfig`, whose `train` holds th
 own settings. What can change a result is stamped (config.json, and the settings stored with the
 study); the study's size, the workers, the sampler and pruner, heartbeats and the final retrain are
 marked `result=False`, so a rerun may change them (e.g. a larger `--n_trials` continues the study).
+The final retrain has its own epoch count (`retrain_epochs`): a search is cheap only with short
+trials (e.g. 30 trials x 25 epochs), and the best configuration is then trained for real (200).
 
 The Optuna storage URL is not a setting: like `--out` it says where, and it may hold a password,
 which config.json must not (see `experiments.tune`).
@@ -66,8 +68,12 @@ class TuneConfig:
   pruner_warmup: int = setting(2, 'median: epochs before a trial may be pruned.', flag='pruner_warmup', result=False)
   pruner_startup_trials: int = setting(5, 'median: complete trials before any pruning.', flag='pruner_startup_trials',
                                        result=False)
-  retrain_seeds: int = setting(1, 'Final retrain of the best configuration from seeds 0..N-1 (0: none).',
-                               flag='retrain_seeds', result=False)
+  retrain_seeds: int = setting(1, "Final retrain of the best configuration from seeds --trial_seed.. +N-1 (the "
+                               "first is the trials' own θ0 and shuffle order; 0: none).", flag='retrain_seeds',
+                               result=False)
+  retrain_epochs: int | None = setting(None, "max_epochs of the final retrain (per DropNet cycle for "
+                                       "--objective=dropnet); default: the trials' --max_epochs.",
+                                       flag='retrain_epochs', result=False)
   heartbeat_interval: int = setting(10, 'Seconds between heartbeats of running trials.', flag='heartbeat_interval',
                                     result=False)
   grace_period: int = setting(60, 'A running trial without a heartbeat for this long is failed and retried.',
@@ -93,7 +99,7 @@ class TuneConfig:
     positive = ('n_trials', 'workers', 'batch', 'heartbeat_interval', 'grace_period')
     at_least_zero = ('worker_id', 'startup_trials', 'pruner_warmup', 'pruner_startup_trials', 'retrain_seeds',
                      'max_retry', 'trial_seed', 'sampler_seed')
-    _check_counts(self, positive, at_least_zero, ('train_subset', 'lanes_per_chunk'))
+    _check_counts(self, positive, at_least_zero, ('train_subset', 'lanes_per_chunk', 'retrain_epochs'))
     if self.objective == 'dropnet':
       if self.batch != 1:
         raise ValueError('batch applies to objective=train (DropNet trials run one at a time)')

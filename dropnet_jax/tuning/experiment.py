@@ -7,7 +7,7 @@ directory again against the data's fingerprint. `run(setup, worker_command)` ope
 or continued when it holds the same settings: the run directory's stamp is stored with it), starts
 `workers - 1` more processes (`worker_command` plus `--worker_only`), runs trials until the study has
 `n_trials` complete or pruned ones, waits for its workers, and writes the outputs and the final
-retrain of the best configuration.
+retrain of the best configuration (for `retrain_epochs`, saved as a run's records: `tuning.best`).
 
 The process started without `worker_only` holds the run directory (its lock and config.json) while it
 works; worker processes (its own, or other commands with `--worker_only` on the same storage) check
@@ -36,9 +36,9 @@ from dropnet_jax.models import model_from_config
 from dropnet_jax.runs.run_dir import RunDir
 from dropnet_jax.runs.schedules import subset_train
 from dropnet_jax.training.trainer import DeviceData, Trainer, steps_per_epoch
-from dropnet_jax.tuning import runner as runners, study as studies
+from dropnet_jax.tuning import best as best_lib, runner as runners, study as studies
 from dropnet_jax.tuning.config import TuneConfig
-from dropnet_jax.tuning.space import complete, train_config, trial_model
+from dropnet_jax.tuning.space import complete
 
 FIGURES = ('optimization_history', 'param_importances', 'parallel_coordinate', 'intermediate_values')
 # Settings a spawned worker gets its own value of (removed from the command it is started with).
@@ -230,6 +230,7 @@ def trials_rows(study) -> list[dict[str, Any]]:
   for t in study.trials:
     dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
     rows.append({'number': t.number, 'state': t.state.name, 'value': t.value,
+                 'best_val_accuracy': t.user_attrs.get('best_val_accuracy'),
                  'epochs': t.user_attrs.get('epochs', len(t.intermediate_values)),
                  'best_epoch': t.user_attrs.get('best_epoch'), 'diverged': t.user_attrs.get('diverged'),
                  'lanes': t.user_attrs.get('lanes'), 'worker': t.user_attrs.get('worker'),
@@ -239,8 +240,8 @@ def trials_rows(study) -> list[dict[str, Any]]:
 
 
 def write_outputs(setup: Setup, study, report: studies.WorkerReport, log: Callable[[str], None]) -> dict[str, Any]:
-  """trials.csv, best.json (with the final retrain of the best configuration) and Optuna's figures."""
-  import optuna
+  """trials.csv, best.json (with the final retrain of the best configuration, saved: params/ and
+  results.jsonl), param_importances.json and Optuna's figures."""
   from optuna.trial import TrialState
 
   c, run_dir = setup.config, setup.run_dir
@@ -261,15 +262,16 @@ def write_outputs(setup: Setup, study, report: studies.WorkerReport, log: Callab
     best = study.best_trial
     settings = complete(best.params, c.search_space, c.train, c.dropnet if c.objective == 'dropnet' else None)
     summary.update(best_trial=best.number, best_value=best.value, best_params=best.params, best_settings=settings)
-    seeds = list(range(c.retrain_seeds))
-    if seeds:
-      log(f'retraining the best configuration (trial {best.number}) from seeds {seeds}')
-      summary['retrain'] = retrain(setup, settings, seeds)
+    if c.retrain_seeds:
+      log(f'retraining the best configuration (trial {best.number}) for {best_lib.retrain_epochs(c)} epochs from '
+          f'seeds {best_lib.retrain_seeds(c)}; saved in {run_dir.file("params")} and results.jsonl')
+      summary['retrain'] = best_lib.retrain_and_save(setup, settings, best.number)
   run_dir.write_text('best.json', json.dumps(summary, indent=2, default=str))
+  best_lib.write_importances(study, run_dir)
   # Parameters every complete trial has (conditional ones, e.g. momentum, would crowd the plots with
   # None); importances by fANOVA (seeded), over the same parameters.
   common = sorted(set.intersection(*[set(t.params) for t in complete_trials])) if complete_trials else []
-  kwargs = {'param_importances': {'evaluator': optuna.importance.FanovaImportanceEvaluator(seed=0)},
+  kwargs = {'param_importances': {'evaluator': best_lib.importance_evaluator()},
             'parallel_coordinate': {'params': common or None}}
   _figures(study, run_dir, kwargs)
   return summary
@@ -292,22 +294,3 @@ def _figures(study, run_dir: RunDir, kwargs: dict[str, dict[str, Any]]) -> None:
       plt.close(fig)
     except Exception as e:  # e.g. importances need two complete trials with varying params
       logging.warning('figure %s not drawn: %s', name, e)
-
-
-def retrain(setup: Setup, settings: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
-  """The best configuration trained again from each seed (test accuracy measured only here)."""
-  c, dataset = setup.config, setup.dataset
-  data = DeviceData.from_dataset(dataset)
-  if c.objective == 'dropnet':
-    objective = runners.DropNetObjective(setup.model, dataset.image_shape, data, c.dropnet, c.units_remaining)
-    records = objective.run(settings, seeds)
-    final = [[r for r in records if r['seed'] == s and r['fraction_remaining'] <= c.units_remaining + 1e-9]
-             for s in seeds]
-    runs = [{'seed': s, **({k: f[-1][k] for k in ('cycle', 'fraction_remaining', 'units', 'val_accuracy',
-                                                    'test_accuracy')} if f else {'reached': False})}
-            for s, f in zip(seeds, final)]
-  else:
-    runs = runners.retrain(trial_model(setup.model, settings), dataset.image_shape, data,
-                           train_config(settings, c.train), seeds)
-  tests = [r['test_accuracy'] for r in runs if 'test_accuracy' in r]
-  return {'runs': runs, 'mean_test_accuracy': float(np.mean(tests)) if tests else None}

@@ -134,9 +134,11 @@ def _set_done(state: FitState, lanes: list[int], single: bool) -> FitState:
 
 # -- the final retrain ----------------------------------------------------------------------------
 
-def retrain(model, image_shape, data: DeviceData, config: TrainConfig, seeds: Sequence[int]) -> list[dict[str, Any]]:
+def retrain(model, image_shape, data: DeviceData, config: TrainConfig, seeds: Sequence[int],
+            on_trained: Callable[[int, Any], None] | None = None) -> list[dict[str, Any]]:
   """The configuration trained from each seed's θ0 to early stopping (no pruning); test accuracy of θ
-  at the best-validation-loss epoch (the project's convention) and at the last epoch."""
+  at the best-validation-loss epoch (the project's convention) and at the last epoch.
+  `on_trained(seed, θ)` gets each seed's best-validation-loss θ (the one the accuracies are of)."""
   trainer = Trainer(model, config, steps_per_epoch=steps_per_epoch(int(data.train_labels.shape[0]), config.batch_size))
   masks, out = full_masks(model), []
   for seed in seeds:
@@ -151,7 +153,10 @@ def retrain(model, image_shape, data: DeviceData, config: TrainConfig, seeds: Se
     last_test = ev(state.params, data.test_images, data.test_labels)
     out.append({'seed': seed, 'epochs': int(state.epoch), 'best_epoch': int(state.best_epoch),
                 'best_val_accuracy': max(vals, default=0.0), 'val_accuracy': float(best_val.accuracy),
-                'test_accuracy': float(best_test.accuracy), 'last_test_accuracy': float(last_test.accuracy)})
+                'val_loss': float(best_val.loss), 'test_accuracy': float(best_test.accuracy),
+                'test_loss': float(best_test.loss), 'last_test_accuracy': float(last_test.accuracy)})
+    if on_trained is not None:
+      on_trained(seed, state.best_params)
   return out
 
 
@@ -190,11 +195,14 @@ class DropNetObjective:
     return config
 
   def run(self, settings: dict[str, Any], seeds: Sequence[int] | None = None,
-          on_cycle: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+          on_cycle: Callable[[dict[str, Any]], None] | None = None, io: RunIO | None = None) -> list[dict[str, Any]]:
+    """DropNet with the trial's settings; `io` (e.g. with a params store, for the final retrain) gets the
+    records and this objective's log."""
     each = (lambda records: on_cycle(records[-1])) if on_cycle else None
     config, model = self.config(settings), trial_model(self.model, settings)
+    io = dataclasses.replace(io or RunIO(), on_record=each, log=self.log)
     return run_experiment(model, self.image_shape, self.data, list(seeds or [self.seed]), config,
-                          self._trainer(config.train, model), RunIO(on_record=each, log=self.log))
+                          self._trainer(config.train, model), io)
 
   def __call__(self, trial, settings: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     def on_cycle(record):

@@ -400,16 +400,28 @@ def _run_group(study, runner: LaneRunner, template, dropout, members, space, bat
   ran = []
   for i, ((t, settings), r) in enumerate(zip(members, results)):
     attrs = {'epochs': r.epochs, 'best_epoch': r.best_epoch, 'diverged': r.diverged, 'lanes': len(members),
-             'group_seconds': seconds}
+             'group_seconds': seconds, 'best_val_accuracy': r.best_val_accuracy}
     ok = i not in lost and (
         _tell(study, t, beat, state=TrialState.PRUNED, attrs=attrs) if r.pruned
         else _tell(study, t, beat, value=r.best_val_accuracy, attrs=attrs))
     if ok:
       ran.append(t.number)
+    # The value logged is the one the study holds (trials.csv's): for a pruned trial Optuna records its
+    # last reported accuracy, not its best; the best epoch's accuracy is logged beside it.
     log(f'trial {t.number:3d} {"pruned" if r.pruned else "done  "} epochs {r.epochs:3d} '
-        f'val_acc {r.best_val_accuracy:.4f} lanes {len(members)} {_short(settings)}'
-        + ('' if ok else ' (finished elsewhere: not told)'))
+        f'value {_value_text(recorded_value(study, t) if ok else None)} best_val_acc {r.best_val_accuracy:.4f} '
+        f'lanes {len(members)} {_short(settings)}' + ('' if ok else ' (finished elsewhere: not told)'))
   return ran
+
+
+def recorded_value(study, trial) -> float | None:
+  """The value the study holds for a finished trial (what trials.csv and best.json report): the told
+  value of a complete trial; for a pruned one, Optuna's choice, its last reported intermediate value."""
+  return _retry(lambda: study._storage.get_trial(trial._trial_id)).value
+
+
+def _value_text(value: float | None) -> str:
+  return 'n/a' if value is None else f'{value:.4f}'
 
 
 def _run_dropnet_trial(study, trial, settings, objective: DropNetObjective, beat, log) -> list[int]:
@@ -418,14 +430,16 @@ def _run_dropnet_trial(study, trial, settings, objective: DropNetObjective, beat
     value, attrs = objective(trial, settings)
   except optuna.TrialPruned:
     ok = _tell(study, trial, beat, state=TrialState.PRUNED, attrs={'seconds': time.perf_counter() - start})
-    log(f'trial {trial.number:3d} pruned {_short(settings)}')
+    log(f'trial {trial.number:3d} pruned value {_value_text(recorded_value(study, trial) if ok else None)} '
+        f'(last cycle\'s val_acc) {_short(settings)}')
     return [trial.number] if ok else []
   except ValueError as e:
     _tell(study, trial, beat, state=TrialState.FAIL, attrs={'error': str(e)})
     log(f'trial {trial.number} failed: {e}')
     return []
   ok = _tell(study, trial, beat, value=value, attrs={**attrs, 'seconds': time.perf_counter() - start})
-  log(f'trial {trial.number:3d} done   val_acc@<=X {value:.4f} cycles {attrs["cycles"]} {_short(settings)}')
+  log(f'trial {trial.number:3d} done   value {value:.4f} (best val_acc at <= X) cycles {attrs["cycles"]} '
+      f'{_short(settings)}')
   return [trial.number] if ok else []
 
 

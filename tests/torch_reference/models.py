@@ -201,13 +201,19 @@ DEFAULT_WIDTHS = {'fc': (40, 40), 'conv': (64, 64), 'modelc': (64, 64, 128, 128)
 
 
 def create_model(name: str, widths: Sequence[int] | None, num_classes: int,
-                 image_shape: Sequence[int], head: Sequence[int] | None = None) -> nn.Module:
+                 image_shape: Sequence[int], head: Sequence[int] | None = None,
+                 stages: Sequence[int] | None = None) -> nn.Module:
   """The torch twin of dropnet_jax.models.create_model (torch needs the input shape up front); `head` for
-  modelc and the VGGs (None: the model's default; a VGG's widths may end with it, as in Flax)."""
+  modelc and the VGGs (None: the model's default; a VGG's widths may end with it, as in Flax); `stages`
+  for resnet18_bn (layer removal)."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
-  widths = tuple(DEFAULT_WIDTHS[name] if not widths else widths)
   options = {}
+  if stages is not None:
+    options['stages'] = tuple(stages)
+    if not widths:
+      widths = resnet18_widths(stages=stages)
+  widths = tuple(DEFAULT_WIDTHS[name] if not widths else widths)
   if name in ('vgg16', 'vgg19'):
     n = len(MODELS[name].CONV_WIDTHS)
     options['head'] = tuple(widths[n:]) if head is None else tuple(head)
@@ -231,11 +237,17 @@ def masked_linear(x: torch.Tensor, mask: torch.Tensor, with_stats: bool = True):
 RESNET18_STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)
 
 
-def resnet18_widths(stage_widths: Sequence[int] = (64, 128, 256, 512)) -> tuple[int, ...]:
-  """The 20 masked-layer widths (stem; per block conv1, [shortcut], out), as dropnet_jax's resnet18_widths."""
+def kept_blocks(stages: Sequence[int] = (1, 2, 3, 4)) -> list[int]:
+  """Layer removal: the block indices of the kept stages (stage s holds blocks 2s-2 and 2s-1)."""
+  return [b for b in range(8) if b // 2 + 1 in tuple(stages)]
+
+
+def resnet18_widths(stage_widths: Sequence[int] = (64, 128, 256, 512),
+                    stages: Sequence[int] = (1, 2, 3, 4)) -> tuple[int, ...]:
+  """The masked-layer widths (stem; per kept block conv1, [shortcut], out), as dropnet_jax's resnet18_widths."""
   widths = [stage_widths[0]]
-  for b, stride in enumerate(RESNET18_STRIDES):
-    widths += [stage_widths[b // 2]] * (3 if stride != 1 else 2)
+  for b in kept_blocks(stages):
+    widths += [stage_widths[b // 2]] * (3 if RESNET18_STRIDES[b] != 1 else 2)
   return tuple(int(w) for w in widths)
 
 
@@ -278,24 +290,30 @@ class ResNet18BN(nn.Module):
 
   PyTorch's default initialisation (the layers' own). Module names follow the Flax ones ('stem',
   'stem_bn', 'block0.conv1', ..., 'classifier') so `weights.load_flax_variables` maps them directly.
+  `stages`: the kept stages (layer removal: a removed stage's blocks are not built, the classifier reads
+  the last kept stage), written independently of dropnet_jax's `resnet18_blocks`.
   """
 
-  def __init__(self, widths: Sequence[int] = resnet18_widths(), num_classes: int = 10,
-               image_shape: Sequence[int] = (32, 32, 3)):
+  def __init__(self, widths: Sequence[int] | None = None, num_classes: int = 10,
+               image_shape: Sequence[int] = (32, 32, 3), stages: Sequence[int] = (1, 2, 3, 4)):
     super().__init__()
-    self.widths = w = tuple(int(v) for v in widths)
+    self.stages = tuple(stages)
+    self.widths = w = tuple(int(v) for v in (widths or resnet18_widths(stages=self.stages)))
     self.stem = nn.Conv2d(image_shape[-1], w[0], 3, 1, 1, bias=False)
     self.stem_bn = nn.BatchNorm2d(w[0])
     self.block_sizes, c, i = [], w[0], 1
-    for b, stride in enumerate(RESNET18_STRIDES):
+    for b in kept_blocks(self.stages):
+      stride = RESNET18_STRIDES[b]
       n = 3 if stride != 1 else 2
       self.add_module(f'block{b}', BasicBlockBN(c, w[i], w[i + n - 1], stride, stride != 1))
       self.block_sizes.append(n)
       c, i = w[i + n - 1], i + n
+    if i != len(w):
+      raise ValueError(f'{len(w)} widths for {i} masked layers (stages {self.stages})')
     self.classifier = nn.Linear(c, num_classes)
 
   def blocks(self):
-    return [getattr(self, f'block{b}') for b in range(len(RESNET18_STRIDES))]
+    return [getattr(self, f'block{b}') for b in kept_blocks(self.stages)]
 
   def features(self, x: torch.Tensor, masks: Masks | None, with_stats: bool = True):
     """NCHW float input -> pooled features, stats (`masks=None`: unmasked)."""
