@@ -13,7 +13,10 @@ schedule; a rerun skips the schedules already there with the same settings, and 
 another model, other data or other training settings is refused before anything is trained),
 <out>/schedules.md (the table: train, validation and test accuracy after the last epoch, and at the
 best-validation-loss epoch) and <out>/schedules.png (learning rate, training and validation accuracy
-per epoch). The work is `dropnet_jax.runs.schedules`.
+per epoch), and each schedule's trained network (its best-validation-loss θ) in <out>/params with a
+results.jsonl row (--save_params=none: nothing saved), so that
+`python -m experiments.evaluate --networks=<out>:*` tests them again and `--init_from=<out>:seed0/cosine`
+starts another run (e.g. experiments.magnitude) from one. The work is `dropnet_jax.runs.schedules`.
 """
 
 from dropnet_jax.cli import entry

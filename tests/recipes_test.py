@@ -129,3 +129,23 @@ def test_resnet18_bn_under5m_rates_recipe(cifar, tmp_path):
   records = [json.loads(line) for line in (tmp_path / 'out' / 'results.jsonl').read_text().splitlines()]
   dense, pruned = (next(r for r in records if r['cycle'] == c) for c in (0, 1))
   assert pruned['params'] < dense['params']
+
+
+def test_resnet18_bn_pretrain_then_magnitude_recipes(cifar, tmp_path):
+  """The magnitude report's pipeline from its two recipes: pretrain (saved) -> load -> one-shot and
+  iterative pruning (saved with their zeros) -> experiments.evaluate re-tests every network."""
+  pre = tmp_path / 'pre'
+  _run('experiments.schedules', 'resnet18_bn_cifar10_pretrain.py', cifar, pre, '--width_multiplier=0.0625',
+       '--max_epochs=1')
+  config = _run('experiments.magnitude', 'resnet18_bn_cifar10_magnitude.py', cifar, tmp_path / 'mag',
+                f'--init_from={pre}:seed0/cosine', '--width_multiplier=0.0625', '--sparsities=0.5',
+                '--finetune_epochs=1', '--round_epochs=1', '--final_epochs=1', '--iterative_fraction=0.3')
+  assert config['magnitude']['methods'] == ['oneshot', 'iterative'] and config['magnitude']['criterion'] == 'global_l1'
+  proc = subprocess.run([sys.executable, '-m', 'experiments.evaluate', f'--networks={tmp_path / "mag"}:*',
+                         f'--data_dir={cifar}', f'--json={tmp_path / "eval.json"}'], cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  rows = json.loads((tmp_path / 'eval.json').read_text())['networks']
+  pruned = [r for r in rows if 's=0.5' in r['network']]
+  assert len(pruned) >= 2 and all(r['reproduced'] for r in rows)
+  assert all(abs(r['sparsity'] - 0.5) < 1e-3 for r in pruned)

@@ -72,7 +72,7 @@ def test_a_rerun_skips_saved_schedules_and_retrains_unsaved_ones_identically(run
   none = dataclasses.replace(CONFIG, schedules=('cosine',), save_params='none')
   schedules.run(schedules.prepare(none, bare), log=lambda line: None)
   assert not os.path.exists(os.path.join(bare, 'params')) and not os.path.exists(os.path.join(bare, 'results.jsonl'))
-  with pytest.raises(ValueError, match='no saved params'):
+  with pytest.raises(ValueError, match='save_params=none'):
     evaluate.prepare(evaluate.EvaluateConfig(networks=(f'{bare}:*',)))
   logs = []
   again = schedules.run(schedules.prepare(dataclasses.replace(none, save_params='all'), bare), log=logs.append)

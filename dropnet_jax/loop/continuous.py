@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dropnet_jax.loop import state as state_lib
-from dropnet_jax.loop.driver import Driver, Outcome, Trial, dense_start, init_lanes, measure, save_cycle
+from dropnet_jax.loop.driver import Driver, Outcome, Trial, dense_start, init_lanes, save_cycle
+from dropnet_jax.loop.measure import measure
 from dropnet_jax.loop.epoch_report import report_epoch
 from dropnet_jax.training.lanes import put_lane, take_lanes
 from dropnet_jax.training.trainer import FitState

@@ -32,7 +32,8 @@ from dropnet_jax.compaction import accounting
 from dropnet_jax.pruning import criteria
 from dropnet_jax.training import trainer as train_lib
 from dropnet_jax.config import DropNetConfig
-from dropnet_jax.loop.driver import Driver, Outcome, RunIO, Trial, measure, log_info
+from dropnet_jax.loop.driver import Driver, Outcome, RunIO, Trial, log_info
+from dropnet_jax.loop.measure import measure
 from dropnet_jax.training.lanes import Lanes, OneLane
 from dropnet_jax.models.layers import Masks, full_masks, zero_sums
 from dropnet_jax.pruning.masks import fraction_remaining, mask_to_strings, masks_from_strings, units_per_layer
