@@ -24,6 +24,8 @@ def main(argv):
     study = entry.config(CONFIG)
     if not study.fractions:
       raise ValueError('--fractions: give at least one p')
+    if len(set(study.fractions)) != len(study.fractions):  # one directory per p: a repeated p would run once
+      raise ValueError(f'--fractions: each p once, got {",".join(map(str, study.fractions))}')
     base = ExperimentConfig(**{f.name: getattr(study, f.name) for f in dataclasses.fields(ExperimentConfig)})
     # The first p's run is checked with its own p: its directory holds a run of that p (not of --fraction) on a rerun.
     first = dataclasses.replace(base, dropnet=dataclasses.replace(base.dropnet, fraction=study.fractions[0]))

@@ -70,6 +70,10 @@ def test_bad_fraction_list_is_rejected(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'experiments.fraction_study', '--fractions=0.2,1.5',
                          f'--out={tmp_path / "x"}'], cwd=REPO, capture_output=True, text=True)
   assert proc.returncode != 0 and 'fraction' in proc.stderr and not (tmp_path / 'x').exists()
+  twice = subprocess.run([sys.executable, '-m', 'experiments.fraction_study', '--fractions=0.5,0.5',
+                          f'--out={tmp_path / "x"}'], cwd=REPO, capture_output=True, text=True)
+  assert twice.returncode == 1 and 'error: --fractions: each p once, got 0.5,0.5' in twice.stderr, twice.stderr[-2000:]
+  assert 'Traceback' not in twice.stderr and not (tmp_path / 'x').exists()
 
 
 def test_randominit_study_pairs_every_cycle(tmp_path):
