@@ -25,22 +25,11 @@ from dropnet_jax.pruning import structured as S  # noqa: E402
 from tests.torch_reference import models as tmodels  # noqa: E402
 from tests.torch_reference.weights import load_flax_variables, to_flax_variables  # noqa: E402
 from compact_test import random_theta  # noqa: E402
+from resnet_bn_torch_test import Plain  # noqa: E402  (the twin as Torch-Pruning traces it)
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 CIFAR = (32, 32, 3)
 REPORT_RATES = (0.1, 0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3)
-
-
-class Plain(torch.nn.Module):
-  """The twin without masks on NCHW float input: what Torch-Pruning traces."""
-
-  def __init__(self, twin):
-    super().__init__()
-    self.twin = twin
-
-  def forward(self, x):
-    features, _ = self.twin.features(x, None, with_stats=False)
-    return self.twin.classifier(features)
 
 
 def torch_prune(twin, rates, importance):
