@@ -7,10 +7,11 @@ The validation split is carved out of the training set per class
 
 Sources: `digits` is scikit-learn's bundled 8x8 set (offline default); `mnist`
 and `cifar10` read local files when `data_dir` is given, else
-tensorflow-datasets; `tiny_imagenet` always needs `data_dir`. tensorflow-datasets
-and TensorFlow are an optional extra (`pip install -e '.[tfds]'`: ~1.6 GB for two
-datasets the standard files also give), imported only on that path; without them
-it stops with one line naming the command, before any download.
+tensorflow-datasets (`dropnet_jax.tfds_source`); `tiny_imagenet` always needs
+`data_dir`. tensorflow-datasets and TensorFlow are an optional extra (`pip install
+-e '.[tfds]'`: ~1.6 GB for two datasets the standard files also give), imported only
+on that path; without them it stops with one line naming the command, before any
+download.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def load_dataset(name: str, data_dir: str | None = None, validation_fraction: fl
   # Checked before any (possibly slow) reading.
   if not 0.0 < validation_fraction < 1.0:
     raise DataError(f'validation_fraction must be in (0, 1), got {validation_fraction}')
+  if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)) or split_seed < 0:
+    # numpy's own error ("expected non-negative integer") would not say which setting it is
+    raise DataError(f'split_seed must be a non-negative integer, got {split_seed!r}')
   if data_dir is not None and name != 'digits' and not os.path.isdir(data_dir):
     raise DataError(f'{name}: data_dir {data_dir} does not exist or is not a directory')
 
@@ -117,6 +121,11 @@ def load_dataset(name: str, data_dir: str | None = None, validation_fraction: fl
 Split = tuple[np.ndarray, np.ndarray]
 
 
+def _load_tfds(name: str) -> tuple[Split, Split]:
+  from dropnet_jax import tfds_source  # lazy: only this path needs it (it imports DataError from here)
+  return tfds_source.load(name)
+
+
 def _check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise DataError(f'{source}: label values out of range [0, {num_classes}): '
@@ -131,62 +140,6 @@ def _load_digits(split_seed: int) -> tuple[Split, Split]:
   labels = bunch.target.astype(np.int32)
   train_idx, test_idx = stratified_split(labels, 0.2, split_seed)
   return (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx])
-
-
-TFDS_INSTALL = "pip install -e '.[tfds]'"
-_TFDS_HINT = {'mnist': 'the four MNIST IDX files', 'cifar10': 'the CIFAR-10 python batches'}
-# Examples per batch read out of tfds. Not batch_size=-1 (one batch of the whole split): tfds sizes
-# that batch from the builder's metadata and falls back to sys.maxsize when it has no counts, which
-# aborts the process (tfds.testing.mock_data's builders have none).
-_TFDS_BATCH = 10_000
-
-
-def _import_tfds(name: str):
-  """tensorflow_datasets with the TensorFlow it reads with, or one DataError naming the install
-  command and the --data_dir alternative, before any download or preparation. Both are looked up
-  before either is imported: importing one of them prints log lines of its own when the other is
-  missing, and TensorFlow takes seconds to import."""
-  import importlib.util
-  missing = [module for module in ('tensorflow_datasets', 'tensorflow') if importlib.util.find_spec(module) is None]
-  if missing:
-    raise _missing_tfds(name, ' and '.join(missing))
-  try:
-    import tensorflow_datasets as tfds  # lazy: heavy, an extra, and only needed without data_dir
-  except ImportError as e:  # installed but broken (a dependency of its own missing)
-    raise _missing_tfds(name, getattr(e, 'name', None) or str(e)) from e
-  return tfds
-
-
-def _missing_tfds(name: str, missing: str) -> DataError:
-  verb = 'are' if ' and ' in missing else 'is'
-  return DataError(f'{name} without --data_dir loads through tensorflow-datasets, and {missing} {verb} not '
-                   f'installed: {TFDS_INSTALL} (or pass --data_dir with {_TFDS_HINT[name]})')
-
-
-def _load_tfds(name: str) -> tuple[Split, Split]:
-  """(train, test) through tensorflow-datasets; any failure becomes a DataError."""
-  tfds = _import_tfds(name)
-  try:
-    splits = tfds.load(name, split=['train', 'test'], batch_size=_TFDS_BATCH, as_supervised=True)
-    train, test = (_concatenate(tfds.as_numpy(split)) for split in splits)
-  except ImportError as e:  # a module tfds imports only while preparing (e.g. importlib_resources)
-    raise _missing_tfds(name, getattr(e, 'name', None) or str(e)) from e
-  except Exception as e:  # noqa: BLE001 -- download and prepare errors all mean "no data"
-    msg = str(e).splitlines()[0] if str(e) else ''
-    raise DataError(f'{name}: could not load through tensorflow-datasets ({type(e).__name__}: '
-                    f'{msg}); pass --data_dir with {_TFDS_HINT[name]}') from e
-  return train, test
-
-
-def _concatenate(batches) -> Split:
-  """(images, labels) batches as one (images, labels) pair."""
-  images, labels = [], []
-  for batch_images, batch_labels in batches:
-    images.append(batch_images)
-    labels.append(batch_labels)
-  if not images:
-    raise DataError('tensorflow-datasets returned an empty split')
-  return np.concatenate(images), np.concatenate(labels)
 
 
 # --- MNIST (IDX) -----------------------------------------------------------

@@ -264,6 +264,14 @@ def test_digits_split_seed():
   assert not np.array_equal(a.val_images, c.val_images)
 
 
+@pytest.mark.parametrize('seed', [-1, 1.5, True])
+def test_a_bad_split_seed_is_named_before_any_reading(tmp_path, seed):
+  # numpy's own "expected non-negative integer" named no setting; an empty data_dir shows no file was read.
+  for name, data_dir in (('digits', None), ('mnist', str(tmp_path))):
+    with pytest.raises(DataError, match=rf'^split_seed must be a non-negative integer, got {seed!r}$'):
+      load_dataset(name, data_dir, split_seed=seed)
+
+
 # --- CIFAR-10 --------------------------------------------------------------
 
 def write_cifar(root: Path, per_batch=4, seed=0):

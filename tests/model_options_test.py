@@ -14,7 +14,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from dropnet_jax import models
-from dropnet_jax.config import TrainConfig
+from dropnet_jax.config import ModelConfig, TrainConfig
 from dropnet_jax.input_pipeline import DataError, channel_stats, load_dataset
 from dropnet_jax.models.compact import model_from_spec, spec_of
 from dropnet_jax.training.trainer import DeviceData, Trainer, fit
@@ -124,6 +124,17 @@ def test_bad_options_are_refused_with_the_setting_named():
     models.create_model('fc', None, 10, head=(8,))
   with pytest.raises(ValueError, match='head widths'):
     models.create_model('modelc', None, 10, head=(0,))
+
+
+@pytest.mark.parametrize('multiplier', [0, -1.0, float('nan'), float('inf')])
+def test_a_non_positive_width_multiplier_is_refused_even_with_widths_given(multiplier):
+  # With --widths the multiplier is unused; a bad one given is still a mistake, not silently ignored.
+  for widths in ((8, 8), None):
+    with pytest.raises(ValueError, match='^--width_multiplier must be a positive number'):
+      models.create_model('fc', widths, 10, multiplier)
+  with pytest.raises(ValueError, match='^model: --width_multiplier must be a positive number'):
+    ModelConfig(widths=(8, 8), width_multiplier=multiplier).validate()
+  assert models.create_model('fc', (8, 8), 10, 0.5).widths == (8, 8)  # a positive one leaves given widths alone
 
 
 def test_specs_carry_the_options_and_old_specs_still_load():

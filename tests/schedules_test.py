@@ -133,7 +133,11 @@ def test_validation_rejects_nonsense():
   ds = load_dataset('digits')
   small = schedules.subset_train(ds, 100)
   assert len(small.train_labels) == 100 and len(small.val_labels) == len(ds.val_labels)
-  assert schedules.subset_train(ds, None) is ds and schedules.subset_train(ds, 10 ** 6) is ds
+  n = len(ds.train_labels)
+  assert schedules.subset_train(ds, None) is ds and schedules.subset_train(ds, n) is ds
+  # More than the split has is refused (it used to train on all of it, silently), naming the flag and the size.
+  with pytest.raises(ValueError, match=rf'^--train_subset={n + 1}: the digits training split has only {n} examples$'):
+    schedules.subset_train(ds, n + 1)
 
 
 def _cli(*args):

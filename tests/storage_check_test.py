@@ -5,6 +5,8 @@ not installed, a server that refuses the connection, a database the server does 
 """
 
 import importlib.util
+import os
+import re
 import socket
 
 import pytest
@@ -32,6 +34,39 @@ def test_bad_urls_are_refused_in_one_line(url, match):
   with pytest.raises(ValueError, match=match) as info:
     studies.check_storage(url)
   assert '\n' not in str(info.value)
+
+
+def test_an_sqlite_file_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+  """--storage=sqlite:///<a path under a file, a directory, a read-only directory>/study.db: one line naming
+  the path (was sqlite3.OperationalError or FileExistsError from make_storage), nothing created."""
+  afile = tmp_path / 'afile'
+  afile.write_text('x')
+  cases = [(afile / 'study.db', f'{afile} is a file, not a directory'),
+           (afile / 'deeper' / 'study.db', f'{afile} is a file, not a directory'),
+           (tmp_path, f'{tmp_path} is a directory')]
+  readonly = tmp_path / 'readonly'
+  readonly.mkdir()
+  (readonly / 'old.db').write_text('')
+  if os.geteuid() != 0:  # root may write anywhere (the probes use a read-only mount for root)
+    readonly.chmod(0o500)
+    cases += [(readonly / 'study.db', f'{readonly} is not writable'),
+              (readonly / 'sub' / 'study.db', f'{readonly} is not writable')]
+  try:
+    for path, match in cases:
+      url = f'sqlite:///{path}'
+      with pytest.raises(ValueError, match=re.escape(match)) as info:
+        studies.check_storage(url)
+      assert '\n' not in str(info.value)
+      out = tmp_path / 'out'
+      with pytest.raises(ValueError, match=re.escape(f'--storage={url}: {match}')):
+        tune_experiment.prepare(TuneConfig(), str(out), url)
+      assert not out.exists() and not (tmp_path / 'readonly' / 'sub').exists()
+  finally:
+    readonly.chmod(0o700)
+  assert sorted(os.listdir(readonly)) == ['old.db']
+  fresh = tmp_path / 'new' / 'dir' / 'study.db'  # a directory to create: fine, and nothing made yet
+  assert studies.check_storage(f'sqlite:///{fresh}') == f'sqlite:///{fresh}'
+  assert not (tmp_path / 'new').exists()
 
 
 def test_missing_driver_is_named():

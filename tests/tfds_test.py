@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dropnet_jax import input_pipeline
+from dropnet_jax import input_pipeline, tfds_source
 from dropnet_jax.input_pipeline import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_a_module_missing_inside_tfds_is_the_same_line(monkeypatch):
     @staticmethod
     def load(*args, **kwargs):
       raise ModuleNotFoundError("No module named 'importlib_resources'", name='importlib_resources')
-  monkeypatch.setattr(input_pipeline, '_import_tfds', lambda name: FakeTfds)
+  monkeypatch.setattr(tfds_source, '_import_tfds', lambda name: FakeTfds)
   line = r"mnist without --data_dir.*importlib_resources is not installed: pip install -e '\.\[tfds\]'"
   with pytest.raises(input_pipeline.DataError, match=line):
     load_dataset('mnist')
@@ -69,7 +69,7 @@ def test_a_module_missing_inside_tfds_is_the_same_line(monkeypatch):
 def test_the_loader_reads_tfds_splits_in_batches(monkeypatch, name, shape):
   import tensorflow_datasets as tfds
   examples = 50
-  monkeypatch.setattr(input_pipeline, '_TFDS_BATCH', 7)  # several batches and a remainder
+  monkeypatch.setattr(tfds_source, '_TFDS_BATCH', 7)  # several batches and a remainder
   with tfds.testing.mock_data(num_examples=examples):
     ds = load_dataset(name)
     reference = {split: next(iter(tfds.as_numpy(tfds.load(name, split=split, batch_size=examples,
@@ -103,3 +103,60 @@ def test_a_run_on_tfds_mnist_through_the_entry_point(tmp_path):
   assert config['config']['data']['dataset'] == 'mnist' and config['config']['data']['data_dir'] is None
   records = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
   assert records and records[0]['units'] == [4, 4]
+
+
+OFFLINE = textwrap.dedent('''
+    import os, socket
+    for var in ('https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+      os.environ.pop(var, None)
+    def offline(address, *args, **kwargs):
+      raise socket.gaierror(-2, 'Name or service not known')
+    socket.create_connection = offline
+    from tensorflow_datasets.core import dataset_builder
+    def download_and_prepare(self, *args, **kwargs):  # offline, tfds would retry for ~3.5 minutes here
+      raise RuntimeError('a download was started')
+    dataset_builder.DatasetBuilder.download_and_prepare = download_and_prepare
+''')
+
+
+@needs_tfds
+def test_offline_without_data_dir_is_one_line_at_once_naming_data_dir(tmp_path):
+  out = tmp_path / 'run'
+  proc = run_entry_point(tmp_path, OFFLINE, '--dataset=mnist', f'--out={out}')
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == [
+      'error: mnist is not downloaded yet and storage.googleapis.com cannot be reached (Name or service not '
+      'known); offline, pass --data_dir with the four MNIST IDX files'], proc.stderr[-3000:]
+  assert not out.exists()
+
+
+@pytest.mark.parametrize('name,host', sorted(tfds_source.TFDS_HOSTS.items()))
+def test_the_download_host_is_tried_briefly_and_not_behind_a_proxy(monkeypatch, name, host):
+  tried = []
+  def refused(address, timeout):
+    tried.append((address, timeout))
+    raise ConnectionRefusedError(111, 'Connection refused')
+  monkeypatch.setattr('socket.create_connection', refused)
+  for var in ('https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+    monkeypatch.delenv(var, raising=False)
+  with pytest.raises(input_pipeline.DataError, match=rf'^{name} is not downloaded yet and {host} cannot be reached '
+                     r'\(Connection refused\); offline, pass --data_dir with '):
+    tfds_source.check_download_host(name)
+  assert tried == [((host, 443), tfds_source.CONNECT_TIMEOUT_S)] and tfds_source.CONNECT_TIMEOUT_S <= 10
+  monkeypatch.setenv('HTTPS_PROXY', 'http://proxy.example:3128')  # the proxy reaches the host, not this machine
+  tfds_source.check_download_host(name)
+  assert len(tried) == 1
+
+
+def test_ctrl_c_while_loading_is_one_line_exit_130(tmp_path):
+  out = tmp_path / 'run'
+  prelude = textwrap.dedent('''
+      from dropnet_jax import tfds_source
+      def interrupted(name):  # as Ctrl-C while tfds reads or downloads
+        raise KeyboardInterrupt
+      tfds_source.load = interrupted
+  ''')
+  proc = run_entry_point(tmp_path, prelude, '--dataset=mnist', f'--out={out}')
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == ['interrupted (Ctrl-C)'], proc.stderr[-3000:]
+  assert not out.exists()

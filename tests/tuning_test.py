@@ -175,6 +175,24 @@ def test_space_refuses_bad_dropout_and_batch_size_ranges(fields, match):
     tuning.SearchSpace(**fields).validate()
 
 
+@pytest.mark.parametrize('field', tuning.space._RANGES)
+@pytest.mark.parametrize('value', ['one', 'reversed'])
+def test_a_bad_range_names_the_flag_typed(field, value, tmp_path):
+  """--tune_lr=0.1 or --tune_lr=1,0.001 (any range field): the error names the flag, then the setting."""
+  flag = {f.name: f.metadata['flag'] for f in dataclasses.fields(tuning.SearchSpace)}[field]
+  assert flag.startswith('tune_')
+  bad = (0.5,) if value == 'one' else (8.0, 2.0)
+  config = dataclasses.replace(TuneConfig(), space=dataclasses.replace(tuning.SearchSpace(), **{field: bad}))
+  with pytest.raises(ValueError, match=rf'^--{flag} \(space\.{field}\): ') as e:
+    config.validate()
+  assert '\n' not in str(e.value)
+  # The same with a --space file under the flag given on the command line.
+  path = tmp_path / 'space.json'
+  path.write_text('{}')
+  with pytest.raises(ValueError, match=rf'^--{flag} \(space\.{field}\): '):
+    with_space_file(dataclasses.replace(config, space_file=str(path)), [f'space.{field}'])
+
+
 # -- the study's settings and directory -------------------------------------------------------------
 
 def test_config_validation_space_file_and_objective(tmp_path):
@@ -370,6 +388,50 @@ def test_stale_trial_is_failed_and_retried(tmp_path, runner):
   assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
   assert tuning.complete(retried[0].params, space, base) == params  # same parameters
   assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(report.trials) == 2
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path, runner):
+  """A worker killed between Optuna's creation of a trial and its claim leaves a running trial with no
+  heartbeat and no worker attributes, which Optuna's stale check skips: the study must still finish."""
+  space = tuning.SearchSpace(**SMALL)
+  study = tuning.open_study(_storage(tmp_path, heartbeat_interval=1, grace_period=1), 's', {})
+  orphans = [study._storage.create_new_trial(study._study_id) for _ in range(2)]  # what killed workers left
+  # The second is a retry (its failed trial's user attributes copied, from a worker on another machine).
+  for key, value in (('worker', 'elsewhere:1:0'), ('worker_machine', 'elsewhere'), ('worker_pid', 1),
+                     ('worker_trial_id', orphans[0])):
+    study._storage.set_trial_user_attr(orphans[1], key, value)
+  logs = []
+  report = tuning.run_worker(study, space, BASE, 3, runner=runner, log=logs.append, poll_seconds=0.2)
+  trials = study.get_trials()
+  for orphan in orphans:
+    killed = [t for t in trials if t._trial_id == orphan][0]
+    assert killed.state == TrialState.FAIL
+    assert [t.state for t in trials if t.system_attrs.get('failed_trial') == killed.number] == [TrialState.COMPLETE]
+    assert any(f'trial {killed.number} was never claimed' in line for line in logs)
+  assert sum(t.state == TrialState.COMPLETE for t in trials) == 3 and len(report.trials) == 3
+
+
+def test_a_trial_is_claimed_as_it_is_created_before_sampling(tmp_path, runner):
+  """The worker's heartbeat and PID are on the trial before any parameter is sampled (so a kill at any
+  later point is seen by the PID or heartbeat checks)."""
+  study = tuning.open_study(_storage(tmp_path, heartbeat_interval=1), 's', {})
+  db = str(tmp_path / 'study.db')
+  seen = []
+
+  class Spy(optuna.samplers.RandomSampler):
+    def sample_independent(self, _study, trial, name, distribution):
+      with sqlite3.connect(db) as con:
+        beats = con.execute('SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = ?', (trial._trial_id,)).fetchone()
+      attrs = study._storage.get_trial(trial._trial_id).user_attrs
+      seen.append((name, (attrs.get('worker_pid'), attrs.get('worker_trial_id')) == (os.getpid(), trial._trial_id),
+                   beats[0]))
+      return super().sample_independent(_study, trial, name, distribution)
+
+  study.sampler = tuning.PinnedSampler(Spy(seed=0))
+  tuning.run_worker(study, tuning.SearchSpace(**SMALL), BASE, 2, runner=runner, batch=2, log=lambda s: None)
+  assert {name for name, _, _ in seen} >= {'lr', 'momentum'}
+  assert all(own and beats == 1 for _, own, beats in seen), seen
+  assert study.sampler.on_trial_created is None  # the claim ends with the worker
 
 
 def test_study_searching_dropout_asgd_and_batch_size_range(tmp_path, runner):

@@ -122,7 +122,8 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk, a quota,
 def _checked_main(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   """absl hands `main` the words of the command line that are not flags. No entry point takes any, and
   one left unread is a setting the user meant but the run ignores (`--metrics=min max` runs min only):
-  refused in one line before any work. Also the last resort for a disk that fills up (or turns read-only)
+  refused in one line before any work. Ctrl-C while preparing (reading or downloading data) ends in one
+  line, exit 130, as it does during a run. Also the last resort for a disk that fills up (or turns read-only)
   while an entry point writes its outputs: one line naming the file, not a traceback (what was written
   before is whole: files are written atomically)."""
   def checked(argv: list[str]) -> Any:
@@ -130,6 +131,9 @@ def _checked_main(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
       fail(f'unexpected arguments {argv[1:]}: settings are given as --flag=value')
     try:
       return main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a run took over (runs.run_dir ends its own: saved, exit 130)
+      print('interrupted (Ctrl-C)', file=sys.stderr)
+      sys.exit(130)
     except OSError as e:
       if e.errno not in DISK_ERRNOS:
         raise

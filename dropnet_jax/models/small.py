@@ -151,6 +151,9 @@ def create_model(name: str, widths: Sequence[int] | None, num_classes: int, widt
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
+  # Refused even when `widths` make it unused: a bad value given is a mistake, not a no-op.
+  if not (math.isfinite(width_multiplier) and width_multiplier > 0):
+    raise ValueError(f'--width_multiplier must be a positive number, got {width_multiplier}')
   if stages is not None:
     if name not in RESNET18_NAMES:
       raise ValueError(f'stages (layer removal) applies to {" and ".join(RESNET18_NAMES)}, not {name}')

@@ -114,8 +114,13 @@ class Setup:
 
 
 def subset_train(dataset: Dataset, n: int | None) -> Dataset:
-  """The first n of a seeded permutation of the training split (validation and test unchanged)."""
-  if n is None or n >= len(dataset.train_labels):
+  """The first n of a seeded permutation of the training split (validation and test unchanged);
+  ValueError when the split has fewer than n examples (using all of them would silently train on more
+  than asked)."""
+  if n is not None and n > len(dataset.train_labels):
+    raise ValueError(f'--train_subset={n}: the {dataset.name} training split has only {len(dataset.train_labels)} '
+                     'examples')
+  if n is None or n == len(dataset.train_labels):
     return dataset
   idx = np.sort(np.random.default_rng(0).permutation(len(dataset.train_labels))[:n])
   return dataclasses.replace(dataset, train_images=dataset.train_images[idx], train_labels=dataset.train_labels[idx])

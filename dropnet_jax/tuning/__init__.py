@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna over TrainConfig and DropNet settings, trials batched as lanes.
 
 Modules: `space` (search space, configs), `runner` (lanes, retrain, DropNet objective), `study`
-(storage, heartbeats, the worker loop).
+(studies, the worker loop), `liveness` (heartbeats, claims, failing dead workers' trials), `storage`.
 
 What a study searches (`SearchSpace`, from flags or a small JSON file): the optimiser, learning rate
 (log scale), momentum (for the optimisers that take one), weight decay (log), batch size (a list of
@@ -36,10 +36,12 @@ price: a batch of K explores the static parameters with one draw, so they are se
 more slowly per trial (use a small batch when the static space is large, or fix static settings).
 
 Storage and workers. `make_storage` opens an Optuna RDB storage (an SQLite file by default,
-PostgreSQL for clusters) with a heartbeat: each worker beats for its running trials from a thread,
+PostgreSQL for clusters) with a heartbeat: a worker claims each trial as Optuna creates it (its first
+heartbeat, name, machine and PID, before any sampling), beats for its running trials from a thread,
 and every worker fails the trials whose heartbeat is older than the grace period
 (`fail_stale_trials`; at once for workers on this machine whose process is gone:
-`fail_dead_local_trials`) and re-enqueues them with the same parameters
+`fail_dead_local_trials`; never claimed, from a worker killed as it asked: `UnclaimedTrials`) and
+re-enqueues them with the same parameters
 (`RetryHeartbeatStaleTrialCallback`). `run_worker` stops once `n_trials` trials are complete or
 pruned, counting trials that other workers are running or that wait in the queue, so several worker
 processes (one `--workers=N` run, or separate commands on one storage) share the work without
@@ -78,8 +80,8 @@ _MODULES = {
     'space': ('DYNAMIC', 'SearchSpace', 'complete', 'group_key', 'lane_hyperparams', 'searched_dynamic', 'suggest',
               'template_config', 'train_config', 'trial_model'),
     'runner': ('DropNetObjective', 'LaneResult', 'LaneRunner', 'dropnet_value', 'retrain'),
-    'study': ('Heartbeat', 'PinnedSampler', 'WorkerReport', 'fail_dead_local_trials', 'machine_id', 'make_pruner',
-              'make_storage', 'open_study', 'run_worker', 'sqlite_url', 'state_counts', 'worker_name'),
+    'study': ('Heartbeat', 'PinnedSampler', 'UnclaimedTrials', 'WorkerReport', 'fail_dead_local_trials', 'machine_id',
+              'make_pruner', 'make_storage', 'open_study', 'run_worker', 'sqlite_url', 'state_counts', 'worker_name'),
 }
 _PUBLIC = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = [*_PUBLIC, 'require_optuna']

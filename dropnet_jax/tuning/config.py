@@ -112,8 +112,8 @@ class TuneConfig:
     check_data_dir(self.data)
     try:
       self.space.validate()
-    except ValueError as e:  # named as the setting (--config.space.<name>, the --tune_<name> flag)
-      raise ValueError(f'space.{e}') from None
+    except ValueError as e:  # named as the flag typed (--tune_<name>) and the setting (space.<name>)
+      raise SearchSpace.flag_error(e) from None
     self.dropnet.validate()
 
 
@@ -127,7 +127,11 @@ def with_space_file(config: TuneConfig, given: Iterable[str] = ()) -> TuneConfig
   space = SearchSpace.load(config.space_file)
   keep = {path.split('.', 1)[1]: getattr(config.space, path.split('.', 1)[1]) for path in given
           if path.startswith('space.')}
-  return dataclasses.replace(config, space=dataclasses.replace(space, **keep).validate(), space_file=None)
+  try:  # the file's space is valid (`load`): an error here comes from a --tune_* flag
+    merged = dataclasses.replace(space, **keep).validate()
+  except ValueError as e:
+    raise SearchSpace.flag_error(e) from None
+  return dataclasses.replace(config, space=merged, space_file=None)
 
 
 def check_data_dir(data: DataConfig) -> None:

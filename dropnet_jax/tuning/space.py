@@ -143,8 +143,21 @@ class SearchSpace:
       if not self.metrics:
         raise ValueError('metrics: at least one criterion, or None')
       for m in self.metrics:
-        criteria.get(m)
+        try:
+          criteria.get(m)
+        except ValueError as e:
+          raise ValueError(f'metrics: {e}') from None
     return self
+
+  @classmethod
+  def flag_error(cls, error: ValueError) -> ValueError:
+    """`error` from `validate` ('<field>: ...') naming the field's command-line flag and its config path
+    ('--tune_lr (space.lr): ...'): what the user typed, for every field (its `setting(flag=...)`)."""
+    field, sep, rest = str(error).partition(':')
+    flags = {f.name: f.metadata.get('flag') for f in dataclasses.fields(cls)}
+    if not sep or not flags.get(field):
+      return ValueError(f'space: {error}')
+    return ValueError(f'--{flags[field]} (space.{field}):{rest}')
 
   def _validate_batch_size_range(self) -> None:
     step, log, r = self.batch_size_step, self.batch_size_log, self.batch_size_range

@@ -51,6 +51,7 @@ def check_storage(url: str, connect_timeout: int = 10) -> str:
     raise ValueError(f'the {parsed.drivername} driver is not installed ({e}); for PostgreSQL: '
                      "pip install -e '.[postgres]'") from None
   if parsed.get_backend_name() == 'sqlite':
+    _check_sqlite_file(parsed.database)
     return url
   connect_args = {'connect_timeout': int(connect_timeout)} if parsed.get_backend_name() == 'postgresql' else {}
   engine = sqlalchemy.create_engine(parsed, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
@@ -63,6 +64,25 @@ def check_storage(url: str, connect_timeout: int = 10) -> str:
   finally:
     engine.dispose()
   return url
+
+
+def _check_sqlite_file(database: str | None) -> None:
+  """An SQLite file can be opened for writing, and its directory (created if missing) takes the file
+  and its journal (-wal, -shm): else ValueError naming the path, before anything is written."""
+  if not database or database == ':memory:' or database.startswith('file:'):
+    return
+  path = os.path.abspath(database)
+  if os.path.isdir(path):
+    raise ValueError(f'{path} is a directory, not an SQLite file')
+  if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+    raise ValueError(f'{path} is not writable')
+  existing = os.path.dirname(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'{existing} is a file, not a directory (cannot hold {path})')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f'{existing} is not writable (SQLite writes {path} and its journal there)')
 
 
 def make_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int | None = None,

@@ -5,10 +5,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
-import random
-import socket
-import threading
 import time
 from typing import Any, Callable
 
@@ -17,6 +13,9 @@ from optuna.trial import TrialState
 
 from dropnet_jax.config import TrainConfig
 from dropnet_jax.tuning.runner import DropNetObjective, LaneRunner
+# Heartbeats and the failing of dead workers' trials, importable from here as before.
+from dropnet_jax.tuning.liveness import (  # noqa: F401
+    Heartbeat, UnclaimedTrials, _retry, claim, fail_dead_local_trials, machine_id, worker_name)
 # The storage's checks and construction, importable from here as before.
 from dropnet_jax.tuning.storage import check_storage, make_storage, sqlite_url  # noqa: F401
 from dropnet_jax.tuning.space import DYNAMIC, SearchSpace, group_key, lane_hyperparams, suggest
@@ -53,59 +52,6 @@ def open_study(storage, name: str, settings: dict[str, Any], *, pruner=None, see
   return study
 
 
-def _retry(fn, attempts: int = 8):
-  """A storage call, retried on lock contention (SQLite answers concurrent writers with errors)."""
-  for i in range(attempts):
-    try:
-      return fn()
-    except optuna.exceptions.StorageInternalError:
-      if i == attempts - 1:
-        raise
-      time.sleep(0.1 * 2 ** i * (1 + random.random()))
-
-
-class Heartbeat:
-  """Records heartbeats for this worker's running trials from a thread (Optuna's own heartbeat runs
-  only inside `study.optimize`)."""
-
-  def __init__(self, storage):
-    self.storage = storage
-    self.interval = storage.get_heartbeat_interval() if hasattr(storage, 'get_heartbeat_interval') else None
-    self.ids: set[int] = set()
-    self._lock, self._stop = threading.Lock(), threading.Event()
-    self._thread = threading.Thread(target=self._loop, daemon=True) if self.interval else None
-
-  def __enter__(self):
-    if self._thread:
-      self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    if self._thread:
-      self._thread.join()
-
-  def add(self, trial_id: int) -> None:
-    if self.interval:
-      _retry(lambda: self.storage.record_heartbeat(trial_id))
-    with self._lock:
-      self.ids.add(trial_id)
-
-  def discard(self, trial_id: int) -> None:
-    with self._lock:
-      self.ids.discard(trial_id)
-
-  def _loop(self) -> None:
-    while not self._stop.wait(self.interval):
-      with self._lock:
-        ids = list(self.ids)
-      for i in ids:
-        try:
-          self.storage.record_heartbeat(i)
-        except Exception:  # a failed beat is retried next interval; a stale trial is retried by others
-          pass
-
-
 def state_counts(study) -> collections.Counter:
   return collections.Counter(t.state for t in _retry(lambda: study.get_trials(deepcopy=False)))
 
@@ -116,57 +62,6 @@ def state_counts(study) -> collections.Counter:
 class WorkerReport:
   trials: list[int]  # numbers of the trials this worker ran to an end
   seconds: float
-
-
-def worker_name(worker_id: int) -> str:
-  return f'{socket.gethostname()}:{os.getpid()}:{worker_id}'
-
-
-def machine_id() -> str:
-  """This host and PID namespace (hostname, boot id, /proc/self/ns/pid): processes with the same id see
-  each other's PIDs. '' where unknown (then no trial is judged by its PID)."""
-  try:
-    with open('/proc/sys/kernel/random/boot_id') as f:
-      boot = f.read().strip()
-    return f'{socket.gethostname()}|{boot}|{os.readlink("/proc/self/ns/pid")}'
-  except OSError:
-    return ''
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, another user's
-    return True
-  return True
-
-
-def fail_dead_local_trials(study) -> list[int]:
-  """Fails the running trials of worker processes on this machine that no longer exist (killed, crashed)
-  without waiting for their heartbeat to go stale, and hands each to the storage's stale-trial callback
-  (the retry). A reused PID only delays this to the heartbeat's grace period."""
-  me, storage = machine_id(), study._storage
-  if not me:
-    return []
-  failed = []
-  for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-    pid = t.user_attrs.get('worker_pid')
-    if t.user_attrs.get('worker_machine') != me or pid is None or pid == os.getpid() or _alive(pid):
-      continue
-    try:
-      if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-        failed.append(t)
-    except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
-      continue
-  get = getattr(storage, 'get_heartbeat_stale_trial_callback', None) or getattr(storage, 'get_failed_trial_callback',
-                                                                                   lambda: None)
-  callback = get()
-  for t in failed:
-    if callback is not None:
-      callback(study, storage.get_trial(t._trial_id))
-  return [t.number for t in failed]
 
 
 def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, runner: LaneRunner | None = None,
@@ -185,49 +80,62 @@ def run_worker(study, space: SearchSpace, base: TrainConfig, n_trials: int, *, r
   # few beats) for nothing to do is enough to see it failed and re-enqueued before leaving.
   backend = getattr(storage, '_backend', storage)  # optuna wraps an RDBStorage in a cache
   wait_limit = ((getattr(backend, 'grace_period', None) or 2 * interval) + 3 * interval) if heartbeat_on else 0
-  name, machine, ran, start = worker_name(worker_id), machine_id(), [], time.perf_counter()
+  ran, start = [], time.perf_counter()
   base_dropnet = dropnet.base if dropnet else None
   waited_since = None
+  unclaimed = UnclaimedTrials(getattr(backend, 'grace_period', None) or 2 * interval) if heartbeat_on else None
+  if not isinstance(study.sampler, PinnedSampler):
+    study.sampler = PinnedSampler(study.sampler)
   with Heartbeat(storage) as beat:
-    while True:
-      if heartbeat_on:
-        _retry(lambda: optuna.storages.fail_stale_trials(study))
-      for number in _retry(lambda: fail_dead_local_trials(study)):
-        log(f'trial {number} belonged to a worker process that no longer exists: failed (retried if enabled)')
-      c = state_counts(study)
-      finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
-      if finished >= n_trials:
-        break
-      free = n_trials - finished - c[TrialState.RUNNING] - c[TrialState.WAITING]
-      if free <= 0 and c[TrialState.WAITING] == 0:
-        # Others are running the rest; wait long enough to see one of them go stale, then leave.
-        waited_since = waited_since or time.perf_counter()
-        if time.perf_counter() - waited_since > wait_limit:
+    # Each trial is claimed as Optuna creates it, before sampling or training (see `liveness`).
+    study.sampler.on_trial_created = lambda trial_id: claim(storage, beat, trial_id, worker_id)
+    try:
+      while True:
+        if heartbeat_on:
+          _retry(lambda: optuna.storages.fail_stale_trials(study))
+        for number in _retry(lambda: fail_dead_local_trials(study)):
+          log(f'trial {number} belonged to a worker process that no longer exists: failed (retried if enabled)')
+        for number in _retry(lambda: unclaimed.fail(study)) if unclaimed else ():
+          log(f'trial {number} was never claimed by a worker (killed as it was asked): failed (retried if enabled)')
+        c = state_counts(study)
+        finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
+        if finished >= n_trials:
           break
-        time.sleep(poll_seconds)
-        continue
-      waited_since = None
-      waiting = c[TrialState.WAITING]
-      # Queued trials (retries, other workers' followers) first, as they come; else a fresh batch.
-      asked = _ask(study, min(batch, waiting) if waiting else min(batch, free), space, base, base_dropnet, beat,
-                   followers=not waiting)
-      for t, _ in asked:
-        for key, value in (('worker', name), ('worker_machine', machine), ('worker_pid', os.getpid())):
-          _retry(lambda: t.set_user_attr(key, value))
-      if dropnet is not None:
-        for t, settings in asked:
-          ran += _run_dropnet_trial(study, t, settings, dropnet, beat, log)
-      else:
-        groups: dict[Any, list] = collections.OrderedDict()
-        for t, settings in asked:
-          try:
-            groups.setdefault(group_key(settings, space, base), []).append((t, settings))
-          except ValueError as e:  # a setting the config refuses (e.g. a schedule too short)
-            _tell(study, t, beat, state=TrialState.FAIL, attrs={'error': str(e)})
-            log(f'trial {t.number} failed: {e}')
-        for (template, dropout), members in groups.items():
-          ran += _run_group(study, runner, template, dropout, members, space, batch, beat, log)
+        free = n_trials - finished - c[TrialState.RUNNING] - c[TrialState.WAITING]
+        if free <= 0 and c[TrialState.WAITING] == 0:
+          # Others are running the rest; wait long enough to see one of them go stale, then leave.
+          waited_since = waited_since or time.perf_counter()
+          if time.perf_counter() - waited_since > wait_limit:
+            break
+          time.sleep(poll_seconds)
+          continue
+        waited_since = None
+        waiting = c[TrialState.WAITING]
+        # Queued trials (retries, other workers' followers) first, as they come; else a fresh batch.
+        asked = _ask(study, min(batch, waiting) if waiting else min(batch, free), space, base, base_dropnet,
+                     followers=not waiting)
+        if dropnet is not None:
+          for t, settings in asked:
+            ran += _run_dropnet_trial(study, t, settings, dropnet, beat, log)
+        else:
+          ran += _run_groups(study, runner, asked, space, base, batch, beat, log)
+    finally:
+      study.sampler.on_trial_created = None
   return WorkerReport(ran, time.perf_counter() - start)
+
+
+def _run_groups(study, runner: LaneRunner, asked, space, base, batch, beat, log) -> list[int]:
+  """The asked trials, grouped by their compiled program (`group_key`) and trained group by group."""
+  ran, groups = [], collections.OrderedDict()
+  for t, settings in asked:
+    try:
+      groups.setdefault(group_key(settings, space, base), []).append((t, settings))
+    except ValueError as e:  # a setting the config refuses (e.g. a schedule too short)
+      _tell(study, t, beat, state=TrialState.FAIL, attrs={'error': str(e)})
+      log(f'trial {t.number} failed: {e}')
+  for (template, dropout), members in groups.items():
+    ran += _run_group(study, runner, template, dropout, members, space, batch, beat, log)
+  return ran
 
 
 class PinnedSampler(optuna.samplers.BaseSampler):
@@ -238,6 +146,8 @@ class PinnedSampler(optuna.samplers.BaseSampler):
   def __init__(self, base: optuna.samplers.BaseSampler):
     self.base = base
     self._pins: dict[int, dict[str, Any]] = {}
+    # Called with each new trial's id as Optuna creates it (before any sampling): the worker's claim.
+    self.on_trial_created: Callable[[int], None] | None = None
 
   def pin(self, number: int, params: dict[str, Any]) -> None:
     self._pins[number] = dict(params)
@@ -259,6 +169,8 @@ class PinnedSampler(optuna.samplers.BaseSampler):
     return self.base.sample_independent(study, trial, param_name, param_distribution)
 
   def before_trial(self, study, trial):
+    if self.on_trial_created is not None:
+      self.on_trial_created(trial._trial_id)
     self.base.before_trial(study, trial)
 
   def after_trial(self, study, trial, state, values):
@@ -269,19 +181,17 @@ class PinnedSampler(optuna.samplers.BaseSampler):
     self.base.reseed_rng()
 
 
-def _ask(study, k: int, space, base, base_dropnet, beat: Heartbeat,
-         followers: bool = True) -> list[tuple[Any, dict[str, Any]]]:
+def _ask(study, k: int, space, base, base_dropnet, followers: bool = True) -> list[tuple[Any, dict[str, Any]]]:
   """k trials: a leader, then k - 1 followers given the leader's static parameters (with `followers`;
   else whatever the queue holds), so the sampler picks only their learning rate, momentum and weight decay."""
   if not isinstance(study.sampler, PinnedSampler):
     study.sampler = PinnedSampler(study.sampler)
+  # Each trial is claimed (heartbeat, worker attributes) by the sampler as Optuna creates it.
   leader = _retry(study.ask)
-  beat.add(leader._trial_id)
   out = [(leader, suggest(leader, space, base, base_dropnet))]
   fixed = {p: v for p, v in leader.params.items() if p not in DYNAMIC}
   for _ in range(k - 1):
     t = _retry(study.ask)  # a new trial, or a queued one (a retry: its own parameters win, grouped apart)
-    beat.add(t._trial_id)
     if followers:
       study.sampler.pin(t.number, fixed)
     out.append((t, suggest(t, space, base, base_dropnet)))
