@@ -2,7 +2,8 @@
 
 Checks, against a one-process run of the same command: the same records (masks
 exactly, numbers to float rounding: each step's gradient is all-reduced over the
-two processes' halves of the batch); process 1 writes nothing (a Python audit
+two processes' halves of the batch), and the same saved θ of every cycle (the default --save_params:
+each save is one every process takes part in, process 0 writing); process 1 writes nothing (a Python audit
 hook in process 1 logs every file it opens for writing or creates, renames or
 deletes under --out); and a run whose two processes are SIGKILLed mid-run
 resumes, when both are started again, to the same records.
@@ -19,11 +20,13 @@ import sys
 import textwrap
 import time
 
+import jax
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--dataset=digits', '--widths=8,8', '--metrics=min', '--max_epochs=2', '--floor=0.7',
-        '--save_params=none', '--checkpoint_every_epochs=1']
+        '--checkpoint_every_epochs=1']  # the default --save_params: each cycle's θ saved (process 0 writes)
 TIMEOUT = 150  # seconds any one run may take (bounded waits: a hung collective fails the test)
 
 # Process 1's write log: every open for writing, mkdir, rename or removal under WATCH.
@@ -164,6 +167,15 @@ def test_two_processes_match_one_write_once_and_resume(tmp_path):
   raw = tmp_path / 'writes1.raw'
   assert not raw.exists(), f'process 1 wrote under --out:\n{raw.read_text()[:2000]}'
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+  # Every cycle's θ was saved (all processes took part in each save; none waited alone) and reloads as one
+  # process's, to float rounding.
+  from dropnet_jax.runs import saved_params
+  selectors = saved_params.saved_selectors(two)
+  assert selectors == saved_params.saved_selectors(one) and len(selectors) == len(records)
+  for selector in selectors:
+    theta_two, theta_one = saved_params.load_saved(two, selector)[1], saved_params.load_saved(one, selector)[1]
+    for a, b in zip(jax.tree.leaves(theta_two), jax.tree.leaves(theta_one)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
 @pytest.mark.parametrize('schedule', ['barrier', 'continuous'])

@@ -334,10 +334,8 @@ def save(directory: str, model: nn.Module, theta: Any, extra_meta: Mapping[str, 
           'meta': dict(extra_meta or {})}
   if os.path.exists(os.path.join(directory, SPEC_FILE)):  # spec.json, written last, marks a complete export
     os.remove(os.path.join(directory, SPEC_FILE))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, STATE_DIR), {k: v for k, v in flat.items() if v.size}, force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  from dropnet_jax.runs.tree_save import save_tree  # one line on a failed write (a full disk), whole on Ctrl-C
+  save_tree(os.path.join(directory, STATE_DIR), {k: v for k, v in flat.items() if v.size})
   tmp = os.path.join(directory, SPEC_FILE + '.tmp')
   with open(tmp, 'w') as f:
     json.dump(spec, f, indent=1)

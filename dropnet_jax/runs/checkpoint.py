@@ -107,7 +107,15 @@ class _DropOrbaxErrors(py_logging.Filter):
   """Drops orbax's ERROR records (tracebacks of its threads): the Checkpointer reports the failure."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return not (record.levelno >= py_logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
+    orbax = f'{os.sep}orbax{os.sep}'
+    # asyncio's "Task/Future exception was never retrieved" (orbax's writers of a failed save, garbage-collected)
+    # comes from asyncio's logger and names the orbax coroutine or the step being written in its message.
+    message = record.getMessage()
+    return not (record.levelno >= py_logging.ERROR and (orbax in record.pathname or orbax in message
+                                                         or TMP_MARKER in message))
+
+
+_QUIET_LOGGERS = ('absl', 'asyncio')
 
 
 def _is_orbax_noise(exc: BaseException | None, obj: Any = None) -> bool:
@@ -135,7 +143,8 @@ def _quiet_orbax() -> Iterator[None]:
       excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
       sys.excepthook = lambda t, v, tb: None if _is_orbax_noise(v) else excepthook(t, v, tb)
       sys.unraisablehook = lambda u: None if _is_orbax_noise(u.exc_value, u.object) else unraisablehook(u)
-      py_logging.getLogger('absl').addFilter(flt)
+      for name in _QUIET_LOGGERS:
+        py_logging.getLogger(name).addFilter(flt)
       _saved_hooks[:] = [excepthook, unraisablehook, flt]
   try:
     yield
@@ -144,7 +153,8 @@ def _quiet_orbax() -> Iterator[None]:
       _quiet_depth -= 1
       if _quiet_depth == 0:
         sys.excepthook, sys.unraisablehook, flt = _saved_hooks
-        py_logging.getLogger('absl').removeFilter(flt)
+        for name in _QUIET_LOGGERS:
+          py_logging.getLogger(name).removeFilter(flt)
 
 
 class Checkpointer:

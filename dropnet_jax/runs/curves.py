@@ -182,12 +182,21 @@ class CurveWriter:
 
   def close(self) -> None:
     """Flushes and closes metrics.jsonl and the TensorBoard files (a later `add` appends again)."""
+    errors = []
     if self._file is not None:
-      self._file.close()
+      try:
+        self._file.close()
+      except OSError as e:  # a full disk: the flush failed (the file is closed all the same)
+        errors.append(OSError(e.errno, e.strerror, self.path))
       self._file = None
     for writer in self._writers.values():
-      writer.close()
+      try:
+        _close_event_file(writer)
+      except OSError as e:
+        errors.append(OSError(e.errno, e.strerror, writer.get_logdir()))
     self._writers = {}
+    if errors:
+      raise errors[0]  # naming the file (the entry points' one line for a full disk)
 
   def save_figure(self, title: str = '') -> str | None:
     """learning_curves.png from metrics.jsonl; its path, or None when there are no rows yet."""
@@ -195,6 +204,22 @@ class CurveWriter:
     if not rows:
       return None
     return save_figure(rows, os.path.join(self.directory, FIGURE_FILE), title)
+
+
+def _close_event_file(writer) -> None:
+  """Closes a tensorboardX FileWriter; when its last flush fails (a full disk) its writer thread is stopped
+  and it is marked closed all the same, so that neither its atexit hook nor its thread print a traceback
+  after the failure was reported (the OSError is raised)."""
+  events = writer.event_writer
+  try:
+    events.close()
+  except OSError:
+    events._closed = True  # pylint: disable=protected-access  # its atexit hook: nothing left to do
+    with contextlib.suppress(Exception):
+      events._worker.stop()  # pylint: disable=protected-access
+    with contextlib.suppress(OSError):
+      events._ev_writer.close()  # pylint: disable=protected-access  # the file is closed even if its flush fails
+    raise
 
 
 @contextlib.contextmanager
@@ -208,8 +233,11 @@ def for_run(run_dir, enabled: bool, title: str = '') -> Iterator[CurveWriter | N
   writer = CurveWriter(run_dir.path)
   try:
     yield writer
-  finally:
-    writer.close()
+  except BaseException:
+    with contextlib.suppress(OSError):  # the run's own error (a full disk, named) is the one to report
+      writer.close()
+    raise
+  writer.close()
   writer.save_figure(title)
 
 

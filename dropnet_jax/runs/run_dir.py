@@ -12,13 +12,16 @@ directory its own way, after the work in some cases. `RunDir` does, for all of t
     config, which `--config=<run>/config.json` loads back, plus the stamp and provenance), the
     checkpointer, saved params, results files and figures;
   * interrupts: Ctrl-C and SIGTERM (what a cluster scheduler sends before preemption) both end the
-    run the same way: the save in flight is finished, one line says how to resume, exit 130 / 143.
+    run the same way: the save in flight is finished, one line says how to resume, exit 130 / 143
+    (a saved-params write holds the interrupt back until it is whole, `runs.tree_save`, so none is in
+    flight at exit). An interrupt that arrives inside a gc callback is sent again a moment later.
 
 The stamp is derived from the config (`settings.stamp`: the fields that can change a result) plus
 the run's kind and its data's fingerprint; it is written in config.json and every checkpoint.
 
 A distributed run's processes other than 0 (`writes=False`) check nothing and write nothing; they
-open the same checkpoints, wait at the same barriers and restore the same step.
+open the same checkpoints, wait at the same barriers, restore the same step and take part in the same
+saved-params writes (process 0 writes the arrays).
 """
 
 from __future__ import annotations
@@ -30,8 +33,6 @@ import signal
 import sys
 import threading
 from typing import Any, Iterator, Sequence
-
-import numpy as np
 
 from dropnet_jax import settings
 from dropnet_jax.runs import reporting
@@ -237,10 +238,9 @@ class RunDir:
     return self._checkpointer
 
   def params_store(self, mode: str, spec: dict[str, Any]):
-    """Where the trained θ of finished cycles go (<out>/params; nothing outside process 0)."""
-    if not self.writes:
-      return _NoParams()
-    return (_MainParams if self.distributed else ParamsStore)(self.file('params'), mode, spec)
+    """Where the trained θ of finished cycles go (<out>/params). --distributed: every process takes part in
+    each save (orbax's barriers), process 0 alone writes (as for the checkpoints)."""
+    return ParamsStore(self.file('params'), mode, spec, every_process=self.distributed, writes=self.writes)
 
   def write_results(self, records: list[dict[str, Any]], name: str = 'results') -> None:
     """All records so far as <name>.jsonl and <name>.csv (each written atomically)."""
@@ -261,22 +261,45 @@ class RunDir:
     return RunIO(checkpointer=self._checkpointer, on_record=self.write_results, stamp=self.stamp, **changes)
 
 
+REDELIVER_S = 0.05  # how soon a signal that arrived where raising is lost is sent again
+
+
+def _raising_is_lost(frame) -> bool:
+  """Whether an exception raised in `frame` would be swallowed: inside a gc callback (JAX's
+  `_xla_gc_callback`) or a `__del__`, CPython prints "Exception ignored" and the program carries on."""
+  import gc
+  callbacks = {getattr(c, '__code__', None) for c in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks or frame.f_code.co_name == '__del__':
+      return True
+    frame = frame.f_back
+  return False
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-  """SIGTERM raises `Terminated` in the main thread while the run works (and is restored after)."""
+  """SIGTERM raises `Terminated` and Ctrl-C KeyboardInterrupt in the main thread while the run works (the
+  handlers are restored after). A signal that arrives inside a gc callback or a finalizer, where the
+  exception would be printed and dropped, is sent again `REDELIVER_S` later, to land somewhere it counts."""
   if threading.current_thread() is not threading.main_thread():
     yield
     return
 
   def handler(signum, frame):
-    del signum, frame
-    raise Terminated()
+    if _raising_is_lost(frame):
+      threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum)).start()
+      return
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-  previous = signal.signal(signal.SIGTERM, handler)
+  # Ctrl-C only where Python's default handler has it (not where it is ignored, e.g. a job started with nohup).
+  ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  signums = [signal.SIGTERM] + ([signal.SIGINT] if ctrl_c else [])
+  previous = {s: signal.signal(s, handler) for s in signums}
   try:
     yield
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for s, old in previous.items():
+      signal.signal(s, old if old is not None else signal.SIG_DFL)
 
 
 class _SyncedCheckpointer(Checkpointer):
@@ -289,25 +312,3 @@ class _SyncedCheckpointer(Checkpointer):
     found = super().restore_latest(make_template)
     distributed.barrier('restored')
     return found
-
-
-class _NoParams:
-  """The params store of a distributed run's other processes: saves nothing."""
-
-  def saved_cycle(self, trial, theta) -> None:
-    del trial, theta
-
-
-class _MainParams(ParamsStore):
-  """--distributed, process 0: θ (replicated, so its local copy is the value) saved from host memory
-  by an orbax checkpointer active in this process alone (no barrier with the others)."""
-
-  def __init__(self, directory: str, mode: str, spec: dict[str, Any]):
-    super().__init__(directory, mode, spec)
-    import orbax.checkpoint as ocp
-    self._checkpointer = ocp.StandardCheckpointer(
-        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0}))
-
-  def saved_cycle(self, trial, theta) -> None:
-    import jax
-    super().saved_cycle(trial, jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), theta))

@@ -13,6 +13,10 @@ in one line naming it before orbax reads anything (orbax's own errors for
 such files are pages of tensorstore messages, and its reader threads print
 more when a read fails half-way).
 
+Each checkpoint is written by `tree_save.save_tree`, whole before the call returns: Ctrl-C and SIGTERM
+wait for it (no write is left to orbax's threads at exit), a full disk is one OSError naming it. Under
+--distributed every process takes part in each write (process 0 writes; see `ParamsStore`).
+
 Modes (`--save_params`): `all` keeps every cycle (what compaction and
 ensemble selection need), `last` only each trial's newest cycle (the one it
 stopped at, once finished), `none` nothing.
@@ -91,13 +95,16 @@ def _path(root: str, seed: int, metric: str, cycle: int) -> str:
 class ParamsStore:
   """Writes the θ of each finished cycle (`driver.Driver` calls `saved_cycle`)."""
 
-  def __init__(self, directory: str, mode: str, spec: dict[str, Any]):
+  def __init__(self, directory: str, mode: str, spec: dict[str, Any], *, every_process: bool = False,
+               writes: bool = True):
+    """`every_process` (--distributed): each process calls `saved_cycle` at the same point with its host copy
+    of θ and takes part in orbax's write (its barriers; process 0 writes the arrays, see `tree_save`); only
+    the process that `writes` (0) writes spec.json, the manifests and sparse forms, and removes old cycles."""
     if mode not in SAVE_MODES:
       raise ValueError(f'--save_params must be one of {SAVE_MODES}, got {mode!r}')
     self.root, self.mode = os.path.abspath(directory), mode
-    import orbax.checkpoint as ocp  # here: entry points import this module for --help, which needs no orbax
-    self._checkpointer = ocp.StandardCheckpointer()
-    if mode != 'none':
+    self.every_process, self.writes = every_process, writes
+    if mode != 'none' and writes:
       os.makedirs(self.root, exist_ok=True)
       reporting.atomic_write_text(os.path.join(self.root, 'spec.json'), json.dumps(spec, indent=2))
 
@@ -108,13 +115,20 @@ class ParamsStore:
       return
     record = trial.records[-1]
     path = _path(self.root, trial.seed, trial.metric, record['cycle'])
-    if record['cycle'] > 0 or not os.path.exists(path):  # the dense θ is the same for every metric
-      self._checkpointer.save(path, theta, force=True)
-      self._checkpointer.wait_until_finished()
-      write_manifest(path)
-      if weight_mask is not None:
-        sparse_params.write(path, theta, weight_mask)
-    if self.mode == 'last' and record['cycle'] > 1:
+    # The dense θ is the same for every metric: saved once, except where processes must agree on every save.
+    if record['cycle'] > 0 or self.every_process or not os.path.exists(path):
+      # here: entry points import this module for --help, which needs no orbax
+      from dropnet_jax.runs.checkpoint import _host_copies, signals_deferred
+      from dropnet_jax.runs.tree_save import save_tree
+      if self.every_process:
+        theta = _host_copies(theta)  # numpy: written by process 0 alone
+      with signals_deferred():  # the checkpoint, its manifest and sparse form are whole when an interrupt lands
+        save_tree(path, theta)  # one line on a failure (a full disk), nothing in flight at exit
+        if self.writes:
+          write_manifest(path)
+          if weight_mask is not None:
+            sparse_params.write(path, theta, weight_mask)
+    if self.mode == 'last' and record['cycle'] > 1 and self.writes:
       previous = _path(self.root, trial.seed, trial.metric, record['cycle'] - 1)
       shutil.rmtree(previous, ignore_errors=True)
       for suffix in (MANIFEST_SUFFIX, *sparse_params.SUFFIXES):
