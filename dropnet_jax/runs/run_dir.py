@@ -192,6 +192,8 @@ class RunDir:
           reporting.atomic_write_text(self.file(CONFIG_FILE), json.dumps(self.config_json(), indent=2))
           if self.distributed:  # the others wait here; then all open the checkpoints (orbax's barriers)
             from dropnet_jax.training import distributed
+            if max_checkpoints:  # made here, so no other process creates anything under --out
+              os.makedirs(self.file('checkpoints'), exist_ok=True)
             distributed.barrier('open_run')
           if max_checkpoints:
             self._checkpointer = (_SyncedCheckpointer if self.distributed else Checkpointer)(
