@@ -131,7 +131,7 @@ def best_under(records: Sequence[dict[str, Any]], spec: dict[str, Any], *, param
   return min(fits, key=lambda t: t[:4])[-1] if fits else None
 
 
-def _read_json(path: str, what: str) -> dict[str, Any]:
+def read_json(path: str, what: str) -> dict[str, Any]:
   try:
     with open(path) as f:
       return json.load(f)
@@ -139,6 +139,8 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
     raise ExportError(f'{path} not found: {what}') from None
   except json.JSONDecodeError as e:
     raise ExportError(f'{path} is not valid JSON ({e})') from None
+  except OSError as e:
+    raise ExportError(f'{path} cannot be read ({e})') from None
 
 
 def run_data(run: str, run_config: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +170,7 @@ def select(config: CompactConfig) -> Selection:
   run, seed, metric = config.run, config.seed, config.metric
   if not os.path.isdir(run):
     raise ExportError(f'run directory {run!r} does not exist')
-  data = run_data(run, _read_json(os.path.join(run, 'config.json'), 'not a DropNet run directory'))
+  data = run_data(run, read_json(os.path.join(run, 'config.json'), 'not a DropNet run directory'))
   try:
     records = reporting.read_jsonl(os.path.join(run, 'results.jsonl'))
   except FileNotFoundError:
@@ -177,7 +179,7 @@ def select(config: CompactConfig) -> Selection:
   if not os.path.exists(params_spec):
     raise ExportError(f'{run} has no saved params (params/spec.json); rerun the DropNet command with '
                       f'--save_params=all {FRESH_OUT}')
-  spec = _read_json(params_spec, 'saved params spec')
+  spec = read_json(params_spec, 'saved params spec')
   if config.torch and spec['model'] not in TORCH_MODELS:
     raise ExportError(f'--torch: no PyTorch twin for {spec["model"]!r} (only {", ".join(TORCH_MODELS)})')
   pool = [r for r in records if r['seed'] == seed and (metric is None or r['metric'] == metric)]

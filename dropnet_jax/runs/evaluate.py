@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dropnet_jax.compaction.export import read_json
 from dropnet_jax.runs import evaluate_report, reporting, saved_params
 from dropnet_jax.runs.evaluate_score import Scorer, evaluate_network
 from dropnet_jax.settings import setting
@@ -100,16 +101,6 @@ class Network:
   image_shape: tuple[int, ...] | None  # what the network was trained on (None: not recorded)
 
 
-def _read_json(path: str, what: str) -> dict[str, Any]:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise ValueError(f'{path} not found: {what}') from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f'{path} cannot be read ({e})') from None
-
-
 def _find(tree: Any, key: str) -> Any:
   """The first value under `key` in a nested dict, depth first (None if absent)."""
   if isinstance(tree, dict):
@@ -127,7 +118,7 @@ def run_settings(path: str, where: str) -> tuple[dict[str, Any], int, dict[str, 
 
   Every run kind's config has a `data` (DataConfig); `train_subset` is top-level where a kind has it
   (tuner, schedules); the batch size is the run's TrainConfig's; the selection a magnitude run's."""
-  saved = _read_json(os.path.join(path, 'config.json'), f'{where} is not a run directory')
+  saved = read_json(os.path.join(path, 'config.json'), f'{where} is not a run directory')
   config = saved.get('config')
   data = config.get('data') if isinstance(config, dict) else None
   if not isinstance(data, dict) or 'dataset' not in data:
@@ -147,7 +138,7 @@ def _records(path: str, selector: str | None, text: str) -> list[Network]:
   selectors = saved_params.saved_selectors(path) if selector == EVERY else [selector]
   if not selectors:
     raise ValueError(f'networks: {text!r}: {path} has no saved params (the run was made with --save_params=none)')
-  image_shape = _read_json(os.path.join(path, 'params', 'spec.json'), 'saved params spec').get('image_shape')
+  image_shape = read_json(os.path.join(path, 'params', 'spec.json'), 'saved params spec').get('image_shape')
   out = []
   for one in selectors:
     try:
@@ -165,11 +156,11 @@ def _records(path: str, selector: str | None, text: str) -> list[Network]:
 
 def _export(path: str, text: str, data_dir: str | None) -> Network:
   from dropnet_jax.compaction import compact
-  spec = _read_json(os.path.join(path, compact.SPEC_FILE), 'not a compact export')
+  spec = read_json(os.path.join(path, compact.SPEC_FILE), 'not a compact export')
   if spec.get('format') != compact.FORMAT:
     raise ValueError(f'networks: {text!r}: {path}/spec.json is not a compact export (format {spec.get("format")!r})')
   meta = spec.get('meta', {})
-  evaluation = _read_json(os.path.join(path, 'evaluation.json'), 'an export without its check (evaluation.json)')
+  evaluation = read_json(os.path.join(path, 'evaluation.json'), 'an export without its check (evaluation.json)')
   source = meta.get('run')
   if source and os.path.isfile(os.path.join(source, 'config.json')):
     data, batch, selection = run_settings(source, f'networks: {text!r} (its source run)')

@@ -59,6 +59,7 @@ from dropnet_jax.models import init_params
 from dropnet_jax.models.compact import spec_of
 from dropnet_jax.pruning.masks import masks_from_strings
 from dropnet_jax.pruning.weight_masks import named_leaves
+from dropnet_jax.runs import sparse_params
 
 FLAG = '--init_from'
 SOURCE_HELP = ('a run directory (its seed-0 dense network), RUN_DIR:seed<S>/dense, RUN_DIR:seed<S>/<metric>/cycle<C> '
@@ -161,13 +162,7 @@ def _template(model, image_shape):
 
 def _in_form(template, flat: dict[str, np.ndarray]) -> Any:
   """θ in the form of `template` (params tree or variables dict) from {'params/...': array}."""
-  tree: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, last = name.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = value
+  tree = sparse_params.unflatten(flat)
   return theta_lib.join(template, tree[theta_lib.PARAMS], tree.get(theta_lib.BATCH_STATS))
 
 

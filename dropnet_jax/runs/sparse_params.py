@@ -47,7 +47,8 @@ def _flat_theta(theta: Any) -> dict[str, np.ndarray]:
   return {name: np.asarray(v) for name, v in named_leaves(variables).items()}
 
 
-def _unflat(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+  """The nested tree of {'a/b/c': array} ('/'-joined paths)."""
   out: dict[str, Any] = {}
   for name, value in flat.items():
     *parents, last = name.split('/')
@@ -112,13 +113,13 @@ def write(path: str, theta: Any, weight_mask: Any) -> dict[str, Any]:
 
 def _theta_like(flat: dict[str, Any]) -> Any:
   """θ in the saved form: a bare params tree, or {'params', 'batch_stats'} when statistics were saved."""
-  tree = _unflat(flat)
+  tree = unflatten(flat)
   return tree if theta_lib.BATCH_STATS in tree else tree[theta_lib.PARAMS]
 
 
 def _mask_tree(masks: dict[str, np.ndarray]) -> Any:
   prefix = theta_lib.PARAMS + '/'
-  return _unflat({n[len(prefix):]: np.asarray(m, np.float32) for n, m in masks.items()})
+  return unflatten({n[len(prefix):]: np.asarray(m, np.float32) for n, m in masks.items()})
 
 
 def read_mask(path: str) -> Any | None:
