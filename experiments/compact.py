@@ -41,8 +41,7 @@ CONFIG = entry.define(export.CompactConfig(), export.KIND,
 
 
 def main(argv):
-  if len(argv) > 1:
-    entry.fail(f'unexpected arguments {argv[1:]}')
+  del argv  # stray words are refused by entry.run before main
   try:
     request = export.prepare(entry.config(CONFIG), entry.FLAGS.out)
   except ValueError as e:  # includes ExportError, input_pipeline.DataError and RunDir's refusals

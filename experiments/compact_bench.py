@@ -31,8 +31,7 @@ CONFIG = entry.define(bench.CompactBenchConfig(), bench.KIND,
 
 
 def main(argv):
-  if len(argv) > 1:
-    entry.fail(f'unexpected arguments {argv[1:]}')
+  del argv  # stray words are refused by entry.run before main
   try:
     request = bench.prepare(entry.config(CONFIG), entry.FLAGS.out)
   except ValueError as e:

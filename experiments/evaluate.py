@@ -37,8 +37,7 @@ CONFIG = entry.define(evaluate.EvaluateConfig(), evaluate.KIND, out_required=Fal
 
 
 def main(argv):
-  if len(argv) > 1:
-    entry.fail(f'unexpected arguments {argv[1:]}')
+  del argv  # stray words are refused by entry.run before main
   config = entry.config(CONFIG)
   try:
     request = evaluate.prepare(config, entry.FLAGS.out)

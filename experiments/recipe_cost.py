@@ -34,7 +34,7 @@ class RecipeCostConfig:
         raise ValueError(f'--recipes: no such file {path}')
 
 
-CONFIG = entry.define(RecipeCostConfig(), 'recipe_cost', out_required=False, out_help='Unused: prints only.')
+CONFIG = entry.define(RecipeCostConfig(), 'recipe_cost', out_required=False, out_help='Not taken: the table is printed.')
 
 
 def table(paths: list[str]) -> str:
@@ -54,6 +54,8 @@ def table(paths: list[str]) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
+  if entry.FLAGS.out:
+    entry.fail('--out: recipe_cost prints its table and writes nothing; leave --out out')
   config = entry.config(CONFIG)
   paths = list(config.recipes) or sorted(glob.glob('configs/*.py'))
   try:
